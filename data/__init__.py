@@ -1,0 +1,4 @@
+"""Task data: reading, tokenizing and caching (data/prepare.py); prepared tensors land in data/cache/.
+
+    python -m data.prepare --task rotten-tomatoes --tokenizer PATH/tokenizer.json
+"""
