@@ -1,4 +1,4 @@
-"""Metrics of the GLUE tasks and rotten-tomatoes, in numpy (the evaluation loop goes below).
+"""Evaluation: the GLUE / rotten-tomatoes metrics in numpy and the evaluation loop.
 
 Each metric takes (preds, labels), two 1-D arrays of the same non-zero length, and returns
 a float. Classification tasks pass predicted class ids (argmax of the logits), STS-B passes
@@ -10,13 +10,18 @@ metric of a task picks the best epoch.
     matthews   CoLA (binary)
     pearson    STS-B (and spearman)
 
-The metrics are checked by hand-computed cases and against scipy:
+`evaluate(model, split, task, pad_id)` runs a model over a prepared split in order (train.py
+calls it after every epoch).
 
-    python3 -m pytest tests/test_metrics.py -q
+Tests: python3 -m pytest tests/test_metrics.py tests/test_evaluate.py -q
 """
 from typing import Callable
 
 import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.prepare import pad_batch
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -126,6 +131,40 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "spearman": spearman,
 }
 
+
 # -----------------------------------------------------------------------------
-# evaluation
-# (placeholder: the evaluation loop and the --compare table are written separately)
+# evaluation: one pass over a prepared split, in order
+# Legend: N examples in the split, B batch, T tokens (longest in the batch)
+
+
+@torch.no_grad()
+def predict(model, split, task, pad_id, batch_size=64, device="cpu"):
+    """(N,) predictions of `model` on `split` (from data.prepare.load_split), in the split's order:
+    class ids = argmax of the logits, or the score logits[:, 0] for regression (num_labels = 1).
+    The model must already be on `device`; it is left in eval mode (no dropout)."""
+    n = len(split["labels"])
+    if n == 0 or batch_size < 1:
+        raise ValueError(f"cannot evaluate {n} examples in batches of {batch_size}: "
+                         "pass a non-empty split and a batch size of at least 1.")
+    model.eval()
+    preds = []
+    for i in tqdm(range(0, n, batch_size), desc=f"evaluating {task.name}", unit="batch", leave=False):
+        ids, types, mask = pad_batch(split["input_ids"][i:i + batch_size],
+                                     split["token_type_ids"][i:i + batch_size], pad_id)  # (B, T) each
+        logits = model(ids.to(device), mask.to(device), types.to(device)).float()  # (B, num_labels)
+        if logits.shape != (len(ids), task.num_labels):
+            raise ValueError(
+                f"the model returned logits of shape {tuple(logits.shape)} for a batch of {len(ids)}, but "
+                f"task {task.name!r} needs ({len(ids)}, {task.num_labels}): load the model with "
+                f"num_labels={task.num_labels}."
+            )
+        # classification: the class with the largest logit; regression: the one output is the score
+        preds.append(logits[:, 0] if task.num_labels == 1 else logits.argmax(dim=-1))  # (B,)
+    return torch.cat(preds).cpu().numpy()  # (N,)
+
+
+def evaluate(model, split, task, pad_id, batch_size=64, device="cpu"):
+    """{metric: value} for every metric of `task` (a data.prepare.TaskSpec), values in [0, 1] or [-1, 1]."""
+    preds = predict(model, split, task, pad_id, batch_size, device)  # (N,)
+    labels = split["labels"].cpu().numpy()  # (N,)
+    return {name: METRICS[name](preds, labels) for name in task.metrics}
