@@ -1,4 +1,5 @@
-"""Evaluation: the GLUE / rotten-tomatoes metrics in numpy and the evaluation loop.
+"""Evaluation: the GLUE / rotten-tomatoes metrics in numpy, the evaluation loop, and the
+paper-style comparison table (Table 1) over training runs.
 
 Each metric takes (preds, labels), two 1-D arrays of the same non-zero length, and returns
 a float. Classification tasks pass predicted class ids (argmax of the logits), STS-B passes
@@ -11,17 +12,27 @@ metric of a task picks the best epoch.
     pearson    STS-B (and spearman)
 
 `evaluate(model, split, task, pad_id)` runs a model over a prepared split in order (train.py
-calls it after every epoch).
+calls it after every epoch). From the command line, evaluate a run directory's best (or last)
+adapter on the original base model, or compare runs: one row per initialiser, each metric
+the best-epoch dev score x100 as mean ± std over seeds (std with n - 1; '-' for one seed):
+
+    python evaluate.py runs/rotten-tomatoes-lora-seed0 --split test
+    python evaluate.py --compare runs/rotten-tomatoes-* --markdown
 
 Tests: python3 -m pytest tests/test_metrics.py tests/test_evaluate.py -q
 """
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.prepare import pad_batch
+from data.prepare import TASKS, load_split, pad_batch
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -168,3 +179,247 @@ def evaluate(model, split, task, pad_id, batch_size=64, device="cpu"):
     preds = predict(model, split, task, pad_id, batch_size, device)  # (N,)
     labels = split["labels"].cpu().numpy()  # (N,)
     return {name: METRICS[name](preds, labels) for name in task.metrics}
+
+
+# -----------------------------------------------------------------------------
+# the command line: evaluate one run's adapter on the original base model
+
+
+def read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({e}): the file is damaged. "
+                         "Train the run again, or restore the file.") from None
+
+
+def find_adapter(path, checkpoint=None):
+    """(adapter file, its run directory or None) for a run directory (train.py's --out) or an adapter file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run directory written by train.py "
+                                "(it holds config.json) or an adapter file such as RUN/best/adapter.safetensors.")
+    if path.is_file():
+        if path.suffix != ".safetensors" or not path.with_suffix(".json").is_file():
+            raise ValueError(f"{str(path)!r} is not an adapter: an adapter is a .safetensors file with a .json "
+                             "sidecar beside it (e.g. RUN/best/adapter.safetensors). Pass that file or the run directory.")
+        if checkpoint is not None:
+            raise ValueError(f"--checkpoint {checkpoint} picks an adapter inside a run directory, but {str(path)!r} "
+                             "is already an adapter file: drop --checkpoint, or pass the run directory.")
+        return path, None
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{str(path)!r} is neither a run directory (it has no config.json) nor an adapter file; "
+                         "pass train.py's --out directory (e.g. runs/rotten-tomatoes-lora-seed0) or an adapter .safetensors.")
+    if checkpoint in (None, "best"):
+        adapter = path / "best" / "adapter.safetensors"
+        if not adapter.is_file():
+            raise FileNotFoundError(
+                f"run directory {str(path)!r} has no best/adapter.safetensors: training has not finished an epoch "
+                "yet (the best adapter is saved after each epoch's dev evaluation). Wait for the first epoch, or "
+                "evaluate the latest checkpoint with --checkpoint last.")
+        return adapter, path
+    if not (path / "last.json").is_file():
+        raise FileNotFoundError(f"run directory {str(path)!r} has no last.json: no checkpoint was written yet. "
+                                "Wait for the end of the first epoch (or --save-every steps).")
+    adapter = path / read_json(path / "last.json", "checkpoint pointer").get("checkpoint", "?") / "adapter.safetensors"
+    if not adapter.is_file():
+        raise FileNotFoundError(f"{str(path / 'last.json')!r} names {str(adapter)!r}, which does not exist: the "
+                                "run directory is incomplete. Use --checkpoint best, or resume the training.")
+    return adapter, path
+
+
+def adapter_settings(adapter, run):
+    """task, max_length, model and glue_dir to evaluate `adapter` with: from its sidecar, else config.json."""
+    meta = read_json(adapter.with_suffix(".json"), "adapter sidecar")
+    train = read_json(run / "config.json", "run configuration").get("train", {}) if run else {}
+    s = {"task": meta.get("task", train.get("task")), "max_length": meta.get("max_length", train.get("max_length")),
+         "model": meta.get("model_id", train.get("model")), "glue_dir": train.get("glue_dir")}
+    if None in (s["task"], s["max_length"], s["model"]):
+        raise ValueError(f"{str(adapter)!r} does not record its task, max_length and base model (got {s}): it was "
+                         "not saved by train.py. Pass the run directory that train.py wrote instead.")
+    if s["task"] not in TASKS:
+        raise ValueError(f"{str(adapter)!r} was trained on task {s['task']!r}, which is not one of {sorted(TASKS)}.")
+    return s
+
+
+def check_split(task, split):
+    if split not in task.splits:
+        hint = ("GLUE test files carry no labels and the paper reports dev: use --split dev"
+                if split == "test" else f"use one of {list(task.splits)}")
+        raise ValueError(f"split {split!r} is not available for task {task.name!r} (it has "
+                         f"{list(task.splits)}); {hint}.")
+
+
+def pick_device(name=None):
+    """--device if given; else cuda, then mps, then cpu. Returns (device, reason), as in train.py."""
+    if name:
+        return torch.device(name), "--device"
+    if torch.cuda.is_available():
+        return torch.device("cuda"), "CUDA is available"
+    if torch.backends.mps.is_available():
+        return torch.device("mps"), "MPS is available"
+    return torch.device("cpu"), "no GPU found"
+
+
+def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, glue_dir=None, batch_size=64, device=None):
+    """Loads the base model, puts the adapter on it, evaluates it on `split`; writes and returns the metrics."""
+    adapter, run = find_adapter(path, checkpoint)
+    s = adapter_settings(adapter, run)
+    task = TASKS[s["task"]]
+    check_split(task, split)
+    device, why = pick_device(device)
+    # imported here: the metrics and evaluate() (imported by train.py) do not need the model code
+    import inilora
+    from model import load_model
+
+    print(f"evaluating {adapter} on {task.name}/{split}: base model {model_name or s['model']}, "
+          f"max_length {s['max_length']}, batch_size {batch_size}, device {device} ({why})")
+    model, tokenizer, model_id = load_model(model_name or s["model"], num_labels=task.num_labels)
+    inilora.load_adapter(model, adapter, model_id)  # ValueError if the adapter is for another base model
+    data = load_split(task.name, split, tokenizer, s["max_length"], glue_dir or s["glue_dir"])
+    metrics = evaluate(model.to(device), data, task, tokenizer.pad_id, batch_size, device)
+    print(f"{task.name}/{split}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    out = (run / f"eval-{checkpoint or 'best'}-{split}.json" if run
+           else adapter.parent / f"eval-{adapter.stem}-{split}.json")
+    out.write_text(json.dumps({"adapter": str(adapter), "model_id": model_id, "task": task.name, "split": split,
+                               "num_examples": len(data["labels"]), "metrics": metrics}, indent=2))
+    print(f"wrote {out}")
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# the comparison table (the paper's Table 1): one row per initialiser, mean ± std over seeds
+
+INIT_ORDER = ("lora", "gaussian", "inilora", "alpha", "beta-kaiming-normal", "beta-kaiming-uniform",
+              "pissa", "milora", "full")  # then any other name, then "unknown" (no init recorded)
+# settings the runs of one row may differ in; any other difference is reported as a note
+PER_RUN_KEYS = {"train.seed", "lora.seed", "train.glue_dir", "train.log_every", "train.save_every"}
+
+
+def best_dev(metrics_path, first):
+    """The dev record of the best epoch in metrics.jsonl: the largest `first` metric, the earliest
+    epoch on ties (as train.py keeps it). None if no epoch has been evaluated yet."""
+    if not metrics_path.is_file():
+        return None
+    text, best = metrics_path.read_text(), None
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            dev = json.loads(line).get("dev")
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the line train.py is writing right now
+            raise ValueError(f"{metrics_path}:{number} is not valid JSON: the log is damaged. "
+                             "Leave this run out of --compare, or train it again.") from None
+        if dev is not None and first not in dev:
+            raise ValueError(f"{metrics_path}:{number} has dev metrics {sorted(dev)} but no {first!r}, the "
+                             "metric that picks the best epoch: was it trained on another task?")
+        if dev is not None and (best is None or dev[first] > best[first]):
+            best = dev
+    return best
+
+
+def compare(run_dirs):
+    """(task, rows, skipped, notes) of the comparison of the given run directories."""
+    configs = {}
+    for run in map(Path, run_dirs):
+        if not (run / "config.json").is_file():
+            raise ValueError(f"{str(run)!r} is not a run directory (it has no config.json); "
+                             "--compare takes the --out directories written by train.py.")
+        configs[run] = read_json(run / "config.json", "run configuration")
+    tasks = {}
+    for run, config in configs.items():
+        tasks.setdefault(config.get("train", {}).get("task"), []).append(str(run))
+    if len(tasks) != 1:
+        listing = "; ".join(f"{task}: {', '.join(runs)}" for task, runs in tasks.items())
+        raise ValueError(f"--compare needs runs of one task, got {len(tasks)} tasks ({listing}). "
+                         "Compare each task's runs separately.")
+    name = next(iter(tasks))
+    if name not in TASKS:
+        raise ValueError(f"the runs are of task {name!r}, which is not one of {sorted(TASKS)}.")
+    task, groups, skipped, notes = TASKS[name], {}, [], []
+    for run, config in configs.items():
+        dev = best_dev(run / "metrics.jsonl", task.metrics[0])
+        if dev is None:
+            skipped.append((str(run), "no dev record yet: training has not finished its first epoch"))
+            continue
+        sidecar = run / "best" / "adapter.json"
+        params = read_json(sidecar, "adapter sidecar").get("trainable_params") if sidecar.is_file() else None
+        groups.setdefault(config.get("lora", {}).get("init", "unknown"), []).append((run, config, dev, params))
+    order = {init: i for i, init in enumerate(INIT_ORDER)}
+    rows = []
+    for init in sorted(groups, key=lambda i: (i == "unknown", order.get(i, len(order)), i)):
+        runs = groups[init]
+        row = {"init": init, "seeds": len(runs), "params": sorted({p for *_, p in runs if p is not None})}
+        for metric in task.metrics:
+            x = [100 * dev[metric] for _, _, dev, _ in runs]  # scores x100, as the paper
+            # mean = sum_i x_i / n;  std = sqrt(sum_i (x_i - mean)^2 / (n - 1)), undefined for n = 1
+            mean = sum(x) / len(x)
+            row[metric] = (mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)) if len(x) > 1 else None)
+        rows.append(row)
+        flat = [{f"{k}.{f}": json.dumps(v) for k in ("train", "lora") for f, v in c.get(k, {}).items()}
+                for _, c, _, _ in runs]
+        differ = sorted(k for k in set().union(*flat) - PER_RUN_KEYS if len({f.get(k) for f in flat}) > 1)
+        if differ:
+            notes.append(f"the {init} runs differ in {', '.join(differ)}, not only in the seed: their mean mixes settings.")
+    return task, rows, skipped, notes
+
+
+def format_table(task, rows, markdown=False):
+    """The rows as an aligned text table, or a Markdown table (for the README)."""
+    header = ["init", "#seeds", "trainable params", *task.metrics]
+    body = [[r["init"], str(r["seeds"]), "-" if not r["params"] else "–".join(f"{p:,}" for p in sorted({r["params"][0], r["params"][-1]})),
+             *(f"{mean:.2f} ± {'-'.rjust(4) if std is None else f'{std:.2f}'}" for mean, std in (r[m] for m in task.metrics))]
+            for r in rows]
+    title = (f"{task.name}, dev: best epoch by {task.metrics[0]}, x100, mean ± std over seeds "
+             "(std with n - 1; '-' for one seed)")
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+        return "\n".join([title, "", *lines, *("| " + " | ".join(row) + " |" for row in body)])
+    widths = [max(len(cell) for cell in column) for column in zip(header, *body)]
+
+    def line(cells):  # the init name left-aligned, the numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([title, line(header), "  ".join("-" * w for w in widths), *map(line, body)])
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a trained adapter on the original base model, "
+                                            "or compare runs as in the paper's Table 1.")
+    p.add_argument("path", nargs="?", help="run directory written by train.py, or an adapter .safetensors file")
+    p.add_argument("--split", default="dev", choices=("dev", "test"), help="split to evaluate on (test: rotten-tomatoes only)")
+    p.add_argument("--checkpoint", default=None, choices=("best", "last"),
+                   help="for a run directory: the best epoch's adapter (default) or the last checkpoint")
+    p.add_argument("--model", default=None, help="base model to load instead of the one the adapter records")
+    p.add_argument("--glue-dir", default=None, help="directory with the GLUE TSV files (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print the comparison table of these run directories")
+    p.add_argument("--markdown", action="store_true", help="with --compare: print the table as Markdown")
+    args = p.parse_args(argv)
+    if (args.path is None) == (args.compare is None):
+        p.error("pass exactly one of: a PATH to evaluate, or --compare RUN_DIR ...")
+    if args.compare is None:
+        return evaluate_adapter(args.path, args.split, args.checkpoint, args.model, args.glue_dir,
+                                args.batch_size, args.device)
+    task, rows, skipped, notes = compare(args.compare)
+    for run, reason in skipped:
+        print(f"skipped {run}: {reason}", file=sys.stderr)  # stderr: stdout stays the table alone
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not rows:
+        raise ValueError(f"none of the {len(args.compare)} runs has finished an epoch: there is nothing to compare yet.")
+    table = format_table(task, rows, args.markdown)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")

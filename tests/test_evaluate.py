@@ -1,9 +1,15 @@
 """Checks evaluate.py beyond the metrics: the evaluation loop on a fake model whose logits are
 fixed per example (classification and regression, in order, dynamically padded, eval mode, no
-gradients).
+gradients), the --compare table on run directories written by hand (best epoch, mean ± std over
+seeds, row order, skipped runs, Markdown), and the command line's errors.
 
     python3 -m pytest tests/test_evaluate.py -q
 """
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +18,7 @@ import torch.nn as nn
 
 import evaluate
 from data.prepare import TASKS
-from evaluate import METRICS, predict
+from evaluate import METRICS, compare, main, predict
 
 # -----------------------------------------------------------------------------
 # the evaluation loop
@@ -77,3 +83,138 @@ def test_wrong_number_of_logits_is_a_clear_error():
         evaluate.evaluate(model, fake_split([0, 1, 0, 1, 0]), TASKS["sst2"], PAD, batch_size=2)
     with pytest.raises(ValueError, match="batch size of at least 1"):
         evaluate.evaluate(model, fake_split([0, 1, 0, 1, 0]), TASKS["sst2"], PAD, batch_size=0)
+
+
+# -----------------------------------------------------------------------------
+# --compare on run directories written by hand
+
+
+def make_run(root, name, init, seed, devs, task="mrpc", params=1000, lr=3e-4, partial_last_line=False):
+    """A run directory as train.py leaves it: config.json, metrics.jsonl (a loss line and a dev
+    line per epoch), and best/adapter.json when an epoch finished."""
+    run = root / name
+    run.mkdir()
+    config = {"train": {"task": task, "seed": seed, "lr": lr, "epochs": 3}, "lora": {"init": init, "rank": 8, "seed": seed}}
+    (run / "config.json").write_text(json.dumps(config))
+    lines = []
+    for epoch, dev in enumerate(devs, 1):
+        lines.append({"step": 10 * epoch, "epoch": epoch, "loss": 0.5, "lr": lr})
+        lines.append({"step": 10 * epoch, "epoch": epoch, "dev": dev})
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    (run / "metrics.jsonl").write_text(text + ('{"step": 31, "epo' if partial_last_line else ""))
+    if devs:
+        (run / "best").mkdir()
+        (run / "best" / "adapter.json").write_text(json.dumps({"trainable_params": params}))
+    return run
+
+
+@pytest.fixture
+def mrpc_runs(tmp_path):
+    """Given out of order: inilora x 2, an untrained run, lora x 2, alpha x 1."""
+    return [
+        # ties on f1: the earliest epoch counts, with its accuracy (85, not 95)
+        make_run(tmp_path, "inilora-0", "inilora", 0, [{"f1": 0.90, "accuracy": 0.85}, {"f1": 0.90, "accuracy": 0.95}], params=2000),
+        make_run(tmp_path, "inilora-1", "inilora", 1, [{"f1": 0.88, "accuracy": 0.87}], params=2000),
+        make_run(tmp_path, "untrained", "pissa", 0, []),
+        # best epoch by f1 is the 2nd: its accuracy 75 counts, not the larger 90 of epoch 3
+        make_run(tmp_path, "lora-0", "lora", 0, [{"f1": 0.80, "accuracy": 0.70}, {"f1": 0.84, "accuracy": 0.75},
+                                                 {"f1": 0.82, "accuracy": 0.90}]),
+        make_run(tmp_path, "lora-1", "lora", 1, [{"f1": 0.86, "accuracy": 0.80}], partial_last_line=True),
+        make_run(tmp_path, "alpha-0", "alpha", 0, [{"f1": 0.50, "accuracy": 0.60}]),
+    ]
+
+
+def test_compare_mean_std_and_order(mrpc_runs):
+    task, rows, skipped, notes = compare(mrpc_runs)
+    assert task is TASKS["mrpc"] and notes == []
+    assert [r["init"] for r in rows] == ["lora", "inilora", "alpha"]  # the paper's order, not the input's
+    lora, inilora, alpha = rows
+    assert (lora["seeds"], lora["params"]) == (2, [1000])
+    # f1: 84, 86 -> mean 85, std sqrt(((84-85)^2 + (86-85)^2) / (2-1)) = sqrt(2); accuracy 75, 80
+    assert lora["f1"] == pytest.approx((85.0, math.sqrt(2)))
+    assert lora["accuracy"] == pytest.approx((77.5, math.sqrt(12.5)))
+    assert inilora["f1"] == pytest.approx((89.0, math.sqrt(2)))
+    assert inilora["accuracy"] == pytest.approx((86.0, math.sqrt(2)))
+    assert alpha["seeds"] == 1 and alpha["f1"][1] is None  # one seed: no std
+    assert skipped == [(str(mrpc_runs[2]), "no dev record yet: training has not finished its first epoch")]
+
+
+def test_compare_table_text_and_markdown(mrpc_runs, capsys):
+    main(["--compare", *map(str, mrpc_runs)])
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[1].split() == ["init", "#seeds", "trainable", "params", "f1", "accuracy"]
+    assert lines[3].split() == ["lora", "2", "1,000", "85.00", "±", "1.41", "77.50", "±", "3.54"]
+    assert lines[4].split() == ["inilora", "2", "2,000", "89.00", "±", "1.41", "86.00", "±", "1.41"]
+    assert lines[5].split() == ["alpha", "1", "1,000", "50.00", "±", "-", "60.00", "±", "-"]
+    assert "skipped" in err and "untrained" in err and "skipped" not in out
+
+    main(["--compare", *map(str, mrpc_runs), "--markdown"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:5] == ["| init | #seeds | trainable params | f1 | accuracy |", "|:---|---:|---:|---:|---:|",
+                          "| lora | 2 | 1,000 | 85.00 ± 1.41 | 77.50 ± 3.54 |"]
+
+
+def test_compare_errors_and_notes(tmp_path):
+    a = make_run(tmp_path, "a", "lora", 0, [{"f1": 0.8, "accuracy": 0.8}])
+    b = make_run(tmp_path, "b", "lora", 0, [{"accuracy": 0.8}], task="rte")
+    with pytest.raises(ValueError, match="needs runs of one task.*mrpc.*rte"):
+        compare([a, b])
+    c = make_run(tmp_path, "c", "lora", 1, [{"f1": 0.7, "accuracy": 0.8}], lr=1e-3)
+    assert compare([a, c])[3] == ["the lora runs differ in train.lr, not only in the seed: their mean mixes settings."]
+    with pytest.raises(ValueError, match="not a run directory"):
+        compare([a, tmp_path])
+    untrained = make_run(tmp_path, "u", "lora", 0, [])
+    with pytest.raises(ValueError, match="none of the 1 runs has finished an epoch"):
+        main(["--compare", str(untrained)])
+
+
+# -----------------------------------------------------------------------------
+# the command line's errors, before any model is loaded
+
+
+def test_main_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; pass a run directory"):
+        main([str(tmp_path / "nope")])
+    with pytest.raises(ValueError, match="neither a run directory .* nor an adapter file"):
+        main([str(tmp_path)])
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="is not an adapter"):
+        main([str(tmp_path / "notes.txt")])
+
+
+def test_main_run_errors(tmp_path):
+    run = make_run(tmp_path, "run", "lora", 0, [], task="cola")
+    with pytest.raises(FileNotFoundError, match="has not finished an epoch yet.*--checkpoint last"):
+        main([str(run)])
+    with pytest.raises(FileNotFoundError, match="no last.json"):
+        main([str(run), "--checkpoint", "last"])
+    (run / "best").mkdir()
+    (run / "best" / "adapter.safetensors").write_bytes(b"")
+    (run / "best" / "adapter.json").write_text(json.dumps({"task": "cola", "max_length": 128, "model_id": "minilm"}))
+    with pytest.raises(ValueError, match="split 'test' is not available for task 'cola'.*use --split dev"):
+        main([str(run), "--split", "test"])
+    with pytest.raises(ValueError, match="drop --checkpoint"):
+        main([str(run / "best" / "adapter.safetensors"), "--checkpoint", "best"])
+
+
+def test_adapter_for_another_base_model_is_a_sentence(tmp_path, tiny_checkpoint):
+    import inilora
+    from model import load_model
+
+    model, _, model_id = load_model(str(tiny_checkpoint("BertModel")))
+    cfg = inilora.LoRAConfig(init="lora", rank=2)
+    fingerprint = inilora.base_fingerprint(model, cfg.targets)
+    inilora.inject(model, cfg, model_id)
+    path = tmp_path / "adapter.safetensors"
+    inilora.save_adapter(model, path, cfg, model_id, fingerprint, {"task": "rotten-tomatoes", "num_labels": 2, "max_length": 32})
+    other = tiny_checkpoint("BertModel", initializer_range=0.05)  # same shapes, other weights
+    with pytest.raises(ValueError, match="was saved for base model"):
+        main([str(path), "--model", str(other), "--device", "cpu"])
+
+
+def test_script_prints_error_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "nope")], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
