@@ -424,10 +424,10 @@ def cached_approximation(model_id, weights, cfg, cache_dir=None):
 
 
 def format_report(report):
-    rows = [f"{'matrix':<44} {'shape':>9} {'mse':>11} {'optimum':>11} {'ratio':>8}"]
+    rows = [f"{'matrix':<44} {'shape':>9} {'mse':>11} {'optimum':>11} {'ratio':>9}"]
     for name, row in report["matrices"].items():
         optimum = f"{row['optimal_mse']:11.4e}" if "optimal_mse" in row else f"{'-':>11}"
-        ratio = f"{row['ratio']:8.5f}" if row.get("ratio") is not None else f"{'-':>8}"
+        ratio = f"{row['ratio']:9.6f}" if row.get("ratio") is not None else f"{'-':>9}"
         shape = "x".join(map(str, row["shape"]))
         rows.append(f"{name:<44} {shape:>9} {row['mse']:11.4e} {optimum} {ratio}")
     rows.append(f"sigma_bar {report['sigma_bar']:.4e} (mu_bar {report['mu_bar']:.1e}) | "
