@@ -1,0 +1,155 @@
+"""Tests of train.py on a tiny BERT checkpoint and a tiny SST-2 in the GLUE layout.
+
+- a tiny end-to-end run (train, save, evaluate) for every initialiser, with the base model unchanged;
+- --resume after an interruption (a real SIGINT mid-epoch) ends with the same weights, optimizer
+  state and metrics as the uninterrupted run, with dropout on;
+- the best-epoch checkpoint is the one with the best dev metric; the learning-rate schedule;
+- a non-finite loss stops the run and keeps the last good checkpoint;
+- bad input: unknown task, batch size 0, an existing run directory, a resume with another
+  configuration or with nothing to resume — each a sentence, nothing overwritten.
+"""
+import json
+import random
+import signal
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import data.prepare
+import evaluate
+import inilora
+import train
+
+
+def sst2_lines(n, seed):
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(["good", "great", "fun"] if label else ["bad", "terrible", "boring"])
+        filler = " ".join(rng.choice(["the", "movie", "film", "is", "very", "a", "story", "long"]) for _ in range(4))
+        lines.append(f"{filler} {word} {rng.choice(['movie', 'film'])} .\t{label}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch, tiny_checkpoint):
+    """A tiny SST-2 (24 train, 16 dev) and private data / approximation caches."""
+    glue = tmp_path / "glue" / "SST-2"
+    glue.mkdir(parents=True)
+    (glue / "train.tsv").write_text(sst2_lines(24, 0))
+    (glue / "dev.tsv").write_text(sst2_lines(16, 1))
+    monkeypatch.setattr(data.prepare, "DEFAULT_CACHE_DIR", tmp_path / "data-cache")
+    monkeypatch.setenv("INILORA_CACHE", str(tmp_path / "approx-cache"))
+    model_dir = tiny_checkpoint("BertModel")
+    return tmp_path, model_dir
+
+
+def args(setup, out, *extra):
+    tmp_path, model_dir = setup
+    return ["--model", str(model_dir), "--task", "sst2", "--glue-dir", str(tmp_path / "glue"),
+            "--batch-size", "8", "--epochs", "1", "--rank", "2", "--lr", "1e-2", "--log-every", "1",
+            "--approx-steps", "20", "--out", str(tmp_path / out), *extra]
+
+
+@pytest.mark.parametrize("init", inilora.INIT_NAMES)
+def test_every_initialiser_trains_saves_and_evaluates(init, setup, capsys):
+    tmp_path, _ = setup
+    state = train.main(args(setup, f"run-{init}", "--init", init))
+    assert state["step"] == 3 and state["best"]["epoch"] == 1
+    run = tmp_path / f"run-{init}"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    assert evaluate.main([str(run)]) == state["best"]["dev"]
+    assert json.loads((run / "eval-best-dev.json").read_text())["metrics"]["accuracy"] == state["best"]["dev"]["accuracy"]
+
+
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(setup, monkeypatch):
+    tmp_path, _ = setup
+    common = ("--epochs", "2", "--init", "alpha", "--lora-dropout", "0.1", "--save-every", "2")
+    full = train.main(args(setup, "full", *common))
+
+    calls = {"n": 0}
+    real_loss = train.loss_fn
+
+    def interrupted_loss(logits, labels):  # Ctrl-C arrives during step 4 (mid-epoch 2)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(train, "loss_fn", interrupted_loss)
+    stopped = train.main(args(setup, "resumed", *common))
+    assert stopped["step"] == 4
+    monkeypatch.setattr(train, "loss_fn", real_loss)
+    resumed = train.main(args(setup, "resumed", *common, "--resume"))
+    assert resumed == full
+
+    a, b = (inilora.read_adapter(tmp_path / run / "checkpoint-6" / "adapter.safetensors")[0]
+            for run in ("full", "resumed"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+    sa, sb = (train.load_file(tmp_path / run / "checkpoint-6" / "state.safetensors") for run in ("full", "resumed"))
+    for key in sa:
+        assert_close(sa[key], sb[key], atol=0, rtol=0, msg=key)
+    lines = [(tmp_path / run / "metrics.jsonl").read_text() for run in ("full", "resumed")]
+    strip = [[{k: v for k, v in json.loads(l).items()} for l in text.splitlines()] for text in lines]
+    assert [r["step"] for r in strip[0]] == [r["step"] for r in strip[1]]
+    assert [r.get("loss") for r in strip[0]] == [r.get("loss") for r in strip[1]]
+
+
+def test_best_checkpoint_is_the_epoch_with_the_best_dev_metric(setup):
+    tmp_path, _ = setup
+    state = train.main(args(setup, "run", "--epochs", "4", "--init", "lora"))
+    dev = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "dev" in l]
+    assert len(dev) == 4
+    best = max(dev, key=lambda r: r["dev"]["accuracy"])  # max keeps the first of equals, as train.py
+    meta = json.loads((tmp_path / "run" / "best" / "adapter.json").read_text())
+    assert meta["epoch"] == best["epoch"] == state["best"]["epoch"]
+    assert meta["dev"] == best["dev"]
+
+
+def test_learning_rate_warms_up_then_decays_linearly_to_zero():
+    cfg = train.TrainConfig(lr=1.0, warmup_ratio=0.1)
+    lrs = [train.lr_at(t, 100, cfg) for t in range(101)]
+    assert lrs[0] == 0 and lrs[5] == 0.5 and lrs[10] == 1.0
+    assert lrs[55] == pytest.approx(0.5) and lrs[100] == 0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
+    tmp_path, _ = setup
+    real_loss = train.loss_fn
+    calls = {"n": 0}
+
+    def diverging_loss(logits, labels):
+        calls["n"] += 1
+        loss = real_loss(logits, labels)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train, "loss_fn", diverging_loss)
+    with pytest.raises(train.TrainingDiverged, match="the loss is nan at step 3.*Lower --lr"):
+        train.main(args(setup, "run", "--save-every", "1", "--init", "lora"))
+    run = tmp_path / "run"
+    assert json.loads((run / "last.json").read_text())["step"] == 2
+    tensors, meta = inilora.read_adapter(run / "checkpoint-2" / "adapter.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_bad_input_is_refused_with_a_sentence(setup):
+    tmp_path, _ = setup
+    with pytest.raises(ValueError, match=r"task 'mnli' is not one of \["):
+        train.main(args(setup, "a", "--task", "mnli"))
+    with pytest.raises(ValueError, match="batch_size=0 must be at least 1"):
+        train.main(args(setup, "b", "--batch-size", "0"))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train.main(args(setup, "c", "--resume"))
+    train.main(args(setup, "run", "--init", "lora"))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="already exists and is not empty; nothing was overwritten"):
+        train.main(args(setup, "run", "--init", "lora"))
+    with pytest.raises(ValueError, match=r"different configuration \(train.lr: 0.01 -> 0.001"):
+        train.main(args(setup, "run", "--init", "lora", "--lr", "1e-3", "--resume"))
+    assert before == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
