@@ -147,15 +147,23 @@ def approximate(weights, cfg):
     start = time.perf_counter()
     r = cfg.rank
 
-    # eq. 1-2 (on CPU in float64, so CPU and CUDA runs start from the same sigma_bar);
-    # ||W||^2 for the loss below, once
-    mu, sigma, norm2 = {}, {}, {}
-    for name in names:
+    # one float64 pass over the matrices, before the stacks exist (it is on CPU, so CPU and CUDA
+    # runs start from the same sigma_bar): eq. 1, ||W||^2 for the loss, and the Eckart-Young
+    # optimum: the best rank-r MSE is the energy beyond the r largest singular values
+    svd_device = device if device.type == "cuda" else torch.device("cpu")  # no float64 on MPS
+    stats = {}
+    for name in tqdm(names, desc="statistics" + (" and SVDs" if cfg.optimum else "")):
         W64 = weights[name].detach().to("cpu", torch.float64)
-        mu[name], sigma[name] = W64.mean().item(), W64.std(correction=0).item()
-        norm2[name] = W64.square().sum().item()
-    mu_bar = sum(mu.values()) / len(names)
-    sigma_bar = sum(sigma.values()) / len(names)
+        row = dict(shape=list(W64.shape), mu=W64.mean().item(), sigma=W64.std(correction=0).item(),
+                   norm2=W64.square().sum().item())
+        if cfg.optimum:
+            S = torch.linalg.svdvals(W64.to(svd_device))  # (min(d_out, d_in),)
+            row["optimal_mse"] = S[r:].square().sum().item() / W64.numel()
+        stats[name] = row
+    del W64
+    # eq. 2
+    mu_bar = sum(row["mu"] for row in stats.values()) / len(names)
+    sigma_bar = sum(row["sigma"] for row in stats.values()) / len(names)
 
     # stacks of same-shape matrices, in sorted-name order; A, B, their gradients and Adam's
     # moments each live in one flat buffer so that the Adam update is a handful of ops per step
@@ -171,7 +179,7 @@ def approximate(weights, cfg):
         s = dict(names=group, n=d_out * d_in, W=torch.empty(L, d_out, d_in, device=device))
         for l, name in enumerate(group):
             s["W"][l].copy_(weights[name].detach())  # float32 on the device, no extra copy
-        s["W_norm2"] = torch.tensor([norm2[name] for name in group], device=device)  # (L,)
+        s["W_norm2"] = torch.tensor([stats[name]["norm2"] for name in group], device=device)  # (L,)
         for key, shape in (("A", (L, r, d_in)), ("B", (L, d_out, r))):
             size = math.prod(shape)
             s[key] = theta[offset:offset + size].view(shape)
@@ -273,27 +281,20 @@ def approximate(weights, cfg):
                for s in stacks for l, name in enumerate(s["names"])}
     del stacks, theta, grad, m, v, denom
 
-    # the report: final MSE exactly (float64, one matrix at a time) and the Eckart-Young optimum
-    svd_device = device if device.type == "cuda" else torch.device("cpu")  # no float64 on MPS
-    matrices = {}
-    for name in tqdm(names, desc="final MSE and optimum"):
+    # the report: the final MSE exactly (float64, one matrix at a time) against the optimum
+    for name in names:
         W64 = weights[name].detach().to(svd_device, torch.float64)
         A, B = (x.to(svd_device, torch.float64) for x in factors[name])
-        n = W64.numel()
         # W - B A: (d_out, r) @ (r, d_in) -> (d_out, d_in), one float64 temporary
-        mse = torch.addmm(W64, B, A, alpha=-1).square_().sum().item() / n
-        row = dict(shape=list(W64.shape), mu=mu[name], sigma=sigma[name], mse=mse)
+        row = stats[name]
+        row["mse"] = torch.addmm(W64, B, A, alpha=-1).square_().sum().item() / W64.numel()
         if cfg.optimum:
-            # Eckart-Young: the best rank-r error is the energy beyond the r largest singular values
-            S = torch.linalg.svdvals(W64)  # (min(d_out, d_in),)
-            row["optimal_mse"] = S[r:].square().sum().item() / n
-            row["ratio"] = mse / row["optimal_mse"] if row["optimal_mse"] > 0 else None
-        matrices[name] = row
+            row["ratio"] = row["mse"] / row["optimal_mse"] if row["optimal_mse"] > 0 else None
     report = dict(
         device=str(device), device_reason=reason, mu_bar=mu_bar, sigma_bar=sigma_bar,
         steps_run=t, stopped_early=t < cfg.steps, seconds=time.perf_counter() - start,
         seconds_loop=loop_seconds, threads=torch.get_num_threads(), config=asdict(cfg),
-        matrices=matrices, curve=dict(steps=curve_steps, loss=curve))
+        matrices=stats, curve=dict(steps=curve_steps, loss=curve))
     return factors, report
 
 
