@@ -44,6 +44,7 @@ from tqdm import tqdm
 FORMAT_VERSION = 1  # of the cache files; bump when their layout or meaning changes
 READINGS = 200  # loss readings per run: the loss curve, the finiteness check and --tol use them
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as in the authors' code
+CPU_CACHE_BYTES = 16 * 2**20  # on CPU, a bigger stack is read matrix by matrix (see gradients)
 
 
 @dataclass
@@ -177,6 +178,8 @@ def approximate(weights, cfg):
     for (d_out, d_in), group in shapes.items():
         L = len(group)
         s = dict(names=group, n=d_out * d_in, W=torch.empty(L, d_out, d_in, device=device))
+        whole = device.type != "cpu" or 4 * L * d_out * d_in <= CPU_CACHE_BYTES
+        s["slices"] = [slice(0, L)] if whole else [slice(l, l + 1) for l in range(L)]
         for l, name in enumerate(group):
             s["W"][l].copy_(weights[name].detach())  # float32 on the device, no extra copy
         s["W_norm2"] = torch.tensor([stats[name]["norm2"] for name in group], device=device)  # (L,)
@@ -210,8 +213,12 @@ def approximate(weights, cfg):
         losses = []
         for s in stacks:
             W, A, B, AWt, BtW, AAt, BtB = (s[k] for k in ("W", "A", "B", "AWt", "BtW", "AAt", "BtB"))
-            torch.bmm(A, W.mT, out=AWt)  # (L, r, d_in) @ (L, d_in, d_out) -> (L, r, d_out) = (W A^T)^T
-            torch.bmm(B.mT, W, out=BtW)  # (L, r, d_out) @ (L, d_out, d_in) -> (L, r, d_in)
+            # W A^T and B^T W. A stack too big for the CPU's cache goes matrix by matrix, so that
+            # the second read of W[l] hits the cache: 1.2x faster on 24 x 768x768, 1 thread
+            for i in s["slices"]:
+                # (L, r, d_in) @ (L, d_in, d_out) -> (L, r, d_out), AWt = (W A^T)^T
+                torch.bmm(A[i], W[i].mT, out=AWt[i])
+                torch.bmm(B[i].mT, W[i], out=BtW[i])  # (L, r, d_out) @ (L, d_out, d_in) -> (L, r, d_in)
             torch.bmm(A, A.mT, out=AAt)  # (L, r, d_in) @ (L, d_in, r) -> (L, r, r)
             torch.bmm(B.mT, B, out=BtB)  # (L, r, d_out) @ (L, d_out, r) -> (L, r, r)
             c = 2.0 / s["n"]
@@ -335,6 +342,7 @@ def _atomic_write(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

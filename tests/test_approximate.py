@@ -83,6 +83,18 @@ def test_batched_closed_form_equals_per_matrix_autograd_adam():
                             rel_tol=1e-5)
 
 
+def test_matrix_by_matrix_reads_equal_whole_stack_reads(monkeypatch):
+    """On CPU a stack bigger than CPU_CACHE_BYTES is multiplied matrix by matrix."""
+    weights = random_weights()
+    cfg = ap.ApproxConfig(rank=4, steps=100, lr=5e-3, optimum=False)
+    whole, _ = ap.approximate(weights, cfg)
+    monkeypatch.setattr(ap, "CPU_CACHE_BYTES", 0)
+    sliced, _ = ap.approximate(weights, cfg)
+    for name in weights:
+        for x, y in zip(whole[name], sliced[name]):
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-6 * x.abs().max().item())
+
+
 def test_steps_zero_returns_the_documented_gaussian_draw():
     weights = random_weights()
     factors, report = ap.approximate(weights, ap.ApproxConfig(rank=4, steps=0, seed=7))
