@@ -10,6 +10,8 @@ near zero", Section 4.1). It then minimises, for every matrix at once,
 
     L_i = mean((W^i - B A)^2)   by Adam, lr 5e-4, StepLR(5000, 0.9), 20000 steps      (3)
 
+(the paper writes (3) as gradient descent on ||W0 - B A||_F^2; Section 4.1 and the authors'
+code use the mean squared error, Adam and StepLR, and so does this file).
 The gradient of (3) has a closed form (n = d_out * d_in):
 
     dL/dB = (2/n) (B (A A^T) - W A^T),   dL/dA = (2/n) (B^T B A - B^T W)

@@ -10,9 +10,11 @@
 - bad input: each a ValueError sentence naming the bad value.
 Run: python3 -m pytest tests/test_approximate.py -q
 """
+import hashlib
 import importlib.util
 import json
 import math
+import re
 import sys
 import types
 
@@ -230,7 +232,7 @@ def test_damaged_or_mismatched_cache_is_reported_and_recomputed(tmp_path, monkey
         del tensors["t.1.B"]
         save_file(tensors, st)
         sidecar = json.loads(js.read_text())
-        sidecar["safetensors_sha256"] = ap.hashlib.sha256(st.read_bytes()).hexdigest()
+        sidecar["safetensors_sha256"] = hashlib.sha256(st.read_bytes()).hexdigest()
         js.write_text(json.dumps(sidecar))
 
     def no_sidecar():
@@ -245,7 +247,7 @@ def test_damaged_or_mismatched_cache_is_reported_and_recomputed(tmp_path, monkey
         capsys.readouterr()
         again = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
         out = capsys.readouterr().out
-        assert ap.re.search(message, out), (damage.__name__, out)
+        assert re.search(message, out), (damage.__name__, out)
         assert counter.calls == calls, damage.__name__
         for name in weights:  # recomputed deterministically, and the cache is whole again
             assert torch.equal(first[name][0], again[name][0])
