@@ -96,6 +96,7 @@ def validate(weights, cfg):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    resolve_device(cfg.device)  # raises for a device that does not exist here
     return sorted(weights)
 
 

@@ -311,6 +311,14 @@ def test_bad_settings_are_clear_value_errors(change, message):
         ap.approximate(random_weights(), ap.ApproxConfig(**{**vars(SMALL), **change}))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_fails_before_the_cache_is_touched(tmp_path):
+    with pytest.raises(ValueError, match="device='cuda' was requested but is not available"):
+        ap.load_or_approximate("tiny", random_weights(), ap.ApproxConfig(device="cuda"),
+                               tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_bad_weights_are_clear_value_errors():
     with pytest.raises(ValueError, match="no target matrices"):
         ap.approximate({}, SMALL)
