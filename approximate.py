@@ -40,6 +40,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from tqdm import tqdm
 
+from model import pick_device
+
 # Shape legend: L stacked matrices of one shape, d_out rows (output features), d_in columns
 # (input features), r rank. A is (r, d_in), B is (d_out, r), W is (d_out, d_in).
 
@@ -96,29 +98,8 @@ def validate(weights, cfg):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    resolve_device(cfg.device)  # raises for a device that does not exist here
+    pick_device(cfg.device)  # raises for a device that does not exist here
     return sorted(weights)
-
-
-def resolve_device(requested):
-    """Returns (torch.device, the reason it was chosen)."""
-    if requested is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda"), "auto: CUDA is available"
-        if torch.backends.mps.is_available():
-            return torch.device("mps"), "auto: no CUDA, MPS is available"
-        return torch.device("cpu"), "auto: neither CUDA nor MPS is available"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"device={requested!r} is not a torch device; expected e.g. 'cpu', "
-                         "'cuda', 'cuda:1' or 'mps'.") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise ValueError(f"device={requested!r} was requested but is not available here; pass "
-                         "--device cpu, or leave --device out to pick the best available one.")
-    return device, "requested"
 
 
 def weights_fingerprint(weights):
@@ -146,7 +127,7 @@ def approximate(weights, cfg):
     The report's final `mse` is computed directly in float64.
     """
     names = validate(weights, cfg)
-    device, reason = resolve_device(cfg.device)
+    device, reason = pick_device(cfg.device)
     print(f"approximating {len(names)} matrices at rank {cfg.rank} on {device} ({reason}), float32")
     start = time.perf_counter()
     r = cfg.rank

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 import approximate as ap
+from model import pick_device
 
 # Shape legend: d_out rows, d_in columns, r rank.
 
@@ -154,7 +155,7 @@ def main(argv=None):
     print(f"matrices: {len(weights)} x {what}, {target_mib:.1f} MiB in float32")
     approx = dict(rank=cfg.rank, lr=cfg.lr, lr_step=cfg.lr_step, lr_gamma=cfg.lr_gamma,
                   seed=cfg.seed, device=cfg.device)
-    device, _ = ap.resolve_device(cfg.device)
+    device, _ = pick_device(cfg.device)
     rows = []  # (method, steps, seconds, worst ratio, peak bytes or None, note)
 
     # warm-up: the first call loads MKL/LAPACK and grows the allocator, tens of MiB counted once

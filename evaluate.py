@@ -33,6 +33,8 @@ import torch
 from tqdm import tqdm
 
 from data.prepare import TASKS, load_split, pad_batch
+import inilora
+from model import load_model, pick_device
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -250,17 +252,6 @@ def check_split(task, split):
                          f"{list(task.splits)}); {hint}.")
 
 
-def pick_device(name=None):
-    """--device if given; else cuda, then mps, then cpu. Returns (device, reason), as in train.py."""
-    if name:
-        return torch.device(name), "--device"
-    if torch.cuda.is_available():
-        return torch.device("cuda"), "CUDA is available"
-    if torch.backends.mps.is_available():
-        return torch.device("mps"), "MPS is available"
-    return torch.device("cpu"), "no GPU found"
-
-
 def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, glue_dir=None, batch_size=64, device=None):
     """Loads the base model, puts the adapter on it, evaluates it on `split`; writes and returns the metrics."""
     adapter, run = find_adapter(path, checkpoint)
@@ -268,10 +259,6 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, glue_d
     task = TASKS[s["task"]]
     check_split(task, split)
     device, why = pick_device(device)
-    # imported here: the metrics and evaluate() (imported by train.py) do not need the model code
-    import inilora
-    from model import load_model
-
     print(f"evaluating {adapter} on {task.name}/{split}: base model {model_name or s['model']}, "
           f"max_length {s['max_length']}, batch_size {batch_size}, device {device} ({why})")
     model, tokenizer, model_id = load_model(model_name or s["model"], num_labels=task.num_labels)

@@ -516,6 +516,32 @@ def target_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Lin
 
 
 # -----------------------------------------------------------------------------
+# device
+
+
+def pick_device(requested=None):
+    """--device if given (checked to exist here); else cuda, then mps, then cpu.
+    Returns (torch.device, the reason it was chosen): every entry point prints both."""
+    if requested is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda"), "auto: CUDA is available"
+        if torch.backends.mps.is_available():
+            return torch.device("mps"), "auto: no CUDA, MPS is available"
+        return torch.device("cpu"), "auto: neither CUDA nor MPS is available"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"device={requested!r} is not a torch device; expected e.g. 'cpu', "
+                         "'cuda', 'cuda:1' or 'mps'.") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise ValueError(f"device={requested!r} was requested but is not available here; pass "
+                         "--device cpu, or leave --device out to pick the best available one.")
+    return device, "requested"
+
+
+# -----------------------------------------------------------------------------
 # tokenizer
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 import inilora
 from data.prepare import TASKS, load_split, pad_batch
 from evaluate import evaluate
-from model import load_model
+from model import load_model, pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bfloat16: autocast, float32 weights
 
@@ -66,17 +66,6 @@ class TrainConfig:
                 f"save_every={self.save_every}: expected lr > 0, 0 <= warmup_ratio < 1, weight_decay >= 0, save_every >= 0."
             )
         return self
-
-
-def pick_device(name=None):
-    """--device if given; else cuda, then mps, then cpu. Returns (device, reason)."""
-    if name:
-        return torch.device(name), "--device"
-    if torch.cuda.is_available():
-        return torch.device("cuda"), "CUDA is available"
-    if torch.backends.mps.is_available():
-        return torch.device("mps"), "MPS is available"
-    return torch.device("cpu"), "no GPU found"
 
 
 def lr_at(step, total, cfg):
