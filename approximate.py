@@ -40,7 +40,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from tqdm import tqdm
 
-from model import pick_device
+from model import pick_device, run_cli
 
 # Shape legend: L stacked matrices of one shape, d_out rows (output features), d_in columns
 # (input features), r rank. A is (r, d_in), B is (d_out, r), W is (d_out, d_in).
@@ -480,7 +480,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}")
+    run_cli(main)

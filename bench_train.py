@@ -15,7 +15,7 @@ import torch
 
 import inilora
 import train
-from model import load_model, pick_device
+from model import load_model, pick_device, run_cli
 
 
 def peak_memory_mb(device):
@@ -77,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data.prepare import TASKS, load_split, pad_batch
 import inilora
-from model import load_model, pick_device
+from model import load_model, pick_device, run_cli
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -406,7 +406,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    run_cli(main)

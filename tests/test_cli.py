@@ -1,0 +1,32 @@
+"""Every entry point ends a bad input with one `error: ...` sentence, never a traceback.
+
+Each case runs the script as a user would (a subprocess) with one wrong value, and checks the
+exit status, that the sentence names the wrong value, and that no traceback is printed.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [
+    (["model.py", "--model", "./no/such/model"], "'./no/such/model' does not exist"),
+    (["approximate.py", "--rank", "0"], "rank"),
+    (["inilora.py", "--init", "kaiming"], "'kaiming' is not one of"),
+    (["train.py", "--batch-size", "0", "--out", "{tmp}/run"], "batch_size=0 must be at least 1"),
+    (["train.py", "--task", "mnli", "--out", "{tmp}/run"], "task 'mnli' is not one of"),
+    (["evaluate.py", "{tmp}/missing-run"], "missing-run"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", CASES, ids=[" ".join(c[0][:2]) for c in CASES])
+def test_bad_input_ends_with_one_sentence(argv, expected, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "INILORA_CACHE": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
