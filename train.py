@@ -109,8 +109,9 @@ def write_json(path, obj):
 
 def save_checkpoint(run, model, opt, state, lcfg, model_id, fingerprint, extra):
     ckpt = run / f"checkpoint-{state['step']}"
-    shutil.rmtree(ckpt, ignore_errors=True)
-    inilora.save_adapter(model, ckpt / "adapter.safetensors", lcfg, model_id, fingerprint, extra)
+    tmp = run / f"{ckpt.name}.tmp"  # filled completely, then renamed: last.json never names a partial one
+    shutil.rmtree(tmp, ignore_errors=True)
+    inilora.save_adapter(model, tmp / "adapter.safetensors", lcfg, model_id, fingerprint, extra)
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = {"rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -119,8 +120,12 @@ def save_checkpoint(run, model, opt, state, lcfg, model_id, fingerprint, extra):
         for p in group["params"]:
             for key, value in opt.state.get(p, {}).items():  # AdamW: step, exp_avg, exp_avg_sq
                 tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
-    save_file(tensors, ckpt / "state.safetensors")
-    write_json(ckpt / "state.json", state)
+    save_file(tensors, tmp / "state.safetensors")
+    write_json(tmp / "state.json", state)
+    if ckpt.exists():  # this step is saved already (a resume stopped at once): the same state
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(ckpt)
     write_json(run / "last.json", {"checkpoint": ckpt.name, "step": state["step"]})
     for old in run.glob("checkpoint-*"):  # keep only the newest
         if old != ckpt:

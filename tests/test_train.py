@@ -153,3 +153,24 @@ def test_bad_input_is_refused_with_a_sentence(setup):
     with pytest.raises(ValueError, match=r"different configuration \(train.lr: 0.01 -> 0.001"):
         train.main(args(setup, "run", "--init", "lora", "--lr", "1e-3", "--resume"))
     assert before == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+
+def test_a_resume_stopped_before_any_step_keeps_the_checkpoint(setup, monkeypatch):
+    tmp_path, _ = setup
+    common = ("--epochs", "2", "--init", "lora", "--save-every", "2")
+    calls = {"n": 0}
+    real_loss = train.loss_fn
+
+    def interrupted_loss(logits, labels):  # Ctrl-C during step 2, then again during the resumed step 3
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(train, "loss_fn", interrupted_loss)
+    assert train.main(args(setup, "run", *common))["step"] == 2
+    assert train.main(args(setup, "run", *common, "--resume"))["step"] == 3
+    run = tmp_path / "run"
+    assert json.loads((run / "last.json").read_text())["checkpoint"] == "checkpoint-3"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3"]
+    inilora.read_adapter(run / "checkpoint-3" / "adapter.safetensors")  # complete and consistent
