@@ -1,4 +1,5 @@
-"""Task data: reading, tokenizing and caching (data/prepare.py); prepared tensors land in data/cache/.
+"""Task data: reading, tokenizing and caching (data/prepare.py; the GLUE files: data/glue.py);
+prepared tensors land in data/cache/.
 
     python -m data.prepare --task rotten-tomatoes --tokenizer PATH/tokenizer.json
 """

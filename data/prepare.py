@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import itertools
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from data.glue import SPLITS as GLUE_SPLITS
 from data.glue import bad_label, ensure_glue_file, malformed, read_glue, write_atomic
+from model import Tokenizer, resolve_model, run_cli
 
 # Legend: N examples in a split, B batch, T tokens (longest in the batch), S all tokens of a split
 
@@ -332,13 +332,6 @@ def tokenizer_path(cfg):
     if cfg.tokenizer is not None:
         path = Path(cfg.tokenizer)
         return path / "tokenizer.json" if path.is_dir() else path
-    try:
-        from model import resolve_model  # model.py maps model names to downloaded directories
-    except ImportError:
-        raise ValueError(
-            f"cannot resolve --model {cfg.model!r}: model.resolve_model is not available. "
-            "Pass --tokenizer PATH/tokenizer.json instead."
-        ) from None
     model_dir, _ = resolve_model(cfg.model)
     return Path(model_dir) / "tokenizer.json"
 
@@ -360,17 +353,11 @@ def main(argv=None):
                         help=f"where prepared splits are cached (default {DEFAULT_CACHE_DIR})")
     cfg = PrepareConfig(**vars(parser.parse_args(argv)))
     print(f"config: {json.dumps(asdict(cfg))}")
-    try:
-        from model import Tokenizer
-
-        tokenizer = Tokenizer(tokenizer_path(cfg))
-        print(f"tokenizer: {tokenizer.path} (fingerprint {tokenizer.fingerprint})")
-        for split in TASKS[cfg.task].splits:
-            # prints a summary line per split
-            load_split(cfg.task, split, tokenizer, cfg.max_length, cfg.glue_dir, cfg.cache_dir)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    tokenizer = Tokenizer(tokenizer_path(cfg))
+    print(f"tokenizer: {tokenizer.path} (fingerprint {tokenizer.fingerprint})")
+    for split in TASKS[cfg.task].splits:
+        load_split(cfg.task, split, tokenizer, cfg.max_length, cfg.glue_dir, cfg.cache_dir)  # prints a summary line
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -345,5 +345,5 @@ def test_cli(glue_dir, tokenizer, tmp_path, capsys):
     prepare.main(["--task", "stsb", "--glue-dir", str(glue_dir)] + args)
     out = capsys.readouterr().out
     assert "stsb/train: 3 examples | score mean" in out and "stsb/dev: 3 examples" in out
-    with pytest.raises(SystemExit, match=r"error: GLUE task 'rte' needs these files:\n.*RTE/train.tsv"):
+    with pytest.raises(FileNotFoundError, match=r"GLUE task 'rte' needs these files:\n.*RTE/train.tsv"):
         prepare.main(["--task", "rte", "--glue-dir", str(tmp_path / "empty")] + args)
