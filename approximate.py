@@ -40,7 +40,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from tqdm import tqdm
 
-from model import pick_device, run_cli
+from model import pick_device, run_cli, write_atomic
 
 # Shape legend: L stacked matrices of one shape, d_out rows (output features), d_in columns
 # (input features), r rank. A is (r, d_in), B is (d_out, r), W is (d_out, d_in).
@@ -318,21 +318,6 @@ def check_writable(cache_dir):
                          "writable directory.") from None
 
 
-def _atomic_write(path, data):
-    """Writes bytes to a temporary file beside `path`, then renames it: never a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _difference(found, expected):
     if isinstance(found, dict) and isinstance(expected, dict):
         keys = sorted(k for k in expected.keys() | found.keys() if found.get(k) != expected.get(k))
@@ -405,9 +390,9 @@ def cached_approximation(model_id, weights, cfg, cache_dir=None):
     # once both are complete
     data = safetensors_save({f"{name}.{k}": t for name, (A, B) in factors.items()
                              for k, t in (("A", A), ("B", B))})
-    _atomic_write(st_path, data)
+    write_atomic(st_path, data)
     sidecar = dict(expected, safetensors_sha256=hashlib.sha256(data).hexdigest(), report=report)
-    _atomic_write(js_path, json.dumps(sidecar, indent=1, allow_nan=False).encode())
+    write_atomic(js_path, json.dumps(sidecar, indent=1, allow_nan=False).encode())
     print(f"cached: {st_path}")
     return factors, report, st_path
 

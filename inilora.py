@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from approximate import ApproxConfig, load_or_approximate, weights_fingerprint
-from model import run_cli, target_linears
+from model import run_cli, target_linears, write_atomic
 
 # Shapes: ... any leading dims (batch, tokens), d_in / d_out the layer's sizes, r the rank.
 
@@ -307,14 +306,6 @@ def mark_trainable(model, cfg, verbose=True):
 # adapter checkpoints: safetensors + JSON sidecar
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def adapter_tensors(model, cfg):
     """The tensors an adapter checkpoint holds: A, B, A0, B0 of every LoRALinear and the
     task head; with init="full", every parameter of the model."""
@@ -340,19 +331,14 @@ def save_adapter(model, path, cfg, model_id, fingerprint, extra=None):
 
 
 def _write_adapter(path, tensors, meta):
-    # Each file goes to a temporary name, then os.replace: a crash never leaves a half-written
-    # file under the real name. The sidecar goes last; the sha256 in it ties it to the tensors.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-    meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, **meta, "tensors_sha256": _sha256(tmp)}
-    sidecar = sidecar_path(path)
-    tmp_meta = sidecar.with_name(sidecar.name + ".tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, path)
-    os.replace(tmp_meta, sidecar)
-    return path
+    # Each file is written atomically (model.write_atomic); the sidecar goes last, and the
+    # sha256 in it ties it to the tensors, so a mismatched pair is detected on reading.
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, **meta,
+            "tensors_sha256": hashlib.sha256(data).hexdigest()}
+    write_atomic(path, data)
+    write_atomic(sidecar_path(path), json.dumps(meta, indent=2).encode())
+    return Path(path)
 
 
 def sidecar_path(path):
@@ -377,13 +363,14 @@ def read_adapter(path):
             f"{str(sidecar)!r} is not an IniLoRA adapter sidecar of version {ADAPTER_VERSION} "
             f"(format={meta.get('format') if isinstance(meta, dict) else None!r})."
         )
-    if _sha256(path) != meta.get("tensors_sha256"):
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
         raise ValueError(
             f"adapter file {str(path)!r} does not match the checksum in its sidecar: it is truncated, "
             "damaged or from another save. Use an intact copy or train again."
         )
     try:
-        tensors = load_file(path)
+        tensors = load(data)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"adapter file {str(path)!r} is not a readable safetensors file ({e}).") from None
     return tensors, meta

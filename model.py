@@ -17,8 +17,10 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import os
 import pickle
 import re
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -545,6 +547,23 @@ def pick_device(requested=None):
 # model (OSError: FileNotFoundError, ConnectionError, PermissionError), a diverged run
 # (FloatingPointError). Every entry point ends on them with one sentence, not a traceback.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def write_atomic(path, data):
+    """Writes bytes to a temporary file beside `path`, then renames it: never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are as readable as any file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def run_cli(main):

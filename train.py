@@ -17,7 +17,6 @@ Run: python train.py --init beta-kaiming-uniform --epochs 3
 import argparse
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 import inilora
 from data.prepare import TASKS, load_split, pad_batch
 from evaluate import evaluate
-from model import load_model, pick_device, run_cli
+from model import load_model, pick_device, run_cli, write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bfloat16: autocast, float32 weights
 
@@ -102,9 +101,7 @@ def loss_fn(logits, labels):
 
 
 def write_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2).encode())
 
 
 def save_checkpoint(run, model, opt, state, lcfg, model_id, fingerprint, extra):

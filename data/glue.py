@@ -20,11 +20,12 @@ which files to put where. data/prepare.py calls both; this command downloads RTE
 """
 import csv
 import io
-import os
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from model import write_atomic
 
 SPLITS = ("train", "dev")  # the GLUE splits with public labels
 
@@ -152,14 +153,6 @@ def _glue_label(layout, value, path, line):
 
 # -----------------------------------------------------------------------------
 # downloading: as the GLUE download script does, or a message saying where to put which files
-
-
-def write_atomic(path, blob):
-    """Writes `blob` to `path` (MRPC here, the tensor cache in data/prepare.py)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
 def fetch_url(url):

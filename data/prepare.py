@@ -34,8 +34,8 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from data.glue import SPLITS as GLUE_SPLITS
-from data.glue import bad_label, ensure_glue_file, malformed, read_glue, write_atomic
-from model import Tokenizer, resolve_model, run_cli
+from data.glue import bad_label, ensure_glue_file, malformed, read_glue
+from model import Tokenizer, resolve_model, run_cli, write_atomic
 
 # Legend: N examples in a split, B batch, T tokens (longest in the batch), S all tokens of a split
 
