@@ -40,7 +40,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from tqdm import tqdm
 
-from model import pick_device, run_cli, write_atomic
+from common import pick_device, run_cli, write_atomic
 
 # Shape legend: L stacked matrices of one shape, d_out rows (output features), d_in columns
 # (input features), r rank. A is (r, d_in), B is (d_out, r), W is (d_out, d_in).

@@ -15,7 +15,8 @@ import torch
 
 import inilora
 import train
-from model import load_model, pick_device, run_cli
+from common import pick_device, run_cli
+from model import load_model
 
 
 def peak_memory_mb(device):

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from data.prepare import TASKS, load_split, pad_batch
 import inilora
-from model import load_model, pick_device, run_cli
+from common import pick_device, run_cli
+from model import load_model
 
 # -----------------------------------------------------------------------------
 # metrics

@@ -32,7 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from approximate import ApproxConfig, load_or_approximate, weights_fingerprint
-from model import run_cli, target_linears, write_atomic
+from common import run_cli, write_atomic
+from model import target_linears
 
 # Shapes: ... any leading dims (batch, tokens), d_in / d_out the layer's sizes, r the rank.
 
@@ -331,7 +332,7 @@ def save_adapter(model, path, cfg, model_id, fingerprint, extra=None):
 
 
 def _write_adapter(path, tensors, meta):
-    # Each file is written atomically (model.write_atomic); the sidecar goes last, and the
+    # Each file is written atomically (common.write_atomic); the sidecar goes last, and the
     # sha256 in it ties it to the tensors, so a mismatched pair is detected on reading.
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, **meta,

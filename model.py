@@ -10,18 +10,14 @@ loaded from a fine-tuned checkpoint, else initialised fresh from `head_seed`. Ch
 one visible name map, with a shape check per copy and a final leftover/missing check (STYLE.md rule 5).
 A model is "minilm" (the packaged all-MiniLM-L6-v2, the default), a local directory, or a Hub id.
 
-Run:  python model.py --model minilm
-(prints the config, parameter counts, logits for a sentence pair, and sentence-embedding similarities)
+Nothing here runs on its own: `python inilora.py --init inilora` loads a model, injects adapters and
+checks that its logits are unchanged.
 """
-import argparse
-import hashlib
 import importlib.util
 import json
-import os
 import pickle
 import re
-import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +28,8 @@ import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from tokenizers import Tokenizer as HFTokenizer
+
+from data.tokenizer import Tokenizer
 
 # Shapes in comments: B batch, T tokens, C hidden size, nh heads, hs head size (C = nh * hs),
 # I MLP width (intermediate_size), K number of labels.
@@ -515,161 +512,3 @@ def target_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Lin
         raise ValueError(f"target {unknown[0]!r} matches no nn.Linear in the model; the available Linear names are "
                          f"{available}. Pick targets from those (BERT/RoBERTa attention: query, key, value).")
     return {name: m for name, m in linears.items() if name.rsplit(".", 1)[-1] in targets}
-
-
-# -----------------------------------------------------------------------------
-# device
-
-
-def pick_device(requested=None):
-    """--device if given (checked to exist here); else cuda, then mps, then cpu.
-    Returns (torch.device, the reason it was chosen): every entry point prints both."""
-    if requested is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda"), "auto: CUDA is available"
-        if torch.backends.mps.is_available():
-            return torch.device("mps"), "auto: no CUDA, MPS is available"
-        return torch.device("cpu"), "auto: neither CUDA nor MPS is available"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"device={requested!r} is not a torch device; expected e.g. 'cpu', "
-                         "'cuda', 'cuda:1' or 'mps'.") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise ValueError(f"device={requested!r} was requested but is not available here; pass "
-                         "--device cpu, or leave --device out to pick the best available one.")
-    return device, "requested"
-
-
-# Mistakes in a command's input: a bad value (ValueError), a missing or unreachable file or
-# model (OSError: FileNotFoundError, ConnectionError, PermissionError), a diverged run
-# (FloatingPointError). Every entry point ends on them with one sentence, not a traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
-
-
-def write_atomic(path, data):
-    """Writes bytes to a temporary file beside `path`, then renames it: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def run_cli(main):
-    """Runs an entry point's main(); a user error ends the program with `error: <sentence>`."""
-    try:
-        main()
-    except USER_ERRORS as e:
-        raise SystemExit(f"error: {e}")
-
-
-# -----------------------------------------------------------------------------
-# tokenizer
-
-
-class Tokenizer:
-    """Reads a model's `tokenizer.json` with the `tokenizers` library.
-
-    Texts (and optional second texts of a pair) become token ids and token type ids,
-    with the model's own special tokens ([CLS] a [SEP] b [SEP] for BERT,
-    <s> a </s></s> b </s> for RoBERTa) and longest-first truncation to `max_length`.
-    No padding here: batches are padded dynamically when they are built.
-    """
-
-    def __init__(self, path):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer file {str(path)!r} does not exist. "
-                "Expected a Hugging Face `tokenizer.json` in the model directory."
-            )
-        data = path.read_bytes()
-        try:
-            self._tok = HFTokenizer.from_str(data.decode("utf-8"))
-        except Exception as e:  # the tokenizers library raises plain Exceptions
-            raise ValueError(
-                f"{str(path)!r} is not a readable tokenizer.json ({e}). "
-                "Re-download the model or pass a directory with an intact tokenizer.json."
-            ) from None
-        self._tok.no_padding()
-        self.path = path
-        # sha256 of the file: prepared datasets are keyed by it
-        self.fingerprint = hashlib.sha256(data).hexdigest()[:16]
-        self.pad_id = next(
-            (i for t in ("[PAD]", "<pad>") if (i := self._tok.token_to_id(t)) is not None), 0
-        )
-
-    def encode(self, texts, pairs=None, max_length=512):
-        """Returns (ids, type_ids): two lists with one list of ints per text."""
-        if max_length < 2:
-            raise ValueError(f"max_length={max_length} is too small: it must be at least 2.")
-        self._tok.enable_truncation(max_length, strategy="longest_first")
-        inputs = list(texts) if pairs is None else list(zip(texts, pairs))
-        encodings = self._tok.encode_batch(inputs)
-        return [e.ids for e in encodings], [e.type_ids for e in encodings]
-
-    def decode(self, ids):
-        return self._tok.decode(ids)
-
-
-# -----------------------------------------------------------------------------
-# command line: load a model and show what it computes
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    """Right-pads lists of ids to one (B, T) tensor."""
-    T = max(map(len, rows))
-    return torch.tensor([row + [value] * (T - len(row)) for row in rows])
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Load a BERT/RoBERTa classifier and run it on sample sentences.")
-    parser.add_argument("--model", default=MINILM, help="'minilm' (packaged all-MiniLM-L6-v2), a local directory "
-                        "with config.json, tokenizer.json and model.safetensors, or a Hub id such as roberta-base")
-    parser.add_argument("--num-labels", type=int, default=2, help="outputs of the head (1 = regression)")
-    parser.add_argument("--head-seed", type=int, default=0, help="seed of a freshly initialised head")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the weights")
-    args = parser.parse_args()
-    torch.manual_seed(0)  # nothing here draws from it (the head uses --head-seed); set for uniformity
-    print(f"device cpu (a demo forward pass needs no accelerator), dtype {args.dtype} (--dtype)")
-    model, tokenizer, model_id = load_model(args.model, args.num_labels, args.head_seed, DTYPES[args.dtype])
-    print(f"model_id {model_id}\nconfig {json.dumps(asdict(model.config))}")
-    n_head = sum(p.numel() for p in model.head.parameters())
-    n_all = sum(p.numel() for p in model.parameters())
-    print(f"parameters {n_all:,} (encoder {n_all - n_head:,}, head {n_head:,})")
-
-    # a sentence pair through the whole classifier (the head is untrained unless the checkpoint had one)
-    ids, types = tokenizer.encode(["A man is playing a guitar."], ["Someone is playing an instrument."])
-    print(f"pair tokens {tokenizer._tok.id_to_token(ids[0][0])} ... {len(ids[0])} ids: {ids[0]}")
-    with torch.no_grad():
-        logits = model(pad(ids, tokenizer.pad_id), torch.ones(1, len(ids[0]), dtype=torch.long), pad(types, 0))
-    print(f"logits {logits[0].float().tolist()}")
-
-    # sentence embeddings: mean of the last hidden state over real tokens (how all-MiniLM-L6-v2 is used)
-    sentences = ["A man is playing a guitar.", "Someone is playing an instrument.", "The stock fell sharply today."]
-    ids, types = tokenizer.encode(sentences)
-    input_ids, mask = pad(ids, tokenizer.pad_id), pad([[1] * len(row) for row in ids], 0)  # (B, T), (B, T)
-    with torch.no_grad():
-        h = model.encoder(input_ids, mask, pad(types, 0)).float()  # (B, T, C)
-    m = mask[:, :, None].float()  # (B, T, 1)
-    e = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)  # (B, C)
-    similarity = e @ e.T  # (B, C) @ (C, B) -> (B, B)
-    for i, j in ((0, 1), (0, 2)):
-        print(f"cosine {similarity[i, j].item():+.3f}  {sentences[i]!r} vs {sentences[j]!r}")
-
-
-if __name__ == "__main__":
-    run_cli(main)

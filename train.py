@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 import inilora
 from data.prepare import TASKS, load_split, pad_batch
 from evaluate import evaluate
-from model import load_model, pick_device, run_cli, write_atomic
+from common import pick_device, run_cli, write_atomic
+from model import load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bfloat16: autocast, float32 weights
 

@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from model import write_atomic
+from common import write_atomic
 
 SPLITS = ("train", "dev")  # the GLUE splits with public labels
 

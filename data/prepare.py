@@ -35,7 +35,9 @@ from tqdm import tqdm
 
 from data.glue import SPLITS as GLUE_SPLITS
 from data.glue import bad_label, ensure_glue_file, malformed, read_glue
-from model import Tokenizer, resolve_model, run_cli, write_atomic
+from common import run_cli, write_atomic
+from data.tokenizer import Tokenizer
+from model import resolve_model
 
 # Legend: N examples in a split, B batch, T tokens (longest in the batch), S all tokens of a split
 

