@@ -13,17 +13,23 @@ Printed: wall time, the worst ratio L_final / L_optimal (Eckart-Young) and the p
 the loaded weights (CPU: the process's peak RSS, VmHWM, reset before each method; CUDA:
 torch.cuda.max_memory_allocated).
 
-Run: python3 bench_approximate.py                    # MiniLM's 12 query/value matrices (384x384)
-     python3 bench_approximate.py --shape 768x768 --count 24      # RoBERTa-base-shaped, random
-     python3 bench_approximate.py --shape 4096x4096 --count 64 --steps 20 --baseline-steps 5 \
+Run: python3 bench/approximate.py                    # MiniLM's 12 query/value matrices (384x384)
+     python3 bench/approximate.py --shape 768x768 --count 24      # RoBERTa-base-shaped, random
+     python3 bench/approximate.py --shape 4096x4096 --count 64 --steps 20 --baseline-steps 5 \
          --no-optimum                                              # LLaMA-2-7B-shaped, random
 """
 import argparse
 import importlib.util
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# run as `python bench/approximate.py`: import the repository's modules, not this folder's
+# (here `approximate` would otherwise be this very file)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
 from safetensors.torch import load_file
@@ -128,20 +134,21 @@ def worst_ratio(weights, factors, optimal):
 
 def main(argv=None):
     d = BenchConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default=None, help="d_outxd_in of random matrices (default: MiniLM's query/value)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", default=None, help="d_outxd_in of random matrices; None: MiniLM's query/value")
     p.add_argument("--count", type=int, default=d.count, help="number of random matrices of --shape")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps of both methods")
     p.add_argument("--baseline-steps", type=int, default=d.baseline_steps,
                    help="steps the per-matrix reference really runs; its time is extrapolated to --steps")
-    p.add_argument("--workers", type=int, default=None, help="reference threads (default: one per matrix)")
+    p.add_argument("--workers", type=int, default=None, help="reference threads; None: one per matrix")
     p.add_argument("--rank", type=int, default=d.rank, help="rank r")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     p.add_argument("--lr-step", type=int, default=d.lr_step, help="StepLR step_size")
     p.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR gamma")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of A0, B0 and of random matrices")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; None: torch's default")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps; None: cuda, then mps, then cpu")
     p.add_argument("--no-optimum", action="store_true", help="skip the SVDs (slow for 4096x4096 on CPU)")
     p.add_argument("--skip-baseline", action="store_true", help="time only the batched method")
     args = p.parse_args(argv)

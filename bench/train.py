@@ -5,11 +5,17 @@ samples/s and peak memory, for LoRA-style adapters and for full fine-tuning, so 
 the cost of an initialiser (none at step time: they differ only in A0, B0) and of full
 fine-tuning can be compared. Not a test: its figures go into the README.
 
-Run: python bench_train.py --model minilm --batch-size 32 --seq-len 48 --steps 20
+Run: python bench/train.py --model minilm --batch-size 32 --seq-len 48 --steps 20
 """
 import argparse
 import resource
+import sys
 import time
+from pathlib import Path
+
+# run as `python bench/train.py`: import the repository's modules, not this folder's
+# (here `train` would otherwise be this very file)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
 
@@ -59,7 +65,8 @@ def bench(init, args, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Time one training step on a fixed batch.")
+    p = argparse.ArgumentParser(description="Time one training step on a fixed batch.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="minilm", help="local directory, hub id, or 'minilm' (packaged)")
     p.add_argument("--init", default="lora,full", help="comma-separated initialisers to time")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
@@ -68,7 +75,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--dtype", default="float32", help=f"one of {sorted(train.DTYPES)}")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
     args = p.parse_args(argv)
     device, why = pick_device(args.device)
     print(f"device {device} ({why}), dtype {args.dtype}, threads {torch.get_num_threads()}, "
