@@ -1,5 +1,6 @@
-"""Task data: reading, tokenizing and caching (data/prepare.py; the GLUE files: data/glue.py);
-prepared tensors land in data/cache/.
+"""Task data: one file per dataset, each defining a `data.task.Task` record (data/rotten_tomatoes.py,
+data/glue.py); data/prepare.py holds the registry `TASKS`, tokenisation (with data/tokenizer.py),
+the cache of prepared tensors (data/cache/, git-ignored) and batching (`pad_batch`).
 
-    python -m data.prepare --task rotten-tomatoes --tokenizer PATH/tokenizer.json
+    python data/prepare.py --task rotten-tomatoes      (or: python -m data.prepare --task rotten-tomatoes)
 """

@@ -14,7 +14,9 @@ Train and dev only: GLUE test labels are not public and the paper reports dev. `
 checks the header, the column count and every label, and names the line of any problem.
 `ensure_glue_file` downloads a missing task with urllib from the URLs the download script
 uses (MRPC is rebuilt from Microsoft's file as the script does); when that fails it says
-which files to put where. data/prepare.py calls both; this command downloads RTE if needed:
+which files to put where. Each task is a `data.task.Task` record (`COLA` ... `STSB`, all in
+`GLUE_TASKS`) whose source is `ensure_glue_file` and whose reader is `read_glue`, with the
+GLUE directory as data_dir. This command downloads RTE if needed and prepares it:
 
     python -m data.prepare --task rte --glue-dir GLUE_DIR --tokenizer PATH/tokenizer.json
 """
@@ -23,9 +25,11 @@ import io
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from common import write_atomic
+from data.task import Examples, Task, bad_label, malformed
 
 SPLITS = ("train", "dev")  # the GLUE splits with public labels
 
@@ -73,23 +77,9 @@ GLUE: dict[str, GlueLayout] = {
 
 
 # -----------------------------------------------------------------------------
-# reading and validating (the messages are also used for the rotten-tomatoes CSV)
+# reading and validating
 
 GLUE_FIX = "replace it with the original from the GLUE distribution (delete it to re-download it)"
-
-
-def malformed(path, line, columns, found, kind="tab-separated", fix=GLUE_FIX):
-    return ValueError(
-        f"{path}, line {line}: expected {len(columns)} {kind} columns ({', '.join(columns)}) "
-        f"but found {found}. The file is damaged or belongs to another task: {fix}."
-    )
-
-
-def bad_label(path, line, value, allowed, fix=GLUE_FIX):
-    return ValueError(
-        f"{path}, line {line}: label {value!r} is not one of {allowed}. The file is damaged "
-        f"or belongs to another task: {fix}."
-    )
 
 
 def glue_path(task, split, glue_dir):
@@ -97,9 +87,9 @@ def glue_path(task, split, glue_dir):
 
 
 def read_glue(task, split, glue_dir):
-    """Returns (texts, pairs or None, labels) of GLUE_DIR/<folder>/<split>.tsv.
+    """Returns Examples(texts, pairs or None, labels) of GLUE_DIR/<folder>/<split>.tsv.
 
-    A change to what this reads must bump CACHE_FORMAT in data/prepare.py, or stale caches are kept.
+    A change to what this reads must bump CACHE_VERSION in data/prepare.py, or stale caches are kept.
     """
     layout, path = GLUE[task], glue_path(task, split, glue_dir)
     col = {name: i for i, name in enumerate(layout.columns)}
@@ -122,7 +112,7 @@ def read_glue(task, split, glue_dir):
                 header_pending = False
                 continue
             if len(row) != len(layout.columns):
-                raise malformed(path, reader.line_num, layout.columns, len(row))
+                raise malformed(path, reader.line_num, layout.columns, len(row), "tab-separated", GLUE_FIX)
             texts.append(row[col[layout.text]])
             if layout.pair:
                 pairs.append(row[col[layout.pair]])
@@ -130,13 +120,13 @@ def read_glue(task, split, glue_dir):
     if not labels:
         what = "only a header" if layout.has_header and not header_pending else "it is empty"
         raise ValueError(f"{path} has no examples ({what}): {GLUE_FIX}.")
-    return texts, (pairs if layout.pair else None), labels
+    return Examples(texts, pairs if layout.pair else None, labels)
 
 
 def _glue_label(layout, value, path, line):
     if layout.label_values is not None:
         if value not in layout.label_values:
-            raise bad_label(path, line, value, sorted(layout.label_values))
+            raise bad_label(path, line, value, sorted(layout.label_values), GLUE_FIX)
         return layout.label_values[value]
     # STS-B: a similarity score between 0 (unrelated) and 5 (same meaning)
     try:
@@ -164,7 +154,7 @@ def fetch_url(url):
 def download_glue(task, glue_dir):
     """Downloads one GLUE task into GLUE_DIR/<folder>/ as the GLUE download script does."""
     layout, glue_dir = GLUE[task], Path(glue_dir)
-    if task != "mrpc":
+    if layout.url:  # every task but MRPC is one zip
         print(f"downloading {layout.url} into {glue_dir}")
         with zipfile.ZipFile(io.BytesIO(fetch_url(layout.url))) as archive:
             archive.extractall(glue_dir)  # the zip holds <folder>/{train,dev,test}.tsv
@@ -209,3 +199,31 @@ def ensure_glue_file(task, split, glue_dir):
         f"(https://github.com/nyu-mll/GLUE-baselines: python download_glue_data.py "
         f"--data_dir {glue_dir} --tasks {layout.script_task}); then run again."
     )
+
+
+# -----------------------------------------------------------------------------
+# the six tasks: one record each, data_dir = the GLUE directory
+
+
+def read_task(task, split, glue_dir):
+    """A task's reader: the split's file (downloaded if missing), read and checked."""
+    ensure_glue_file(task, split, glue_dir)
+    return read_glue(task, split, glue_dir)
+
+
+WITHHELD = {"test": "GLUE test files carry no labels (scores come from the GLUE server). "
+                    "The paper reports dev: use split 'dev'."}
+
+
+def glue_task(name, kind, metrics, label_names):
+    return Task(name, kind, metrics, label_names, SPLITS, source=partial(ensure_glue_file, name),
+                read=partial(read_task, name), split_rule="GLUE distribution file", withheld=WITHHELD)
+
+
+COLA = glue_task("cola", "classification", ("matthews",), ("unacceptable", "acceptable"))
+SST2 = glue_task("sst2", "classification", ("accuracy",), ("negative", "positive"))
+MRPC = glue_task("mrpc", "classification", ("f1", "accuracy"), ("not_equivalent", "equivalent"))
+QNLI = glue_task("qnli", "classification", ("accuracy",), ("entailment", "not_entailment"))
+RTE = glue_task("rte", "classification", ("accuracy",), ("entailment", "not_entailment"))
+STSB = glue_task("stsb", "regression", ("pearson", "spearman"), None)  # a similarity score in [0, 5]
+GLUE_TASKS = (COLA, SST2, MRPC, QNLI, RTE, STSB)

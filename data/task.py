@@ -1,0 +1,98 @@
+"""The task record: what every dataset file (data/rotten_tomatoes.py, data/glue.py, ...) declares.
+
+A task is its name, the kind of its labels, the metrics that score it, its splits, and two
+functions: `source(split, data_dir)`, the file a split is read from (its size and mtime key
+the cache), and `read(split, data_dir)`, the split's examples in a fixed order. data/prepare.py
+tokenizes, caches and batches any task through this record alone, so adding a dataset is one
+new file defining a `Task` and one line in `data.prepare.TASKS`:
+
+    # data/my_task.py
+    MY_TASK = Task("my-task", "classification", ("accuracy",), ("no", "yes"), ("train", "dev"),
+                   source=my_path, read=my_read, split_rule="the file's own train/dev split")
+
+Kinds of labels (`KINDS`): "classification" (labels are class ids, label_names[i] names
+class i) and "regression" (one score per example, label_names is None). A later
+"generation" kind (math word problems: prompts, responses, gold answers) is one more
+entry in KINDS: `Examples.texts` are then the prompts, `Examples.pairs` the responses
+(tokenized as the second segment, so token type 1 marks the tokens to learn) and
+`Examples.labels` the gold answers.
+
+    python -m data.prepare --task rotten-tomatoes   # prepares a task through this record
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+
+# label kind -> dtype of the (N,) label tensor a prepared split holds
+KINDS = {"classification": torch.int64, "regression": torch.float32}
+
+
+class Examples(NamedTuple):
+    """One split's examples, in the order they are prepared and batched."""
+
+    texts: list[str]  # N first (or only) texts
+    pairs: list[str] | None  # N second texts of a pair (e.g. the hypothesis), or None
+    labels: list  # N class ids (int) or scores (float)
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    name: str  # the --task name, also the key in data.prepare.TASKS
+    kind: str  # a key of KINDS
+    metrics: tuple[str, ...]  # keys of evaluate.METRICS; the first picks the best epoch
+    label_names: tuple[str, ...] | None  # label_names[i] is class i; None unless classification
+    splits: tuple[str, ...]  # the splits load_split can prepare
+    source: Callable[[str, Path | None], Path]  # (split, data_dir) -> the file it is read from
+    read: Callable[[str, Path | None], Examples]  # (split, data_dir) -> its examples
+    split_rule: str  # how the splits were made, stored in the cache's sidecar
+    # splits that exist but cannot be prepared: split -> why, and what to use instead
+    withheld: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # a task table error is the programmer's, caught at import: fail loudly, with the fix
+        if self.kind not in KINDS:
+            raise ValueError(f"task {self.name!r} has kind {self.kind!r}, which is not one of "
+                             f"{sorted(KINDS)}; add the kind to data.task.KINDS or use one of those.")
+        if (self.kind == "classification") != (self.label_names is not None):
+            raise ValueError(f"task {self.name!r} of kind {self.kind!r} has label_names={self.label_names!r}: "
+                             "classification names its classes (a tuple), other kinds pass None.")
+        if not self.metrics or not self.splits:
+            raise ValueError(f"task {self.name!r} needs at least one metric and one split, "
+                             f"got metrics={self.metrics!r}, splits={self.splits!r}.")
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs of the model's head: one per class, or 1 for a regression score."""
+        return len(self.label_names) if self.kind == "classification" else 1
+
+    @property
+    def label_dtype(self) -> torch.dtype:
+        return KINDS[self.kind]
+
+    def check_split(self, split):
+        """Raises ValueError unless load_split can prepare `split` of this task."""
+        if split in self.splits:
+            return
+        if split in self.withheld:
+            raise ValueError(f"split {split!r} of task {self.name!r} is not supported: {self.withheld[split]}")
+        raise ValueError(f"split {split!r} is not one of {list(self.splits)} for task {self.name!r}.")
+
+
+# -----------------------------------------------------------------------------
+# the messages every reader raises for a damaged file (`fix` says how to restore it)
+
+
+def malformed(path, line, columns, found, kind, fix):
+    return ValueError(
+        f"{path}, line {line}: expected {len(columns)} {kind} columns ({', '.join(columns)}) "
+        f"but found {found}. The file is damaged or belongs to another task: {fix}."
+    )
+
+
+def bad_label(path, line, value, allowed, fix):
+    return ValueError(
+        f"{path}, line {line}: label {value!r} is not one of {allowed}. The file is damaged "
+        f"or belongs to another task: {fix}."
+    )
