@@ -5,10 +5,12 @@
   and the closed-form loss equals the directly computed MSE;
 - the method: A0, B0 ~ N(0, sigma_bar^2) drawn in the documented order (--steps 0), and on the
   packaged MiniLM every matrix is within 1.001x of its Eckart-Young optimum after 4000 steps;
-- the cache: hit without recomputation, a miss on every changed setting, damaged and mismatched
-  caches reported and recomputed, nothing written on a diverged run or an unwritable directory;
-- bad input: each a ValueError sentence naming the bad value.
-Run: python3 -m pytest tests/test_approximate.py -q
+- the cache (an artifact of common.py): hit without recomputation, a miss on every changed
+  setting; a damaged, edited, non-finite, wrongly shaped or other-settings cache is reported in
+  one line and recomputed; nothing written on a diverged run or an unwritable directory;
+- bad input: each a ValueError sentence naming the bad value and advice that fits it;
+- the command line: --help shows defaults, the run says where the cache is.
+Run: python -m pytest tests/test_approximate.py -q
 """
 import hashlib
 import importlib.util
@@ -20,9 +22,11 @@ import types
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 
 import approximate as ap
+import common
 
 
 @pytest.fixture(autouse=True)
@@ -210,7 +214,18 @@ def cache_files(tmp_path):
     return st, st.with_suffix(".json")
 
 
-def test_damaged_or_mismatched_cache_is_reported_and_recomputed(tmp_path, monkeypatch, capsys):
+def forge(st, js, tensors, sidecar):
+    """Writes tensors and sidecar with a checksum recomputed as common.py documents it,
+    sha256(sha256(tensor bytes) || canonical JSON without "sha256"): a forgery that passes it."""
+    data = safetensors_save(tensors)
+    body = json.dumps({k: v for k, v in sidecar.items() if k != "sha256"}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True)
+    sidecar = {**sidecar, "sha256": hashlib.sha256(hashlib.sha256(data).digest() + body.encode()).hexdigest()}
+    st.write_bytes(data)
+    js.write_text(json.dumps(sidecar))
+
+
+def test_damaged_edited_or_mismatched_cache_is_reported_and_recomputed(tmp_path, monkeypatch, capsys):
     weights = random_weights()
     counter = Counter(monkeypatch)
     first = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
@@ -222,37 +237,77 @@ def test_damaged_or_mismatched_cache_is_reported_and_recomputed(tmp_path, monkey
     def bad_json():
         js.write_text(js.read_text()[:50])
 
-    def other_settings():
+    def edited_sidecar():  # an edited setting, checksum left as it was
         sidecar = json.loads(js.read_text())
-        sidecar["settings"]["steps"] = 29
+        sidecar["settings"]["rank"] = 3
         js.write_text(json.dumps(sidecar))
+
+    def other_settings():  # a whole cache for other settings, checksum and all
+        forge(st, js, load_file(st), {**json.loads(js.read_text()),
+                                      "settings": {**SMALL.settings(), "steps": 29}})
 
     def missing_key():
         tensors = load_file(st)
         del tensors["t.1.B"]
-        save_file(tensors, st)
-        sidecar = json.loads(js.read_text())
-        sidecar["safetensors_sha256"] = hashlib.sha256(st.read_bytes()).hexdigest()
-        js.write_text(json.dumps(sidecar))
+        forge(st, js, tensors, json.loads(js.read_text()))
+
+    def nan_tensor():
+        tensors = load_file(st)
+        tensors["s.2.A"][1, 2] = math.nan
+        forge(st, js, tensors, json.loads(js.read_text()))
+
+    def wrong_shape():  # rank 4 means A (4, 32); this one is (3, 32)
+        tensors = load_file(st)
+        tensors["s.0.A"] = tensors["s.0.A"][:3].contiguous()
+        forge(st, js, tensors, json.loads(js.read_text()))
+
+    def float64():
+        tensors = load_file(st)
+        tensors["t.0.B"] = tensors["t.0.B"].double()
+        forge(st, js, tensors, json.loads(js.read_text()))
+
+    def other_format():
+        forge(st, js, load_file(st), {**json.loads(js.read_text()), "version": ap.ARTIFACT_VERSION - 1})
 
     def no_sidecar():
         js.unlink()
 
-    damages = [(truncate, "cache damaged: .* checksum"), (bad_json, "cache damaged: .* sidecar"),
+    # each damage: the reason printed names what is wrong (the value, where useful)
+    damages = [(truncate, "cache damaged: .* checksum"), (bad_json, "cache damaged: .* not valid JSON"),
+               (edited_sidecar, "cache damaged: .* checksum"),
                (other_settings, "cache mismatch: .* steps=29 \\(expected 30\\)"),
                (missing_key, "cache damaged: .* lacks \\['t.1.B'\\]"),
-               (no_sidecar, "cache damaged: .* missing")]
+               (nan_tensor, "cache damaged: .*'s.2.A'.* inf or nan"),
+               (wrong_shape, "cache damaged: .*'s.0.A'.* \\(3, 32\\).* \\(4, 32\\)"),
+               (float64, "cache damaged: .*'t.0.B'.* float32"),
+               (other_format, f"cache damaged: .* version={ap.ARTIFACT_VERSION - 1}"),
+               (no_sidecar, "cache damaged: .*json' does not exist")]
     for calls, (damage, message) in enumerate(damages, start=2):
         damage()
         capsys.readouterr()
         again = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
         out = capsys.readouterr().out
         assert re.search(message, out), (damage.__name__, out)
+        assert "; approximating" in out and len(out.splitlines()[0]) < 400, damage.__name__  # one line
         assert counter.calls == calls, damage.__name__
         for name in weights:  # recomputed deterministically, and the cache is whole again
             assert torch.equal(first[name][0], again[name][0])
+            assert torch.equal(first[name][1], again[name][1])
         ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
         assert "cache hit" in capsys.readouterr().out
+
+
+def test_cache_is_a_common_artifact_with_settings_and_report(tmp_path):
+    weights = random_weights()
+    factors = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    st, _ = cache_files(tmp_path)
+    # the cache is read by common.read_artifact and holds A (r, d_in), B (d_out, r) of every target
+    tensors, meta = common.read_artifact(st, ap.ARTIFACT_KIND, ap.ARTIFACT_VERSION, remedy="")
+    assert meta["settings"] == SMALL.settings() and meta["model_id"] == "tiny"
+    assert meta["targets"] == sorted(weights) and meta["report"]["steps_run"] == SMALL.steps
+    for name, (A, B) in factors.items():
+        assert torch.equal(tensors[f"{name}.A"], A) and torch.equal(tensors[f"{name}.B"], B)
+        assert A.shape == (4, weights[name].shape[1]) and B.shape == (weights[name].shape[0], 4)
 
 
 def test_diverged_run_raises_and_writes_nothing(tmp_path):
@@ -296,8 +351,8 @@ def test_weights_fingerprint():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(rank=25), "rank=25 does not fit target 't.0' of shape \\(24, 56\\).*1 <= rank <= 24"),
-    (dict(rank=0), "rank=0 does not fit"),
+    (dict(rank=25), "rank=25 does not fit target 't.0' of shape \\(24, 56\\).* largest .* 24.*--rank 24"),
+    (dict(rank=0), "rank=0 must be at least 1"),
     (dict(steps=-1), "steps=-1 is negative"),
     (dict(lr=0.0), "lr=0.0 must be a positive number"),
     (dict(lr_step=0), "lr_step=0 must be at least 1"),
@@ -307,8 +362,10 @@ def test_weights_fingerprint():
     (dict(device="tpu9"), "device='tpu9' is not a torch device"),
 ])
 def test_bad_settings_are_clear_value_errors(change, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         ap.approximate(random_weights(), ap.ApproxConfig(**{**vars(SMALL), **change}))
+    # the advice fits the value: a rank too small is never told to be smaller
+    assert not (change.get("rank", 1) < 1 and "smaller" in str(error.value))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -359,6 +416,7 @@ def test_cli_runs_caches_and_prints_the_report(tmp_path, monkeypatch, capsys):
     report = ap.main(argv)
     out = capsys.readouterr().out
     assert "cache miss" in out and "layer1_value" in out and "ratio" in out
+    assert f"cache directory: {tmp_path} (--cache-dir)" in out
     assert sorted(report["matrices"]) == ["layer0_query", "layer0_value", "layer1_query", "layer1_value"]
     ap.main(argv + ["--targets", "value"])  # other targets: other weights, a miss
     assert "cache miss" in capsys.readouterr().out
@@ -366,6 +424,28 @@ def test_cli_runs_caches_and_prints_the_report(tmp_path, monkeypatch, capsys):
     assert "cache hit" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--targets ',' names no layer"):
         ap.main(argv + ["--targets", ","])
+
+
+def test_cli_says_where_the_default_cache_is(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "model", fake_model_module())
+    monkeypatch.setenv("INILORA_CACHE", str(tmp_path / "env"))
+    ap.main(["--rank", "2", "--steps", "5", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert f"cache directory: {tmp_path / 'env'} ($INILORA_CACHE)" in out and "cached: " + str(tmp_path / "env") in out
+    monkeypatch.delenv("INILORA_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    ap.main(["--rank", "2", "--steps", "5", "--device", "cpu"])
+    assert f"cache directory: {tmp_path / 'home' / '.cache' / 'inilora'} (the default" in capsys.readouterr().out
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as exit:
+        ap.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exit.value.code == 0
+    for default in ("(default: minilm)", "(default: query,value)", "(default: 8)", "(default: 20000)",
+                    "(default: 0.0005)", "(default: 5000)", "(default: 0.9)", "(default: None)"):
+        assert default in out, default
 
 
 def test_cli_unknown_target_with_the_real_model(tmp_path):
