@@ -14,75 +14,29 @@ MiLoRA baselines. After training, the total change to the base model is
     ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]    (a plain LoRA of rank 2r)
 
 so an adapter saved with A0, B0 loads exactly on the original, unmodified base model.
+Adapters are artifacts of common.py: their checksum covers the configuration in the sidecar,
+and every tensor's shape is checked against its rank and targets before the model is touched.
 
 Run: python inilora.py --model minilm --init pissa
 (injects the adapters, prints the parameter counts and checks the logits are unchanged)
 """
 import argparse
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load, save
 
 from approximate import ApproxConfig, load_or_approximate, weights_fingerprint
-from common import run_cli, write_atomic
-from model import target_linears
+from common import check_tensors, read_artifact, run_cli, save_artifact
+from model import load_model, target_linears
 
 # Shapes: ... any leading dims (batch, tokens), d_in / d_out the layer's sizes, r the rank.
 
 ADAPTER_FORMAT = "inilora-adapter"
-ADAPTER_VERSION = 1
-
-
-@dataclass
-class LoRAConfig:
-    init: str = "lora"                        # a name from INITIALISERS, or "full"
-    rank: int = 8                             # r
-    lora_alpha: float | None = None           # None -> r, so s = 1 as in the paper's experiments
-    targets: tuple[str, ...] = ("query", "value")  # leaf names of the adapted nn.Linear modules
-    dropout: float = 0.0                      # on the adapter's input only
-    alpha_std: float = 0.5                    # σ_α of IniLoRA-α
-    seed: int = 0                             # draws of the random initialisers
-    approx_steps: int = 20000                 # IniLoRA: Adam steps of the approximation (eq. 3)
-    approx_lr: float = 5e-4                   # IniLoRA: its learning rate
-    approx_seed: int = 0                      # IniLoRA: seed of its N(0, σ̄²) start
-
-    @property
-    def scale(self):
-        # s = lora_alpha / r  (SPEC "Notation")
-        return (self.rank if self.lora_alpha is None else self.lora_alpha) / self.rank
-
-    def validate(self):
-        if self.init not in INIT_NAMES:
-            raise ValueError(f"init {self.init!r} is not one of {INIT_NAMES}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank={self.rank!r} must be an integer >= 1 (the paper uses 8).")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0, or None for lora_alpha = rank.")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1).")
-        if not self.alpha_std > 0:
-            raise ValueError(f"alpha_std={self.alpha_std!r} must be > 0 (the paper uses 0.5).")
-        if not self.targets:
-            raise ValueError("targets is empty: name at least one module, e.g. query,value.")
-        return self
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LoRA configuration keys {unknown}; expected a subset of {sorted(known)}.")
-        d = dict(d, targets=tuple(d.get("targets", cls.targets)))
-        return cls(**d).validate()
-
+ADAPTER_VERSION = 2  # 2: common's artifact format, whose checksum also covers the configuration
+ADAPTER_REMEDY = "Use the adapter and its sidecar exactly as save_adapter / train.py wrote them, or train again."
 
 # -----------------------------------------------------------------------------
 # the adapted layer
@@ -131,10 +85,7 @@ class LoRALinear(nn.Module):
 
 
 def merge(model):
-    """Replaces every LoRALinear of `model` by its merged nn.Linear, in place.
-
-    Idempotent: a model with no LoRALinear left is returned unchanged.
-    """
+    """Replaces every LoRALinear of `model` by its merged nn.Linear, in place (idempotent)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             model.set_submodule(name, module.merge())
@@ -220,18 +171,74 @@ def init_milora(W0, cfg, g, approx):
     return _svd_init(W0, cfg, top=False)
 
 
-INITIALISERS = {
-    "lora": init_lora,
-    "gaussian": init_gaussian,
-    "inilora": init_inilora,
-    "alpha": init_alpha,
-    "beta-kaiming-normal": init_beta_kaiming_normal,
-    "beta-kaiming-uniform": init_beta_kaiming_uniform,
-    "pissa": init_pissa,
-    "milora": init_milora,
-}
+INITIALISERS = {"lora": init_lora, "gaussian": init_gaussian, "inilora": init_inilora, "alpha": init_alpha,
+                "beta-kaiming-normal": init_beta_kaiming_normal, "beta-kaiming-uniform": init_beta_kaiming_uniform,
+                "pissa": init_pissa, "milora": init_milora}
 # "full" is the full fine-tuning baseline: no adapter, every weight trains.
 INIT_NAMES = sorted([*INITIALISERS, "full"])
+
+# -----------------------------------------------------------------------------
+# configuration: each option is declared once, as a field with its flag and its validity check;
+# add_lora_args, lora_config_from_args and validate are derived from the fields.
+
+# BERT/RoBERTa attention (SPEC "Default targets"). --targets defaults to None, "the model family's":
+DEFAULT_TARGETS = ("query", "value")  # lora_config_from_args(args, seed, default_targets) fills them in
+
+
+def option(default, help, flag=None, parse=None, problem=None, flag_default=MISSING):
+    """A LoRAConfig field: its default, its command-line `flag` (value read by `parse`, shown with
+    `help`, default `flag_default` if it differs from the field's), and `problem(value)`: None for a
+    valid value, else the sentence that says what is wrong with it and what to pass instead."""
+    return field(default=default, metadata=dict(help=help, flag=flag, parse=parse, problem=problem or (lambda v: None),
+                                                flag_default=default if flag_default is MISSING else flag_default))
+
+
+@dataclass
+class LoRAConfig:
+    init: str = option("lora", f"initialiser, one of {INIT_NAMES}", "--init", str, lambda v: None if v in INIT_NAMES
+                       else f"init {v!r} is not one of {INIT_NAMES}; pass e.g. --init inilora.")
+    rank: int = option(8, "LoRA rank r", "--rank", int, lambda v: None if isinstance(v, int) and v >= 1 else
+                       f"rank={v!r} must be an integer >= 1 (the paper uses 8); pass e.g. --rank 8.")
+    lora_alpha: float | None = option(  # None -> r, so s = 1 as in the paper's experiments
+        None, "s = lora_alpha / r; None: lora_alpha = r, so s = 1", "--lora-alpha", float, lambda v: None if v is
+        None or 0 < v < math.inf else f"lora_alpha={v!r} must be a finite number > 0, or None for lora_alpha = r.")
+    targets: tuple[str, ...] = option(  # leaf names of the adapted nn.Linear modules
+        DEFAULT_TARGETS, "comma-separated leaf names of the adapted nn.Linear modules; None: the model "
+        f"family's ({','.join(DEFAULT_TARGETS)} for BERT/RoBERTa)", "--targets",
+        lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),  # "query, value" -> ("query", "value")
+        lambda v: None if isinstance(v, (tuple, list)) and v and all(isinstance(t, str) for t in v) else
+        f"targets={v!r} must name at least one module; pass e.g. --targets query,value.", flag_default=None)
+    dropout: float = option(0.0, "dropout on the adapter's input (active in training mode only)", "--lora-dropout",
+                            float, lambda v: None if 0 <= v < 1 else f"dropout={v!r} must be in [0, 1), e.g. 0.1.")
+    alpha_std: float = option(0.5, "σ_α of IniLoRA-α (--init alpha)", "--alpha-std", float, lambda v: None if
+                              0 < v < math.inf else f"alpha_std={v!r} must be a finite number > 0 (the paper: 0.5).")
+    seed: int = option(0, "draws of the random initialisers (train.py's --seed)")
+    approx_steps: int = option(20000, "IniLoRA: Adam steps of the approximation, eq. 3 (0: the Iter=0 row)",
+                               "--approx-steps", int, lambda v: None if v >= 0 else
+                               f"approx_steps={v!r} is negative; expected 0 (the N(0, σ̄²) start) or more.")
+    approx_lr: float = option(5e-4, "IniLoRA: approximation learning rate", "--approx-lr", float, lambda v: None if
+                              0 < v < math.inf else f"approx_lr={v!r} must be a finite number > 0, e.g. 5e-4.")
+    approx_seed: int = option(0, "IniLoRA: seed of the approximation's N(0, σ̄²) start", "--approx-seed", int)
+
+    @property
+    def scale(self):
+        # s = lora_alpha / r  (SPEC "Notation")
+        return (self.rank if self.lora_alpha is None else self.lora_alpha) / self.rank
+
+    def validate(self):
+        for f in fields(self):
+            if problem := f.metadata["problem"](getattr(self, f.name)):
+                raise ValueError(problem)
+        return self
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(d) - known):
+            raise ValueError(f"unknown LoRA configuration keys {unknown}; expected a subset of {sorted(known)}.")
+        if isinstance(d.get("targets"), list):  # JSON has no tuples
+            d = dict(d, targets=tuple(d["targets"]))
+        return cls(**d).validate()
 
 
 # -----------------------------------------------------------------------------
@@ -240,12 +247,9 @@ INIT_NAMES = sorted([*INITIALISERS, "full"])
 
 def base_fingerprint(model, targets):
     """Fingerprint of the target weights W0 of a model that has no adapters yet."""
-    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
-    if adapted:
-        raise ValueError(
-            f"the model already has adapters at {adapted[:3]}...; load the original base model "
-            "again before injecting or loading an adapter."
-        )
+    if adapted := sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear)):
+        raise ValueError(f"the model already has adapters at {adapted[:3]}...; load the original base model "
+                         "again before injecting or loading an adapter.")
     linears = target_linears(model, targets)
     return weights_fingerprint({n: m.weight.detach() for n, m in linears.items()})
 
@@ -253,27 +257,23 @@ def base_fingerprint(model, targets):
 def _adapt(model, name, linear, A0, B0, cfg):
     layer = LoRALinear(linear.weight.detach(), linear.bias, A0.to(linear.weight.device),
                        B0.to(linear.weight.device), cfg.scale, cfg.dropout)
+    layer.train(model.training)  # a new module trains by default; it takes the mode of its model
     model.set_submodule(name, layer)
     return layer
 
 
 def inject(model, cfg, model_id, cache_dir=None):
-    """Replaces the target nn.Linear modules by LoRALinear, initialised by `cfg.init`.
-
-    Returns the fingerprint of the base model's target weights (stored in adapter sidecars).
-    `init="inilora"` reads the approximation cache of approximate.py, or computes it.
-    """
+    """Replaces the target nn.Linear modules by LoRALinear, initialised by `cfg.init` ("inilora" reads
+    approximate.py's cache, or fills it). Returns the fingerprint of the base model's target weights."""
     cfg.validate()
     fingerprint = base_fingerprint(model, cfg.targets)
     if cfg.init == "full":
         return fingerprint
     linears = target_linears(model, cfg.targets)
-    for name, linear in linears.items():
-        if cfg.rank > min(linear.weight.shape):
-            raise ValueError(
-                f"rank={cfg.rank} is larger than min(d_out, d_in)={min(linear.weight.shape)} "
-                f"of {name} {tuple(linear.weight.shape)}; choose a rank between 1 and {min(linear.weight.shape)}."
-            )
+    name, smallest = min(linears.items(), key=lambda item: min(item[1].weight.shape))
+    if cfg.rank > (largest := min(smallest.weight.shape)):
+        raise ValueError(f"rank={cfg.rank} is larger than min(d_out, d_in)={largest} of {name} "
+                         f"{tuple(smallest.weight.shape)}; choose a rank between 1 and {largest}.")
     factors = {}
     if cfg.init == "inilora":
         weights = {name: linear.weight.detach() for name, linear in linears.items()}
@@ -289,9 +289,7 @@ def inject(model, cfg, model_id, cache_dir=None):
 
 def mark_trainable(model, cfg, verbose=True):
     """Only A, B and the task head (`head.*`) train; with init="full", everything does.
-
-    Returns (trainable, total) parameter counts.
-    """
+    Returns (trainable, total) parameter counts."""
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         is_adapter = leaf in ("A", "B") and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), LoRALinear)
@@ -304,7 +302,7 @@ def mark_trainable(model, cfg, verbose=True):
 
 
 # -----------------------------------------------------------------------------
-# adapter checkpoints: safetensors + JSON sidecar
+# adapter checkpoints: a common.py artifact (safetensors + sidecar, one checksum over both)
 
 
 def adapter_tensors(model, cfg):
@@ -321,92 +319,59 @@ def adapter_tensors(model, cfg):
     return tensors
 
 
+def adapter_shapes(model, cfg):
+    """{name: shape} that adapter_tensors will hold once `cfg` is put on the base `model`:
+    A (r, d_in), B (d_out, r), A0 (r, d_in), B0 (d_out, r) per target, and the head."""
+    if cfg.init == "full":
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes, r = {}, cfg.rank
+    for name, linear in target_linears(model, cfg.targets).items():
+        d_out, d_in = linear.weight.shape
+        shapes.update({f"{name}.A": (r, d_in), f"{name}.B": (d_out, r),
+                       f"{name}.A0": (r, d_in), f"{name}.B0": (d_out, r)})
+    return shapes | {n: tuple(p.shape) for n, p in model.named_parameters() if n.startswith("head.")}
+
+
+def _split_head(d):
+    # ({everything but the task head}, {the task head "head.*"})
+    return tuple({k: v for k, v in d.items() if k.startswith("head.") == in_head} for in_head in (False, True))
+
+
 def save_adapter(model, path, cfg, model_id, fingerprint, extra=None):
-    """Writes the adapter of `model` to `path` (.safetensors) and its `.json` sidecar.
-
-    The sidecar names the base model and the fingerprint of its target weights, so the
-    adapter is only ever loaded on the base model it was trained from.
-    """
+    """Writes the adapter of `model` to `path` (.safetensors) and its `.json` sidecar, which names the base
+    model and the fingerprint of its target weights: it only ever loads on the base it was trained from."""
     meta = {"model_id": model_id, "base_fingerprint": fingerprint, "config": asdict(cfg), **(extra or {})}
-    return _write_adapter(path, adapter_tensors(model, cfg), meta)
-
-
-def _write_adapter(path, tensors, meta):
-    # Each file is written atomically (common.write_atomic); the sidecar goes last, and the
-    # sha256 in it ties it to the tensors, so a mismatched pair is detected on reading.
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, **meta,
-            "tensors_sha256": hashlib.sha256(data).hexdigest()}
-    write_atomic(path, data)
-    write_atomic(sidecar_path(path), json.dumps(meta, indent=2).encode())
-    return Path(path)
-
-
-def sidecar_path(path):
-    return Path(path).with_suffix(".json")
+    return save_artifact(path, adapter_tensors(model, cfg), meta, ADAPTER_FORMAT, ADAPTER_VERSION)
 
 
 def read_adapter(path):
-    """Reads and checks an adapter file and its sidecar; returns (tensors, meta)."""
-    path, sidecar = Path(path), sidecar_path(path)
-    for p in (path, sidecar):
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"adapter file {str(p)!r} does not exist; an adapter is a .safetensors file "
-                "with a .json sidecar beside it, as written by save_adapter / train.py."
-            )
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"adapter sidecar {str(sidecar)!r} is not valid JSON ({e}); the file is damaged.") from None
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT or meta.get("version") != ADAPTER_VERSION:
-        raise ValueError(
-            f"{str(sidecar)!r} is not an IniLoRA adapter sidecar of version {ADAPTER_VERSION} "
-            f"(format={meta.get('format') if isinstance(meta, dict) else None!r})."
-        )
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
-        raise ValueError(
-            f"adapter file {str(path)!r} does not match the checksum in its sidecar: it is truncated, "
-            "damaged or from another save. Use an intact copy or train again."
-        )
-    try:
-        tensors = load(data)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"adapter file {str(path)!r} is not a readable safetensors file ({e}).") from None
-    return tensors, meta
+    """(tensors, meta) of an adapter, after common.read_artifact's checks: both files there, format and
+    version, one checksum over the tensors and the sidecar (so its configuration), finite values."""
+    return read_artifact(path, ADAPTER_FORMAT, ADAPTER_VERSION, ADAPTER_REMEDY)
 
 
 @torch.no_grad()
 def load_adapter(model, path, model_id=None):
-    """Loads an adapter onto the original base `model` (in place): rebuilds R = W0 - s B0 A0
-    from the saved A0, B0, then sets A, B and the task head. Returns (cfg, meta)."""
+    """Loads an adapter onto the original base `model` (in place): rebuilds R = W0 - s B0 A0 from the saved
+    A0, B0, then sets A, B and the task head. Returns (cfg, meta). Everything is checked before the
+    model changes, so a refused adapter leaves it untouched."""
     tensors, meta = read_adapter(path)
     cfg = LoRAConfig.from_dict(meta["config"])
     fingerprint = base_fingerprint(model, cfg.targets)
     if fingerprint != meta["base_fingerprint"]:
-        raise ValueError(
-            f"adapter {str(path)!r} was saved for base model {meta['model_id']!r} (target weights "
-            f"{meta['base_fingerprint']}), but the model given has target weights {fingerprint}"
-            f"{f' (model {model_id!r})' if model_id else ''}. Load it on {meta['model_id']!r}."
-        )
-    linears = target_linears(model, cfg.targets) if cfg.init != "full" else {}
-    for name, linear in linears.items():
-        if f"{name}.A0" in tensors:
+        raise ValueError(f"adapter {str(path)!r} was saved for base model {meta['model_id']!r} (target weights "
+                         f"{meta['base_fingerprint']}), but the model given has target weights {fingerprint}"
+                         f"{f' (model {model_id!r})' if model_id else ''}. Load it on {meta['model_id']!r}.")
+    (layers, head), (saved_layers, saved_head) = _split_head(adapter_shapes(model, cfg)), _split_head(tensors)
+    check_tensors(saved_layers, layers, path, f"Its sidecar says rank {cfg.rank}, targets {list(cfg.targets)} "
+                  f"and init {cfg.init!r}, which do not describe its tensors. {ADAPTER_REMEDY}")
+    labels = f" ({meta['num_labels']})" if "num_labels" in meta else ""
+    check_tensors(saved_head, head, path, f"The task head is for another number of labels: load the model with "
+                  f"the adapter's num_labels{labels}.")
+    if cfg.init != "full":
+        for name, linear in target_linears(model, cfg.targets).items():
             _adapt(model, name, linear, tensors[f"{name}.A0"], tensors[f"{name}.B0"], cfg)
-    expected = adapter_tensors(model, cfg)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter {str(path)!r} does not fit this model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}. Was it saved for another architecture or target set?"
-        )
-    for key, dst in expected.items():
-        if tensors[key].shape != dst.shape:
-            raise ValueError(
-                f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)} but the model expects "
-                f"{tuple(dst.shape)}; for the task head, load the model with the adapter's num_labels."
-            )
+    for key, dst in adapter_tensors(model, cfg).items():
         dst.copy_(tensors[key])
     return cfg, meta
 
@@ -425,59 +390,52 @@ def convert_to_lora(src, dst):
     if cfg.init == "full":
         raise ValueError(f"{str(src)!r} is a full fine-tuning checkpoint: it has no adapter to convert.")
     out = {k: v for k, v in tensors.items() if k.startswith("head.")}
-    for key in [k for k in tensors if k.endswith(".A0")]:
-        name = key[: -len(".A0")]
+    for name in [k[: -len(".A0")] for k in tensors if k.endswith(".A0")]:
         A, B, A0, B0 = (tensors[f"{name}.{k}"].float() for k in ("A", "B", "A0", "B0"))
         out[f"{name}.A"] = torch.cat([A, A0], dim=0)      # (r, d_in) ; (r, d_in) -> (2r, d_in)
         out[f"{name}.B"] = torch.cat([B, -B0], dim=1)     # (d_out, r) | (d_out, r) -> (d_out, 2r)
         out[f"{name}.A0"] = out[f"{name}.A"].clone()
         out[f"{name}.B0"] = torch.zeros_like(out[f"{name}.B"])
-    new_cfg = LoRAConfig(**{**asdict(cfg), "init": "lora", "rank": 2 * cfg.rank,
-                            "lora_alpha": 2 * cfg.rank * cfg.scale, "targets": cfg.targets})
-    meta = {k: v for k, v in meta.items() if k not in ("format", "version", "tensors_sha256")}
-    return _write_adapter(dst, out, {**meta, "config": asdict(new_cfg),
-                                     "converted_from": {"path": str(src), "config": meta["config"]}})
+    new_cfg = replace(cfg, init="lora", rank=2 * cfg.rank, lora_alpha=2 * cfg.rank * cfg.scale)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "version", "sha256")}
+    meta |= {"config": asdict(new_cfg), "converted_from": {"path": str(src), "config": meta["config"]}}
+    return save_artifact(dst, out, meta, ADAPTER_FORMAT, ADAPTER_VERSION)
 
 
 # -----------------------------------------------------------------------------
-# command line: the flags train.py shares, and a step-0 check
+# command line: the flags train.py shares (derived from LoRAConfig), and a step-0 check
 
 
 def add_lora_args(parser):
-    """The LoRA flags, shared by every entry point that builds adapters."""
-    d = LoRAConfig()
-    parser.add_argument("--init", default=d.init, help=f"initialiser, one of {INIT_NAMES}")
-    parser.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
-    parser.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="s = lora_alpha / r; default r (s = 1)")
-    parser.add_argument("--targets", default=",".join(d.targets), help="comma-separated leaf names of the adapted linears")
-    parser.add_argument("--lora-dropout", type=float, default=d.dropout, help="dropout on the adapter input")
-    parser.add_argument("--alpha-std", type=float, default=d.alpha_std, help="σ_α of IniLoRA-α (--init alpha)")
-    parser.add_argument("--approx-steps", type=int, default=d.approx_steps, help="IniLoRA: approximation steps (0: the Iter=0 row)")
-    parser.add_argument("--approx-lr", type=float, default=d.approx_lr, help="IniLoRA: approximation learning rate")
-    parser.add_argument("--approx-seed", type=int, default=d.approx_seed, help="IniLoRA: seed of the approximation's start")
-    parser.add_argument("--cache-dir", default=None, help="approximation cache (default ~/.cache/inilora or $INILORA_CACHE)")
+    """One flag per LoRAConfig field that declares one, plus --cache-dir (where, not what)."""
+    for f in fields(LoRAConfig):
+        if flag := f.metadata["flag"]:
+            parser.add_argument(flag, type=f.metadata["parse"], default=f.metadata["flag_default"],
+                                help=f.metadata["help"])
+    parser.add_argument("--cache-dir", default=None,
+                        help="approximation cache; None: $INILORA_CACHE, else ~/.cache/inilora")
 
 
-def lora_config_from_args(args, seed):
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    return LoRAConfig(init=args.init, rank=args.rank, lora_alpha=args.lora_alpha, targets=targets,
-                      dropout=args.lora_dropout, alpha_std=args.alpha_std, seed=seed,
-                      approx_steps=args.approx_steps, approx_lr=args.approx_lr,
-                      approx_seed=args.approx_seed).validate()
+def lora_config_from_args(args, seed, default_targets=DEFAULT_TARGETS):
+    """LoRAConfig from add_lora_args' flags; `default_targets` where --targets was left out."""
+    values = {f.name: getattr(args, f.metadata["flag"].lstrip("-").replace("-", "_"))
+              for f in fields(LoRAConfig) if f.metadata["flag"]}
+    if values["targets"] is None:
+        values["targets"] = tuple(default_targets)
+    return LoRAConfig(**values, seed=seed).validate()
 
 
 @torch.no_grad()
 def main(argv=None):
-    from model import load_model
-
-    p = argparse.ArgumentParser(description="Inject adapters into a model and check its outputs are unchanged at step 0.")
+    p = argparse.ArgumentParser(description="Inject adapters into a model and check its outputs are unchanged "
+                                "at step 0.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="minilm", help="local directory, hub id, or 'minilm' (packaged)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisers")
     add_lora_args(p)
     args = p.parse_args(argv)
     cfg = lora_config_from_args(args, args.seed)
     print(f"config: {asdict(cfg)}")
-    model, tokenizer, model_id = load_model(args.model)
+    model, tokenizer, model_id = load_model(args.model)  # in eval mode: dropout is off
     ids, type_ids = tokenizer.encode(["a gripping, beautifully shot film"], ["dull and far too long"])
     batch = (torch.tensor(ids), torch.ones(1, len(ids[0]), dtype=torch.bool), torch.tensor(type_ids))
     before = model(*batch)

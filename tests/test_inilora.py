@@ -6,17 +6,24 @@
 - merged == unmerged, merge idempotent, .train()/.eval() change no weight;
 - save -> load gives the same outputs; the rank-2r conversion on the original base gives the
   outputs of the trained adapted model;
+- adapters cannot be misread: an edited sidecar (rank, lora_alpha), tensors whose shapes the
+  configuration does not describe and non-finite tensors are refused, and a refused adapter
+  leaves the model untouched; new layers take the training mode of their model;
+- the command line: one flag per declared option, defaults in --help, targets defaulting per family;
 - bad input: rank, unknown initialiser or target, adapters twice, adapter for another base,
   damaged files, head of another size.
 """
+import argparse
 import json
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import save as safetensors_save
 from torch.testing import assert_close
 
+import common
 import inilora
 from inilora import INITIALISERS, INIT_NAMES, LoRAConfig, LoRALinear
 
@@ -289,6 +296,16 @@ def test_rank_above_the_matrix_size_is_refused(tmp_path):
         inilora.inject(toy(), LoRAConfig(rank=25), "toy")
 
 
+# A rank that is too large is told the largest allowed: the smallest target's min(d_out, d_in),
+# wherever that target sits; a rank below 1 is told to pass a rank >= 1, not a smaller one.
+def test_rank_advice_fits_the_value():
+    with pytest.raises(ValueError, match=r"rank=4 .* of head \(3, 24\); choose a rank between 1 and 3\."):
+        inilora.inject(toy(), LoRAConfig(rank=4, targets=("query", "head")), "toy")
+    with pytest.raises(ValueError, match=r"rank=0 must be an integer >= 1") as e:
+        LoRAConfig(rank=0).validate()
+    assert "--rank 8" in str(e.value) and "smaller" not in str(e.value)
+
+
 def test_unknown_initialiser_names_the_allowed_set():
     with pytest.raises(ValueError, match=r"'kaiming' is not one of \['alpha', 'beta-kaiming-normal'"):
         LoRAConfig(init="kaiming").validate()
@@ -318,13 +335,14 @@ def test_damaged_adapter_files_are_refused(tmp_path):
     path = inilora.save_adapter(model, tmp_path / "a.safetensors", cfg, "toy", fp)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated, damaged"):
+    with pytest.raises(ValueError, match="truncated.*train again"):
         inilora.load_adapter(toy(), path)
     path.with_suffix(".json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="not valid JSON.*train again"):
         inilora.load_adapter(toy(), path)
     path.with_suffix(".json").unlink()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    # common.read_artifact: a missing half is an ArtifactError (a ValueError) naming the file
+    with pytest.raises(ValueError, match="a.json' does not exist.*train again"):
         inilora.load_adapter(toy(), path)
 
 
@@ -333,5 +351,192 @@ def test_head_of_another_size_is_refused(tmp_path):
     path = inilora.save_adapter(model, tmp_path / "a.safetensors", cfg, "toy", fp)
     torch.manual_seed(0)
     other = Toy(num_labels=2).eval()
-    with pytest.raises(ValueError, match="head.weight.*num_labels"):
+    before = snapshot(other)
+    with pytest.raises(ValueError, match=r"'head\.(weight|bias)'.*num_labels"):
         inilora.load_adapter(other, path)
+    assert_untouched(other, before)
+    # train.py records num_labels in the sidecar: the remedy then names it
+    path = inilora.save_adapter(model, tmp_path / "b.safetensors", cfg, "toy", fp, {"num_labels": 3})
+    with pytest.raises(ValueError, match=r"num_labels \(3\)"):
+        inilora.load_adapter(other, path)
+
+
+# --- adapters that cannot be misread: each refusal leaves the model exactly as it was
+
+
+def snapshot(model):
+    return {n: t.clone() for n, t in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_untouched(model, before):
+    state, types = snapshot(model)
+    assert types == before[1]  # no LoRALinear was put in
+    assert state.keys() == before[0].keys() and all(torch.equal(state[n], before[0][n]) for n in state)
+
+
+def saved(tmp_path, init="lora", **kw):
+    model, cfg, fp = adapted(init, tmp_path, **kw)
+    return inilora.save_adapter(model, tmp_path / "a.safetensors", cfg, "toy", fp, {"num_labels": 3})
+
+
+# The checksum covers the sidecar's configuration: editing rank or lora_alpha (which would move the
+# logits) is refused with the remedy, and the model is not changed.
+@pytest.mark.parametrize("key,value", [("rank", 2), ("rank", 8), ("lora_alpha", 8.0), ("lora_alpha", 32.0)])
+def test_an_edited_rank_or_lora_alpha_in_the_sidecar_is_refused(key, value, tmp_path):
+    path = saved(tmp_path, lora_alpha=16.0)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["config"][key] = value
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    model = toy()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="sidecar do not match the checksum.*edited.*train again"):
+        inilora.load_adapter(model, path)
+    assert_untouched(model, before)
+
+
+def rewrite(path, tensors=None, config=None):
+    # an adapter whose sidecar and tensors were changed consistently: the checksum is recomputed
+    tensors_, meta = inilora.read_adapter(path)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "version", "sha256")}
+    meta["config"] |= config or {}
+    common.save_artifact(path, tensors if tensors is not None else tensors_, meta,
+                         inilora.ADAPTER_FORMAT, inilora.ADAPTER_VERSION)
+    return tensors_
+
+
+# Every tensor's shape is checked against the rank and targets the configuration names, before the
+# model changes: a sidecar that does not describe its tensors is refused even with a valid checksum
+# (edited targets already fail the fingerprint of the base's target weights).
+@pytest.mark.parametrize("edit,expected", [
+    ("rank", r"'layers.0.query.A' .* shape \(4, 24\), but its configuration means \(8, 24\).*rank 8"),
+    ("targets", r"saved for base model 'toy' .*Load it on 'toy'"),  # other targets: other target weights
+    ("drop", r"lacks \['layers.1.value.B0'\].*rank 4"),
+    ("transpose", r"'layers.0.query.A' .* shape \(24, 4\), but its configuration means \(4, 24\)"),
+])
+def test_tensors_the_configuration_does_not_describe_are_refused_before_the_model_changes(edit, expected, tmp_path):
+    path = saved(tmp_path)
+    tensors, _ = inilora.read_adapter(path)
+    if edit == "rank":
+        rewrite(path, config={"rank": 8})
+    elif edit == "targets":
+        rewrite(path, config={"targets": ["query", "value", "key"]})
+    elif edit == "drop":
+        rewrite(path, {k: v for k, v in tensors.items() if k != "layers.1.value.B0"})
+    else:
+        rewrite(path, tensors | {"layers.0.query.A": tensors["layers.0.query.A"].T.contiguous()})
+    model = toy()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=expected):
+        inilora.load_adapter(model, path)
+    assert_untouched(model, before)
+
+
+# Non-finite tensors are refused even when the checksum was recomputed over them (save_artifact
+# itself refuses to write them, so the file is written by hand here), and the model is not changed.
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_adapter_tensor_is_refused(value, tmp_path):
+    path = saved(tmp_path, init="pissa")
+    tensors, meta = inilora.read_adapter(path)
+    tensors["layers.1.query.B"][2, 1] = value
+    data = safetensors_save(tensors)
+    meta["sha256"] = common._checksum(data, meta)
+    path.write_bytes(data)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    model = toy()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'layers.1.query.B' .* holds inf or nan values.*train again"):
+        inilora.load_adapter(model, path)
+    assert_untouched(model, before)
+
+
+# Layers made by inject take the training mode of their model: with dropout, an eval-mode model gives
+# the same output twice and is unchanged at step 0; a training-mode model gets training-mode layers.
+@pytest.mark.parametrize("init", ["pissa", "lora"])
+def test_injected_layers_take_the_training_mode_of_their_model(init, x, tmp_path):
+    reference = toy()(x)
+    model, _, _ = adapted(init, tmp_path, dropout=0.1)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 4 and not any(m.training or m.dropout.training for m in layers)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+    training = toy().train()
+    inilora.inject(training, config(init, dropout=0.1), "toy")
+    assert all(m.training and m.dropout.training for m in training.modules() if isinstance(m, LoRALinear))
+
+
+# Layers made by load_adapter take the training mode of the model they are loaded into.
+def test_loaded_layers_take_the_training_mode_of_their_model(x, tmp_path):
+    model, cfg, fp = adapted("alpha", tmp_path, dropout=0.1)
+    train_steps(model, x)
+    path = inilora.save_adapter(model, tmp_path / "a.safetensors", cfg, "toy", fp)
+    evaluating, training = toy(), toy().train()
+    inilora.load_adapter(evaluating, path)
+    inilora.load_adapter(training, path)
+    assert not any(m.training for m in evaluating.modules() if isinstance(m, LoRALinear))
+    assert all(m.training for m in training.modules() if isinstance(m, LoRALinear))
+    with torch.no_grad():
+        assert torch.equal(evaluating(x), evaluating(x))
+        assert not torch.equal(training(x), training(x))  # dropout 0.1 acts in training mode
+
+
+# --- the command line: every option is declared once, as a LoRAConfig field
+
+
+def parse(argv, default_targets=inilora.DEFAULT_TARGETS, seed=0):
+    parser = argparse.ArgumentParser()
+    inilora.add_lora_args(parser)
+    return inilora.lora_config_from_args(parser.parse_args(argv), seed, default_targets)
+
+
+# The flags are derived from the fields: each flagged field has its flag, its value reaches its field,
+# and leaving every flag out gives the dataclass's defaults.
+def test_flags_are_derived_from_the_config_fields():
+    parser = argparse.ArgumentParser()
+    inilora.add_lora_args(parser)
+    flags = {a.option_strings[0] for a in parser._actions if a.option_strings} - {"-h"}
+    assert flags == {"--init", "--rank", "--lora-alpha", "--targets", "--lora-dropout", "--alpha-std",
+                     "--approx-steps", "--approx-lr", "--approx-seed", "--cache-dir"}
+    assert parse([]) == LoRAConfig()
+    cfg = parse(["--init", "alpha", "--rank", "4", "--lora-alpha", "16", "--targets", "query, key",
+                 "--lora-dropout", "0.1", "--alpha-std", "0.2", "--approx-steps", "7", "--approx-lr", "1e-3",
+                 "--approx-seed", "5"], seed=3)
+    assert cfg == LoRAConfig(init="alpha", rank=4, lora_alpha=16.0, targets=("query", "key"), dropout=0.1,
+                             alpha_std=0.2, seed=3, approx_steps=7, approx_lr=1e-3, approx_seed=5)
+
+
+# --targets left out means the model family's default targets; given, it wins.
+def test_targets_default_per_model_family():
+    assert parse([]).targets == ("query", "value")
+    assert parse([], default_targets=("q_proj", "v_proj")).targets == ("q_proj", "v_proj")
+    assert parse(["--targets", "key"], default_targets=("q_proj", "v_proj")).targets == ("key",)
+
+
+# Each bad value is refused by the check declared with its field, naming the value and what to pass.
+@pytest.mark.parametrize("argv,named,advice", [
+    (["--init", "kaiming"], "'kaiming' is not one of", "--init inilora"),
+    (["--rank", "0"], "rank=0", "--rank 8"),
+    (["--lora-alpha", "-1"], "lora_alpha=-1.0", "None for lora_alpha = r"),
+    (["--lora-alpha", "nan"], "lora_alpha=nan", "finite number > 0"),
+    (["--targets", " , "], "targets=()", "--targets query,value"),
+    (["--lora-dropout", "1"], "dropout=1.0", "[0, 1)"),
+    (["--alpha-std", "0"], "alpha_std=0.0", "> 0"),
+    (["--approx-steps", "-1"], "approx_steps=-1", "0 (the N(0, σ̄²) start) or more"),
+    (["--approx-lr", "0"], "approx_lr=0.0", "5e-4"),
+])
+def test_bad_flag_values_name_the_value_and_the_remedy(argv, named, advice):
+    with pytest.raises(ValueError) as e:
+        parse(argv)
+    assert named in str(e.value) and advice in str(e.value)
+
+
+# --help shows every default, and the step-0 check of `python inilora.py` holds with dropout: the
+# packaged model is in eval mode, so its outputs are unchanged.
+def test_command_line_shows_defaults_and_keeps_the_outputs_with_dropout(capsys):
+    with pytest.raises(SystemExit):
+        inilora.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: 8)" in help_text and "(default: 20000)" in help_text
+    inilora.main(["--init", "pissa", "--lora-dropout", "0.1"])
+    difference = float(capsys.readouterr().out.rsplit("max |difference| at step 0:", 1)[1])
+    assert difference < 1e-5
