@@ -1,13 +1,13 @@
 """IniLoRA: the adapted linear layer, its initialisers, injection, merge, adapter save/load.
 
-An adapted `nn.Linear` (SPEC "Notation"; paper Section 3) computes
+An adapted `nn.Linear` (docs/method.md "Notation"; paper Section 3) computes
 
     y = x R^T + b + s * (dropout(x) A^T) B^T,      s = lora_alpha / r
     R = W0 - s * B0 A0                              (frozen residual)
 
 with trainable A (r, d_in), B (d_out, r) that start at A0, B0. Because R absorbs the
 initial product, the model computes the same function at step 0 for every initialiser.
-The initialisers (SPEC table) differ only in A0, B0: LoRA, Gaussian, IniLoRA (B0 A0 = the
+The initialisers (docs/method.md table) differ only in A0, B0: LoRA, Gaussian, IniLoRA (B0 A0 = the
 approximation of W0 by approximate.py, eq. 1-3), IniLoRA-α, IniLoRA-β and the PiSSA and
 MiLoRA baselines. After training, the total change to the base model is
 
@@ -49,7 +49,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         dtype = W0.dtype
         W0, A0, B0 = W0.float(), A0.float(), B0.float()
-        # R = W0 - s * B0 A0  (SPEC: the frozen residual; computed in float32)
+        # R = W0 - s * B0 A0  (docs/method.md: the frozen residual; in float32)
         R = W0 - s * (B0 @ A0)  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
         self.R = nn.Parameter(R.to(dtype), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -62,7 +62,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        # y = x R^T + b + s * (dropout(x) A^T) B^T  (SPEC "Notation")
+        # y = x R^T + b + s * (dropout(x) A^T) B^T  (docs/method.md "Notation")
         y = F.linear(x, self.R, self.bias)               # (..., d_in) -> (..., d_out)
         h = F.linear(self.dropout(x), self.A)            # (..., d_in) -> (..., r)
         return y + self.s * F.linear(h, self.B)          # (..., r) -> (..., d_out)
@@ -181,7 +181,7 @@ INIT_NAMES = sorted([*INITIALISERS, "full"])
 # configuration: each option is declared once, as a field with its flag and its validity check;
 # add_lora_args, lora_config_from_args and validate are derived from the fields.
 
-# BERT/RoBERTa attention (SPEC "Default targets"). --targets defaults to None, "the model family's":
+# BERT/RoBERTa attention (docs/method.md "Default targets"). --targets defaults to None, "the family's":
 DEFAULT_TARGETS = ("query", "value")  # lora_config_from_args(args, seed, default_targets) fills them in
 
 
@@ -222,7 +222,7 @@ class LoRAConfig:
 
     @property
     def scale(self):
-        # s = lora_alpha / r  (SPEC "Notation")
+        # s = lora_alpha / r  (docs/method.md "Notation")
         return (self.rank if self.lora_alpha is None else self.lora_alpha) / self.rank
 
     def validate(self):

@@ -1,4 +1,4 @@
-"""Tests of inilora.py: every claim of the initialiser table (SPEC) and the layer's invariants.
+"""Tests of inilora.py: every claim of the initialiser table (docs/method.md) and the layer's invariants.
 
 - the distribution of A0, B0 for each initialiser, on large samples;
 - R = W0 bit for bit where B0 = 0, and the model's outputs unchanged at step 0 for every initialiser;
