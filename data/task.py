@@ -11,22 +11,26 @@ new file defining a `Task` and one line in `data.prepare.TASKS`:
                    source=my_path, read=my_read, split_rule="the file's own train/dev split")
 
 Kinds of labels (`KINDS`): "classification" (labels are class ids, label_names[i] names
-class i) and "regression" (one score per example, label_names is None). A later
-"generation" kind (math word problems: prompts, responses, gold answers) is one more
-entry in KINDS: `Examples.texts` are then the prompts, `Examples.pairs` the responses
-(tokenized as the second segment, so token type 1 marks the tokens to learn) and
-`Examples.labels` the gold answers.
+class i), "regression" (one score per example, label_names is None) and "generation"
+(math word problems for a causal LM): `Examples.texts` are then the questions,
+`Examples.pairs` the worked responses (the tokens the loss covers, see data/sft.py) and
+`Examples.labels` the gold final answers as strings; `answer_format` ("gsm8k" or "math")
+names how a final answer is extracted from a response (data.sft.EXTRACTORS).
 
     python -m data.prepare --task rotten-tomatoes   # prepares a task through this record
 """
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
-# label kind -> dtype of the (N,) label tensor a prepared split holds
-KINDS = {"classification": torch.int64, "regression": torch.float32}
+from data.sft import EXTRACTORS
+
+# label kind -> dtype of the (N,) label tensor a prepared split holds; generation's gold answers are
+# strings, kept in the cache's sidecar (data/sft.py), so it has no label tensor
+KINDS = {"classification": torch.int64, "regression": torch.float32, "generation": None}
 
 
 class Examples(NamedTuple):
@@ -49,15 +53,22 @@ class Task:
     split_rule: str  # how the splits were made, stored in the cache's sidecar
     # splits that exist but cannot be prepared: split -> why, and what to use instead
     withheld: dict[str, str] = field(default_factory=dict)
+    # generation only: how a final answer is read from a response, a key of data.sft.EXTRACTORS
+    answer_format: str | None = None
 
     def __post_init__(self):
         # a task table error is the programmer's, caught at import: fail loudly, with the fix
         if self.kind not in KINDS:
-            raise ValueError(f"task {self.name!r} has kind {self.kind!r}, which is not one of "
-                             f"{sorted(KINDS)}; add the kind to data.task.KINDS or use one of those.")
+            labelled = sorted(k for k, dtype in KINDS.items() if dtype is not None)
+            raise ValueError(f"task {self.name!r} has kind {self.kind!r}, which is not one of {labelled} "
+                             "(label tensors) nor 'generation' (prompts and responses, data/sft.py); "
+                             "add the kind to data.task.KINDS or use one of those.")
         if (self.kind == "classification") != (self.label_names is not None):
             raise ValueError(f"task {self.name!r} of kind {self.kind!r} has label_names={self.label_names!r}: "
                              "classification names its classes (a tuple), other kinds pass None.")
+        if (self.kind == "generation") != (self.answer_format in EXTRACTORS):
+            raise ValueError(f"task {self.name!r} of kind {self.kind!r} has answer_format={self.answer_format!r}: "
+                             f"generation names one of {sorted(EXTRACTORS)}, other kinds pass None.")
         if not self.metrics or not self.splits:
             raise ValueError(f"task {self.name!r} needs at least one metric and one split, "
                              f"got metrics={self.metrics!r}, splits={self.splits!r}.")
@@ -68,8 +79,12 @@ class Task:
         return len(self.label_names) if self.kind == "classification" else 1
 
     @property
-    def label_dtype(self) -> torch.dtype:
+    def label_dtype(self) -> torch.dtype | None:
         return KINDS[self.kind]
+
+    def extract_answer(self, text):
+        """A generation task's final answer in `text` (normalized), or None when it holds none."""
+        return EXTRACTORS[self.answer_format](text)
 
     def check_split(self, split):
         """Raises ValueError unless load_split can prepare `split` of this task."""
@@ -96,3 +111,38 @@ def bad_label(path, line, value, allowed, fix):
         f"{path}, line {line}: label {value!r} is not one of {allowed}. The file is damaged "
         f"or belongs to another task: {fix}."
     )
+
+
+def read_json_records(path, fields, layout):
+    """The records of a JSON list or a JSON-lines file, each a dict whose `fields` are strings.
+
+    `layout` describes the expected file for the messages: a bad line or record, or one missing a
+    field, is named (its line for JSON lines, its position for a list) with the field and the layout.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); expected {layout}.") from None
+        numbered = [(f"record {i}", r) for i, r in enumerate(records)]
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); expected {layout}.") from None
+    for where, record in numbered:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, {where}: expected an object with fields {list(fields)}, found "
+                             f"{type(record).__name__}; expected {layout}.")
+        for name in fields:
+            if not isinstance(record.get(name), str):
+                problem = "has no" if name not in record else "has a non-string"
+                raise ValueError(f"{path}, {where}: the record {problem} {name!r} field (it has "
+                                 f"{sorted(record)}); expected {layout}.")
+    return [r for _, r in numbered]
