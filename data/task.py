@@ -114,7 +114,8 @@ def bad_label(path, line, value, allowed, fix):
 
 
 def read_json_records(path, fields, layout):
-    """The records of a JSON list or a JSON-lines file, each a dict whose `fields` are strings.
+    """(where, record) of each record of a JSON list or a JSON-lines file, each a dict whose `fields`
+    are strings; `where` is "line N" (JSON lines, from 1) or "record N" (a list, from 0).
 
     `layout` describes the expected file for the messages: a bad line or record, or one missing a
     field, is named (its line for JSON lines, its position for a list) with the field and the layout.
@@ -145,4 +146,20 @@ def read_json_records(path, fields, layout):
                 problem = "has no" if name not in record else "has a non-string"
                 raise ValueError(f"{path}, {where}: the record {problem} {name!r} field (it has "
                                  f"{sorted(record)}); expected {layout}.")
-    return [r for _, r in numbered]
+    return numbered
+
+
+def split_file(task, split, path, names, layout):
+    """The file a split of a file-based task is read from: `path` itself when it is a file, else the
+    first of `names` found in the directory `path`; a clear FileNotFoundError naming the layout otherwise."""
+    flag = f"--{split}-file" if split in ("train", "test") else "--data-dir"
+    if path is not None and Path(path).is_file():
+        return Path(path)
+    if path is not None and Path(path).is_dir():
+        for name in names:
+            if (Path(path) / name).is_file():
+                return Path(path) / name
+    where = "no file was given" if path is None else f"{str(path)!r} is neither a file nor a directory holding {names}"
+    raise FileNotFoundError(f"task {task!r}, split {split!r}: {where}. This task reads the paper's own files, "
+                            f"which are not bundled: pass {flag} PATH (or --data-dir DIR holding {names[0]}), "
+                            f"laid out as {layout}.")
