@@ -16,8 +16,8 @@ calls it after every epoch). From the command line, evaluate a run directory's b
 adapter on the original base model, or compare runs: one row per initialiser, each metric
 the best-epoch dev score x100 as mean ± std over seeds (std with n - 1; '-' for one seed):
 
-    python evaluate.py runs/rotten-tomatoes-lora-seed0 --split test
-    python evaluate.py --compare runs/rotten-tomatoes-* --markdown
+    python evaluate.py runs/minilm-rotten-tomatoes-lora-r8-seed0 --split test
+    python evaluate.py --compare runs/minilm-rotten-tomatoes-* --markdown
 
 Tests: python3 -m pytest tests/test_metrics.py tests/test_evaluate.py -q
 """
@@ -212,7 +212,10 @@ def find_adapter(path, checkpoint=None):
         return path, None
     if not (path / "config.json").is_file():
         raise ValueError(f"{str(path)!r} is neither a run directory (it has no config.json) nor an adapter file; "
-                         "pass train.py's --out directory (e.g. runs/rotten-tomatoes-lora-seed0) or an adapter .safetensors.")
+                         "pass train.py's --out directory (e.g. runs/minilm-rotten-tomatoes-lora-r8-seed0) or an adapter .safetensors.")
+    if not started(path):
+        raise FileNotFoundError(f"run directory {str(path)!r} never started: it holds a config.json but no checkpoint "
+                                "or metrics (an older train.py left it when its start failed). Delete it and train again.")
     if checkpoint in (None, "best"):
         adapter = path / "best" / "adapter.safetensors"
         if not adapter.is_file():
@@ -263,7 +266,10 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, glue_d
     print(f"evaluating {adapter} on {task.name}/{split}: base model {model_name or s['model']}, "
           f"max_length {s['max_length']}, batch_size {batch_size}, device {device} ({why})")
     model, tokenizer, model_id = load_model(model_name or s["model"], num_labels=task.num_labels)
-    inilora.load_adapter(model, adapter, model_id)  # ValueError if the adapter is for another base model
+    cfg, _ = inilora.load_adapter(model, adapter, model_id)  # ValueError if the adapter is for another base model
+    what = ("every weight" if cfg.init == "full" else
+            f"{cfg.init} adapters of rank {cfg.rank} on {','.join(cfg.targets)} and the task head")
+    print(f"loaded {what} from {adapter}: the head evaluated is the adapter's, replacing the one reported above")
     data = load_split(task.name, split, tokenizer, s["max_length"], glue_dir or s["glue_dir"])
     metrics = evaluate(model.to(device), data, task, tokenizer.pad_id, batch_size, device)
     print(f"{task.name}/{split}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -282,6 +288,12 @@ INIT_ORDER = ("lora", "gaussian", "inilora", "alpha", "beta-kaiming-normal", "be
               "pissa", "milora", "full")  # then any other name, then "unknown" (no init recorded)
 # settings the runs of one row may differ in; any other difference is reported as a note
 PER_RUN_KEYS = {"train.seed", "lora.seed", "train.glue_dir", "train.log_every", "train.save_every"}
+
+
+def started(run):
+    """Whether train.py's loop ever ran in `run`: it opens metrics.jsonl first and then writes checkpoints.
+    A directory with config.json alone is the leftover of a start that failed (train.py no longer leaves one)."""
+    return (run / "metrics.jsonl").is_file() or (run / "last.json").is_file()
 
 
 def best_dev(metrics_path, first):
@@ -328,6 +340,10 @@ def compare(run_dirs):
     task, groups, skipped, notes = TASKS[name], {}, [], []
     for run, config in configs.items():
         dev = best_dev(run / "metrics.jsonl", task.metrics[0])
+        if not started(run):
+            skipped.append((str(run), "never started: config.json but no checkpoint or metrics (a failed start of "
+                                      "an older train.py); delete it"))
+            continue
         if dev is None:
             skipped.append((str(run), "no dev record yet: training has not finished its first epoch"))
             continue
@@ -377,15 +393,16 @@ def format_table(task, rows, markdown=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a trained adapter on the original base model, "
-                                            "or compare runs as in the paper's Table 1.")
+                                            "or compare runs as in the paper's Table 1.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", nargs="?", help="run directory written by train.py, or an adapter .safetensors file")
     p.add_argument("--split", default="dev", choices=("dev", "test"), help="split to evaluate on (test: rotten-tomatoes only)")
     p.add_argument("--checkpoint", default=None, choices=("best", "last"),
-                   help="for a run directory: the best epoch's adapter (default) or the last checkpoint")
-    p.add_argument("--model", default=None, help="base model to load instead of the one the adapter records")
-    p.add_argument("--glue-dir", default=None, help="directory with the GLUE TSV files (default: the run's)")
+                   help="for a run directory: the best epoch's adapter or the last checkpoint; None: best")
+    p.add_argument("--model", default=None, help="base model to load instead of the one the adapter records; None: that one")
+    p.add_argument("--glue-dir", default=None, help="directory with the GLUE TSV files; None: the run's")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print the comparison table of these run directories")
     p.add_argument("--markdown", action="store_true", help="with --compare: print the table as Markdown")
     args = p.parse_args(argv)

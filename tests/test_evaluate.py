@@ -1,7 +1,7 @@
 """Checks evaluate.py beyond the metrics: the evaluation loop on a fake model whose logits are
 fixed per example (classification and regression, in order, dynamically padded, eval mode, no
 gradients), the --compare table on run directories written by hand (best epoch, mean ± std over
-seeds, row order, skipped runs, Markdown), and the command line's errors.
+seeds, row order, skipped runs — never started or in progress —, Markdown), and the command line's errors.
 
     python3 -m pytest tests/test_evaluate.py -q
 """
@@ -167,6 +167,23 @@ def test_compare_errors_and_notes(tmp_path):
     untrained = make_run(tmp_path, "u", "lora", 0, [])
     with pytest.raises(ValueError, match="none of the 1 runs has finished an epoch"):
         main(["--compare", str(untrained)])
+
+
+# a run that never started (config.json alone, left by an older train.py) is told apart from one in progress
+def test_compare_tells_never_started_from_in_progress(tmp_path):
+    done = make_run(tmp_path, "done", "lora", 0, [{"f1": 0.8, "accuracy": 0.8}])
+    in_progress = make_run(tmp_path, "in-progress", "lora", 1, [])
+    (in_progress / "last.json").write_text(json.dumps({"checkpoint": "checkpoint-4", "step": 4}))
+    never = tmp_path / "never"
+    never.mkdir()
+    (never / "config.json").write_text((done / "config.json").read_text())
+    _, rows, skipped, _ = compare([done, in_progress, never])
+    assert [r["seeds"] for r in rows] == [1]
+    reasons = dict(skipped)
+    assert "has not finished its first epoch" in reasons[str(in_progress)]
+    assert reasons[str(never)].startswith("never started") and "delete it" in reasons[str(never)]
+    with pytest.raises(FileNotFoundError, match="never started.*Delete it and train again"):
+        main([str(never)])
 
 
 # -----------------------------------------------------------------------------
