@@ -1,7 +1,8 @@
 """Every entry point ends a bad input with one `error: ...` sentence, never a traceback.
 
 Each case runs the script as a user would (a subprocess) with one wrong value, and checks the
-exit status, that the sentence names the wrong value, and that no traceback is printed.
+exit status, that the sentence names the wrong value, and that no traceback is printed. A train.py
+that fails at its start leaves no run directory behind. Every entry point's --help shows the defaults.
 """
 import subprocess
 import sys
@@ -17,6 +18,9 @@ CASES = [
     (["inilora.py", "--init", "kaiming"], "'kaiming' is not one of"),
     (["train.py", "--batch-size", "0", "--out", "{tmp}/run"], "batch_size=0 must be at least 1"),
     (["train.py", "--task", "mnli", "--out", "{tmp}/run"], "task 'mnli' is not one of"),
+    (["train.py", "--model", "does-not-exist", "--out", "{tmp}/run"], "'does-not-exist'"),
+    (["train.py", "--init", "pissa", "--rank", "100000", "--out", "{tmp}/run"], "rank=100000"),
+    (["train.py", "--resume", "--out", "{tmp}/run"], "nothing to resume"),
     (["evaluate.py", "{tmp}/missing-run"], "missing-run"),
 ]
 
@@ -30,3 +34,10 @@ def test_bad_input_ends_with_one_sentence(argv, expected, tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, last
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
+
+
+@pytest.mark.parametrize("script,default", [("train.py", "(default: 0.0003)"), ("evaluate.py", "(default: dev)")])
+def test_help_shows_the_defaults(script, default):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and default in " ".join(result.stdout.split()), result.stdout

@@ -6,11 +6,21 @@
 - the best-epoch checkpoint is the one with the best dev metric; the learning-rate schedule;
 - a non-finite loss stops the run and keeps the last good checkpoint;
 - bad input: unknown task, batch size 0, an existing run directory, a resume with another
-  configuration or with nothing to resume — each a sentence, nothing overwritten.
+  configuration or with nothing to resume — each a sentence, nothing overwritten;
+- a failed start (bad model, rank too large, a loss that diverges at once) leaves no directory behind;
+- `--resume --out DIR` alone continues with DIR's configuration, and a flag beside it must agree;
+- SIGTERM exits 143, and a real SIGINT to `python train.py` exits 130 and prints a command that
+  resumes to the same result as the uninterrupted run.
 """
 import json
+import os
 import random
+import re
+import shlex
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +30,7 @@ import data.prepare
 import evaluate
 import inilora
 import train
+from common import read_artifact
 
 
 def sst2_lines(n, seed):
@@ -62,7 +73,11 @@ def test_every_initialiser_trains_saves_and_evaluates(init, setup, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    final = json.loads((run / "final.json").read_text())
+    assert final["best"] == state["best"] and final["peak_memory_mib"] > 0
+    capsys.readouterr()
     assert evaluate.main([str(run)]) == state["best"]["dev"]
+    assert "the head evaluated is the adapter's" in capsys.readouterr().out
     assert json.loads((run / "eval-best-dev.json").read_text())["metrics"]["accuracy"] == state["best"]["dev"]["accuracy"]
 
 
@@ -82,7 +97,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(setup, monkey
 
     monkeypatch.setattr(train, "loss_fn", interrupted_loss)
     stopped = train.main(args(setup, "resumed", *common))
-    assert stopped["step"] == 4
+    assert stopped["step"] == 4 and stopped["signal"] == signal.SIGINT
     monkeypatch.setattr(train, "loss_fn", real_loss)
     resumed = train.main(args(setup, "resumed", *common, "--resume"))
     assert resumed == full
@@ -92,7 +107,9 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(setup, monkey
     assert a.keys() == b.keys()
     for key in a:
         assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
-    sa, sb = (train.load_file(tmp_path / run / "checkpoint-6" / "state.safetensors") for run in ("full", "resumed"))
+    (sa, meta_a), (sb, meta_b) = (read_artifact(tmp_path / run / "checkpoint-6" / "state.safetensors",
+                                                train.STATE_FORMAT, train.STATE_VERSION, "") for run in ("full", "resumed"))
+    assert sa.keys() == sb.keys() and meta_a["state"] == meta_b["state"]
     for key in sa:
         assert_close(sa[key], sb[key], atol=0, rtol=0, msg=key)
     lines = [(tmp_path / run / "metrics.jsonl").read_text() for run in ("full", "resumed")]
@@ -174,3 +191,135 @@ def test_a_resume_stopped_before_any_step_keeps_the_checkpoint(setup, monkeypatc
     assert json.loads((run / "last.json").read_text())["checkpoint"] == "checkpoint-3"
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3"]
     inilora.read_adapter(run / "checkpoint-3" / "adapter.safetensors")  # complete and consistent
+
+
+def test_the_default_run_directory_names_model_task_init_rank_and_seed(tmp_path):
+    cfg, lcfg = train.configs_from_args(train.build_parser().parse_args(
+        ["--model", str(tmp_path / "models" / "roberta-base") + "/", "--init", "pissa", "--rank", "4", "--seed", "2"]))
+    assert train.default_run_dir(cfg, lcfg) == Path("runs/roberta-base-rotten-tomatoes-pissa-r4-seed2")
+    cfg, lcfg = train.configs_from_args(train.build_parser().parse_args(["--model", "FacebookAI/roberta-base"]))
+    assert train.default_run_dir(cfg, lcfg) == Path("runs/roberta-base-rotten-tomatoes-lora-r8-seed0")
+
+
+# invariant: every check (model, rank against the model's shapes, task files) runs before the run
+# directory is made, so a failed start leaves nothing behind and never blocks the correct run
+def test_a_failed_start_leaves_nothing_behind(setup):
+    tmp_path, _ = setup
+    with pytest.raises(FileNotFoundError, match="'./no/such/model' does not exist.*--model minilm"):
+        train.main(args(setup, "runs/run", "--model", "./no/such/model"))
+    with pytest.raises(ValueError, match="rank=100000.*between 1 and 32"):
+        train.main(args(setup, "runs/run", "--init", "pissa", "--rank", "100000"))
+    with pytest.raises(FileNotFoundError, match="SST-2"):
+        train.main(args(setup, "runs/run", "--glue-dir", str(tmp_path / "no-glue")))
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "empty").mkdir()  # a directory that was there before is kept, and stays empty
+    with pytest.raises(ValueError, match="rank=100000"):
+        train.main(args(setup, "empty", "--rank", "100000"))
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert train.main(args(setup, "runs/run", "--init", "lora"))["step"] == 3
+
+
+# invariant: a run that fails before its first checkpoint removes what it made, and only that
+def test_a_run_that_fails_before_its_first_checkpoint_removes_what_it_made(setup, monkeypatch):
+    tmp_path, _ = setup
+    real_loss = train.loss_fn
+    monkeypatch.setattr(train, "loss_fn", lambda logits, labels: real_loss(logits, labels) * float("nan"))
+    with pytest.raises(train.TrainingDiverged, match="at step 1.*no checkpoint was written yet.*Lower --lr"):
+        train.main(args(setup, "new/run", "--init", "lora"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(train.TrainingDiverged):
+        train.main(args(setup, "kept", "--init", "lora"))
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+    monkeypatch.setattr(train, "loss_fn", real_loss)
+    old = tmp_path / "old"  # an older train.py's failed start left config.json alone: it no longer blocks
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"train": {"lr": 1.0}, "lora": {}}))
+    assert train.main(args(setup, "old", "--init", "lora"))["step"] == 3
+    assert json.loads((old / "config.json").read_text())["train"]["lr"] == 0.01
+
+
+# invariant: `--resume --out DIR` alone continues with DIR's configuration to the uninterrupted result;
+# a flag beside it must agree with the stored value (harmless ones may change)
+def test_resume_with_out_alone_continues_the_stored_run(setup, monkeypatch, capsys):
+    tmp_path, _ = setup
+    common = ("--epochs", "2", "--init", "beta-kaiming-normal", "--lora-dropout", "0.1")
+    full = train.main(args(setup, "full", *common))
+    real_loss = train.loss_fn
+    calls = {"n": 0}
+
+    def interrupted_loss(logits, labels):  # Ctrl-C during step 2
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(train, "loss_fn", interrupted_loss)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert train.main(args(setup, "run", *common))["step"] == 2
+    assert f"continue with: python train.py --resume --out {shlex.quote(str(run))}" in capsys.readouterr().out
+    monkeypatch.setattr(train, "loss_fn", real_loss)
+    assert train.main(["--resume", "--out", str(run)]) == full
+    assert "resuming " + str(run) + " from checkpoint-2 at step 2" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"lora.rank: 2 -> 4 \(--rank\).*Leave out --rank"):
+        train.main(["--resume", "--out", str(run), "--rank", "4"])
+    with pytest.raises(ValueError, match=r"train.seed: 0 -> 1 \(--seed\).*lora.seed: 0 -> 1 \(--seed\)"):
+        train.main(["--resume", "--out", str(run), "--seed", "1"])
+    # the same values given again, and another log interval, are accepted: a finished run resumes to itself
+    assert train.main(["--resume", "--out", str(run), "--rank", "2", "--init", "beta-kaiming-normal",
+                       "--log-every", "5"]) == full
+
+
+# invariant: SIGTERM, like Ctrl-C, saves a checkpoint at the next step and exits non-zero (128 + 15)
+def test_sigterm_saves_a_checkpoint_and_exits_143(setup, monkeypatch):
+    tmp_path, _ = setup
+    real_loss = train.loss_fn
+    calls = {"n": 0}
+
+    def terminated_loss(logits, labels):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(train, "loss_fn", terminated_loss)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args(setup, "run", "--init", "lora")])
+    with pytest.raises(SystemExit) as stopped:
+        train.cli()
+    assert stopped.value.code == 143
+    assert json.loads((tmp_path / "run" / "last.json").read_text())["step"] == 2
+    assert not (tmp_path / "run" / "final.json").exists()
+
+
+# invariant: a real SIGINT to `python train.py` exits 130, and the command it prints, run exactly as
+# printed, ends with the same metrics and adapter as the uninterrupted run
+def test_a_real_sigint_exits_130_and_the_printed_command_resumes_to_the_same_result(setup):
+    tmp_path, _ = setup
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    common = ("--epochs", "20", "--init", "lora", "--lora-dropout", "0.1")
+    proc = subprocess.Popen([sys.executable, "train.py", *args(setup, "stopped", *common)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 1/60"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out = proc.stdout.read()
+        assert proc.wait(timeout=120) == 130, out
+    finally:
+        proc.kill()
+    command = re.search(r"continue with: (python train\.py .*)", out).group(1)
+    assert shlex.split(command)[1:] == ["train.py", "--resume", "--out", str(tmp_path / "stopped")]
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    full = subprocess.run([sys.executable, "train.py", *args(setup, "full", *common)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stdout + full.stderr
+    a, b = ((tmp_path / run / "metrics.jsonl").read_text() for run in ("full", "stopped"))
+    assert a == b and a.count("dev") == 20
+    a, b = (inilora.read_adapter(tmp_path / run / "checkpoint-60" / "adapter.safetensors")[0] for run in ("full", "stopped"))
+    for key in a:
+        assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
