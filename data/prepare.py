@@ -6,6 +6,13 @@ Tasks (`TASKS`, one `data.task.Task` record each, defined in the task's own file
   cola sst2 mrpc qnli rte stsb
                    the six GLUE tasks of the paper (data/glue.py), read from the GLUE
                    distribution's TSV files under --glue-dir; train and dev only.
+  arithmetic       (offline; data/arithmetic.py) reasoning-gym chain sums with worked steps,
+                   for a causal LM; train/dev/test with no question in two splits.
+  gsm-symbolic     (offline; data/gsm_symbolic.py) GSM8K-style problems from reasoning-gym,
+                   train/test split by held-out template, plus test-in-template.
+  gsm8k metamathqa competition-math
+                   the paper's own files (data/gsm8k.py, data/metamathqa.py,
+                   data/competition_math.py), from --train-file/--test-file or --data-dir.
 Adding a task is one new file defining a Task and one entry in TASKS below; nothing here
 knows any task by name.
 
@@ -14,7 +21,9 @@ example and caches them under data/cache/ (git-ignored) as an artifact of common
 (safetensors plus a JSON sidecar whose checksum covers both), keyed by task, label kind, split,
 tokenizer fingerprint, max length and the source file's path, size and mtime. A cache that
 is missing, damaged, edited or stale is rebuilt, with the reason printed in one line.
-`pad_batch` pads a batch to its longest example.
+`pad_batch` pads a batch to its longest example. Generation tasks (kind "generation") are
+tokenized for a causal LM as prompt ++ response with a response-only loss mask, plus the full
+prompts and gold answers for evaluation (data/sft.py: its batches, answer extraction, counts).
 
     python data/prepare.py --task rotten-tomatoes --max-length 128   (or python -m data.prepare)
 """
@@ -34,7 +43,13 @@ import torch
 from tqdm import tqdm
 
 from common import check_tensors, read_artifact, run_cli, save_artifact
+from data import sft
+from data.arithmetic import ARITHMETIC
+from data.competition_math import COMPETITION_MATH
 from data.glue import GLUE_TASKS
+from data.gsm8k import GSM8K
+from data.gsm_symbolic import GSM_SYMBOLIC
+from data.metamathqa import METAMATHQA
 from data.rotten_tomatoes import ROTTEN_TOMATOES
 from data.task import Examples, Task
 from data.tokenizer import Tokenizer
@@ -45,12 +60,15 @@ from model import resolve_model
 # -----------------------------------------------------------------------------
 # the task registry: adding a task = one file defining its Task + one entry here
 
-TASKS: dict[str, Task] = {t.name: t for t in (ROTTEN_TOMATOES, *GLUE_TASKS)}
+TASKS: dict[str, Task] = {t.name: t for t in (ROTTEN_TOMATOES, *GLUE_TASKS, ARITHMETIC, GSM_SYMBOLIC, GSM8K,
+                                               METAMATHQA, COMPETITION_MATH)}
 
 
 def task_spec(task) -> Task:
-    if task not in TASKS:
-        raise ValueError(f"task {task!r} is not one of {sorted(TASKS)}; pick one of those.")
+    if task not in TASKS:  # listed by kind: encoder tasks, then generation tasks for a causal LM
+        generation = sorted(n for n, t in TASKS.items() if t.kind == "generation")
+        raise ValueError(f"task {task!r} is not one of {sorted(set(TASKS) - set(generation))} nor of the "
+                         f"generation tasks {generation}; pick one of those.")
     return TASKS[task]
 
 
@@ -97,7 +115,7 @@ def _unflatten(tensors):
     }
 
 
-def _read_cache(path, key):
+def _read_cache(path, key, kind):
     """The cached split, or None (with the reason printed in one line) when missing, damaged or stale."""
     if not path.exists() and not path.with_suffix(".json").exists():
         print(f"cache miss: {path} (not built yet)")
@@ -108,6 +126,9 @@ def _read_cache(path, key):
         if stale:
             print(f"cache {path.name}: {', '.join(stale)} changed; rebuilding it")
             return None
+        if kind == "generation":  # prompt ++ response sequences, prompts and answers (data/sft.py)
+            check_tensors(tensors, sft.sft_shapes(meta), path, CACHE_REMEDY)
+            return _hit(path, sft.unflatten_sft(tensors, meta))
         n, num_tokens = meta["num_examples"], meta["num_tokens"]
         shapes = {"input_ids": (num_tokens,), "token_type_ids": (num_tokens,), "offsets": (n + 1,), "labels": (n,)}
         check_tensors(tensors, shapes, path, CACHE_REMEDY)
@@ -115,6 +136,10 @@ def _read_cache(path, key):
     except (ValueError, KeyError, OSError) as e:  # ArtifactError is a ValueError; rebuilding fixes all
         print(f"cache {path} is damaged or out of date ({type(e).__name__}: {e})")
         return None
+    return _hit(path, data)
+
+
+def _hit(path, data):
     print(f"cache hit: {path}")
     return data
 
@@ -137,8 +162,12 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
 
     Labels have the dtype of the task's kind (data.task.KINDS): long class ids, or float
     scores for regression (STS-B). `data_dir` is the task's data directory (--glue-dir for
-    GLUE). Read from the cache when it is valid; otherwise read, tokenized (truncated to
-    max_length) and cached.
+    GLUE), or for the paper's math files the split's file. Read from the cache when it is
+    valid; otherwise read, tokenized (truncated to max_length) and cached.
+
+    A generation task returns data.sft.unflatten_sft's dict instead: "input_ids" and
+    "token_type_ids" (K training sequences, 1 = loss token), "example_index" (K,), "prompt_ids"
+    (N full prompts), "questions" and "answers" (N strings) and "stats" (truncation counts).
     """
     spec = task_spec(task)
     spec.check_split(split)
@@ -154,13 +183,17 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
         "max_length": max_length,
         "source": {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
     }
+    if spec.kind == "generation":  # the prompt's form and the generator's settings shape the tokens too
+        key |= {"prompt_format": sft.prompt_format(tokenizer), "split_rule": spec.split_rule}
     stem = f"{task}-{split}-tok{tokenizer.fingerprint}-len{max_length}"
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     path = cache_dir / f"{stem}.safetensors"  # the sidecar is {stem}.json beside it
-    data = _read_cache(path, key)
+    data = _read_cache(path, key, spec.kind)
     if data is not None:
         print(describe(task, split, data, max_length))
         return data
+    if spec.kind == "generation":
+        return _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key)
 
     texts, pairs, labels = read_examples(task, split, data_dir)
     ids, type_ids = _tokenize(tokenizer, texts, pairs, max_length, desc=f"tokenizing {task}/{split}")
@@ -174,6 +207,26 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
     save_artifact(path, tensors, meta, CACHE_KIND, CACHE_VERSION)
     data = _unflatten(tensors)
     print(describe(task, split, data, max_length))
+    return data
+
+
+def _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key):
+    """A generation split: tokenized by data.sft (prompt ++ response, response-only loss mask), cached."""
+    questions, responses, answers = read_examples(spec.name, split, data_dir)
+    prompts, ids, type_ids, kept, stats = sft.tokenize_sft(tokenizer, questions, responses, max_length)
+    tensors = sft.flatten_sft(prompts, ids, type_ids, kept)
+    meta = key | stats | {
+        "num_examples": len(questions),
+        "num_kept": len(kept),
+        "num_tokens": len(tensors["input_ids"]),
+        "num_prompt_tokens": len(tensors["prompt_ids"]),
+        "answer_format": spec.answer_format,
+        "questions": list(questions),
+        "answers": [str(a) for a in answers],
+    }
+    save_artifact(path, tensors, meta, CACHE_KIND, CACHE_VERSION)
+    data = sft.unflatten_sft(tensors, meta)
+    print(describe(spec.name, split, data, max_length))
     return data
 
 
@@ -203,6 +256,8 @@ def pad_batch(examples_ids, type_ids, pad_id):
 
 def describe(task, split, data, max_length):
     """One line: size, label balance and token-length statistics of a prepared split."""
+    if task_spec(task).kind == "generation":  # counts of truncated and dropped examples
+        return sft.describe_sft(f"{task}/{split}", data, max_length)
     spec, labels = task_spec(task), data["labels"]
     if spec.kind != "classification":
         balance = f"score mean {labels.mean():.2f}, std {labels.std():.2f}"
@@ -228,6 +283,8 @@ class PrepareConfig:
     tokenizer: str | None = None
     max_length: int = 128
     glue_dir: str | None = None
+    train_file: str | None = None
+    test_file: str | None = None
     cache_dir: str | None = None
 
 
@@ -237,6 +294,29 @@ def tokenizer_path(cfg):
         return path / "tokenizer.json" if path.is_dir() else path
     model_dir, _ = resolve_model(cfg.model)
     return Path(model_dir) / "tokenizer.json"
+
+
+def causal_tokenizer(cfg):
+    """A causal LM's tokenizer (data.tokenizer.ChatTokenizer) for generation tasks: from --tokenizer
+    (a model directory or a .gguf file), else from --model (e.g. smollm2, the packaged GGUF)."""
+    from checkpoint import open_gguf
+    from data.tokenizer import ChatTokenizer
+
+    path = Path(cfg.tokenizer) if cfg.tokenizer is not None else resolve_model(cfg.model)[0]
+    if path.suffix == ".gguf":
+        reader, meta = open_gguf(path)
+        return ChatTokenizer.from_gguf(reader, meta, path)
+    if path.is_file() or not (path / "tokenizer.json").is_file():
+        raise ValueError(f"generation tasks need a causal LM's tokenizer: a model directory holding tokenizer.json "
+                         f"(and tokenizer_config.json) or a .gguf file, not {str(path)!r}; try --model smollm2.")
+    tokenizer = ChatTokenizer.from_dir(path)
+    tokenizer.path = path
+    return tokenizer
+
+
+def split_data(cfg, split):
+    """The data_dir of one split: --train-file/--test-file for those splits when given, else --glue-dir."""
+    return {"train": cfg.train_file, "test": cfg.test_file}.get(split) or cfg.glue_dir
 
 
 def main(argv=None):
@@ -251,17 +331,31 @@ def main(argv=None):
                         help="path to a tokenizer.json (or its directory); overrides --model")
     parser.add_argument("--max-length", type=int, default=defaults.max_length,
                         help="truncate each example (or pair) to this many tokens")
-    parser.add_argument("--glue-dir", default=defaults.glue_dir,
+    parser.add_argument("--glue-dir", "--data-dir", dest="glue_dir", default=defaults.glue_dir,
                         help="the task's data directory: for GLUE the one holding CoLA/train.tsv, "
-                             "SST-2/dev.tsv, ... (missing files are downloaded into it)")
+                             "SST-2/dev.tsv, ... (missing files are downloaded into it); for gsm8k, "
+                             "metamathqa and competition-math the one holding train.jsonl, test.jsonl, ...")
+    parser.add_argument("--train-file", default=defaults.train_file,
+                        help="the train split's file of gsm8k, metamathqa or competition-math (overrides --data-dir)")
+    parser.add_argument("--test-file", default=defaults.test_file,
+                        help="the test split's file of gsm8k or competition-math (overrides --data-dir)")
     parser.add_argument("--cache-dir", default=defaults.cache_dir,
                         help=f"where prepared splits are cached; None means {DEFAULT_CACHE_DIR}")
     cfg = PrepareConfig(**vars(parser.parse_args(argv)))
     print(f"config: {json.dumps(asdict(cfg))}")
-    tokenizer = Tokenizer(tokenizer_path(cfg))
-    print(f"tokenizer: {tokenizer.path} (fingerprint {tokenizer.fingerprint})")
-    for split in TASKS[cfg.task].splits:
-        load_split(cfg.task, split, tokenizer, cfg.max_length, cfg.glue_dir, cfg.cache_dir)  # prints a summary line
+    spec = TASKS[cfg.task]
+    if spec.kind == "generation":
+        tokenizer = causal_tokenizer(cfg)
+        print(f"tokenizer: {cfg.tokenizer or cfg.model} (fingerprint {tokenizer.fingerprint}, "
+              f"prompt {sft.prompt_format(tokenizer)})")
+    else:
+        tokenizer = Tokenizer(tokenizer_path(cfg))
+        print(f"tokenizer: {tokenizer.path} (fingerprint {tokenizer.fingerprint})")
+    splits = spec.splits
+    if spec.kind == "generation" and (cfg.train_file or cfg.test_file) and not cfg.glue_dir:
+        splits = [s for s in splits if split_data(cfg, s)]  # only the splits whose file was given
+    for split in splits:
+        load_split(cfg.task, split, tokenizer, cfg.max_length, split_data(cfg, split), cfg.cache_dir)  # prints a line
 
 
 if __name__ == "__main__":
