@@ -309,9 +309,7 @@ def causal_tokenizer(cfg):
     if path.is_file() or not (path / "tokenizer.json").is_file():
         raise ValueError(f"generation tasks need a causal LM's tokenizer: a model directory holding tokenizer.json "
                          f"(and tokenizer_config.json) or a .gguf file, not {str(path)!r}; try --model smollm2.")
-    tokenizer = ChatTokenizer.from_dir(path)
-    tokenizer.path = path
-    return tokenizer
+    return ChatTokenizer.from_dir(path)
 
 
 def split_data(cfg, split):
