@@ -336,6 +336,11 @@ def train(cfg, lcfg, run, device, s: Setup):
             model.train()
             t0, losses = time.perf_counter(), []
             for ids, mask, types, labels in batches(s.splits["train"], order, cfg.batch_size, s.pad_id, device):
+                if stop.signum:  # it came during the last step or dev evaluation: save, then stop before this step
+                    save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
+                    print(f"stopped at step {state['step']}/{total}, saved as {run / ('checkpoint-%d' % state['step'])}"
+                          f"; continue with: python train.py --resume --out {shlex.quote(str(run))}", flush=True)
+                    return {**state, "signal": stop.signum}
                 lr = lr_at(state["step"], total, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -362,12 +367,8 @@ def train(cfg, lcfg, run, device, s: Setup):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     t0, losses = time.perf_counter(), []
-                if stop.signum or (cfg.save_every and state["step"] % cfg.save_every == 0):
+                if cfg.save_every and state["step"] % cfg.save_every == 0:
                     save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
-                if stop.signum:
-                    print(f"stopped at step {state['step']}/{total}, saved as {run / ('checkpoint-%d' % state['step'])}"
-                          f"; continue with: python train.py --resume --out {shlex.quote(str(run))}", flush=True)
-                    return {**state, "signal": stop.signum}
             # end of an epoch: evaluate on dev, keep the best epoch (the paper's protocol) and the last
             dev = evaluate(model, s.splits["dev"], task, s.pad_id, cfg.batch_size, device)
             print(f"epoch {epoch + 1}/{cfg.epochs} | dev " + " | ".join(f"{k} {v:.4f}" for k, v in dev.items()))

@@ -323,3 +323,16 @@ def test_a_real_sigint_exits_130_and_the_printed_command_resumes_to_the_same_res
     a, b = (inilora.read_adapter(tmp_path / run / "checkpoint-60" / "adapter.safetensors")[0] for run in ("full", "stopped"))
     for key in a:
         assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
+# invariant: a signal during the dev evaluation stops the run at that epoch's end, before another step
+def test_a_signal_during_evaluation_stops_at_the_end_of_the_epoch(setup, monkeypatch):
+    real_evaluate = train.evaluate
+
+    def interrupted_evaluate(*a, **k):
+        signal.raise_signal(signal.SIGINT)
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(train, "evaluate", interrupted_evaluate)
+    state = train.main(args(setup, "run", "--epochs", "2", "--init", "lora"))
+    assert (state["step"], state["signal"], state["best"]["epoch"]) == (3, signal.SIGINT, 1)
