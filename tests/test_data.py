@@ -131,6 +131,11 @@ def test_task_table_matches_metrics_and_labels():
 
     for name, spec in TASKS.items():
         assert spec.name == name
+        if spec.kind == "generation":
+            # scored by the exact match of the final answer extracted from a greedy generation
+            assert spec.metrics == ("exact_match",) and spec.label_names is None, name
+            assert spec.answer_format in ("gsm8k", "math"), name
+            continue
         assert set(spec.metrics) <= set(METRICS), name
         assert (spec.num_labels == 1) == (spec.label_names is None), name
         assert spec.label_names is None or len(spec.label_names) == spec.num_labels, name
