@@ -217,7 +217,7 @@ def stored_configs(run, argv):
                                 "directory of an earlier run, or start a new run without --resume.")
     try:
         saved = json.loads(path.read_text())
-        train_saved, lora_saved = saved["train"], saved["lora"]
+        train_saved, lora_saved = dict(saved["train"]), dict(saved["lora"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{str(path)!r} is not a train.py configuration ({type(e).__name__}: {e}): "
                          "restore it, or start a new run with another --out.") from None
