@@ -1,0 +1,322 @@
+"""Adapters to and from Hugging Face PEFT: export a run or an adapter as a PEFT LoRA directory, import one.
+
+A PEFT LoRA layer computes y = x W0^T + b + (lora_alpha / r) (x lora_A^T) lora_B^T on the untouched base
+weight W0. Ours computes y = x R^T + b + s (x A^T) B^T with R = W0 - s B0 A0 (inilora.py), so the change
+a trained adapter makes to the base model is (docs/method.md "Checkpoints and the rank-2r conversion")
+
+    ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]
+
+Export: an adapter whose B0 = 0 (lora, gaussian, an imported one) is a PEFT LoRA of rank r as it is:
+lora_A = A, lora_B = B, lora_alpha = r s. Every other initialiser (inilora, alpha, beta-*, pissa, milora)
+goes through inilora.convert_to_lora, a LoRA of rank 2r: lora_A = [A ; A0], lora_B = [B | -B0],
+lora_alpha = 2r s, so PEFT's scale lora_alpha / r' is our s. The task head (BERT: pooler + classifier,
+RoBERTa: classifier.dense + out_proj) goes in modules_to_save; decoders have none (task_type CAUSAL_LM).
+Import: a PEFT LoRA (rank r, any lora_alpha) becomes our adapter with init "lora", A = lora_A,
+B = lora_B, s = lora_alpha / r, and A0 = lora_A, B0 = 0, so that R = W0 exactly (B0 A0 = 0) and the
+imported adapter computes PEFT's function; training it further starts from PEFT's adapter.
+Module names come from the models' own checkpoint name maps (model.checkpoint_name_map for BERT/RoBERTa,
+decoder.hf_name_map for LLaMA-family decoders), read backwards: encoder.layers.0.attn.query <->
+bert.encoder.layer.0.attention.self.query, as AutoModelForSequenceClassification / ForCausalLM name it.
+
+    python peft_io.py export runs/minilm-rotten-tomatoes-inilora-r8-seed0 peft/inilora
+    python peft_io.py import peft/inilora imported.safetensors --model minilm
+"""
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+import decoder
+import inilora
+import model as encoder
+from checkpoint import MINILM, SMOLLM2, open_gguf, read_json, resolve_model
+from common import check_tensors, run_cli, write_atomic, write_json
+from evaluate import find_adapter
+
+# Shapes: r the rank, d_in / d_out a target layer's sizes, K the number of labels.
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a PEFT adapter directory
+PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the transformers model)
+HUB_IDS = {MINILM: "sentence-transformers/all-MiniLM-L6-v2", SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+SEQ_CLS_HEADS = ("classifier", "score")  # PeftModelForSequenceClassification adds these to modules_to_save
+# adapter_config.json keys our layer cannot represent -> (is the feature used?, what it is)
+UNSUPPORTED = {
+    "use_dora": (bool, "DoRA (use_dora)"),
+    "use_rslora": (bool, "rank-stabilised scaling lora_alpha / sqrt(r) (use_rslora)"),
+    "rank_pattern": (bool, "per-module ranks (rank_pattern)"),
+    "alpha_pattern": (bool, "per-module lora_alpha (alpha_pattern)"),
+    "bias": (lambda v: v not in (None, "none"), "trained biases (bias != 'none')"),
+    "lora_bias": (bool, "a bias on lora_B (lora_bias)"),
+    "fan_in_fan_out": (bool, "transposed Conv1D weights (fan_in_fan_out)"),
+    "layers_to_transform": (lambda v: v is not None, "adapters on some layers only (layers_to_transform)"),
+    "layer_replication": (bool, "layer replication (layer_replication)"),
+    "trainable_token_indices": (bool, "trainable token embeddings (trainable_token_indices)"),
+    "target_parameters": (bool, "LoRA on parameters instead of modules (target_parameters)"),
+    "use_qalora": (bool, "QA-LoRA (use_qalora)"),
+}
+
+# -----------------------------------------------------------------------------
+# module names: ours <-> Hugging Face's, read from each model family's checkpoint name map
+
+
+def read_config(model_id):
+    """The model's configuration (encoder.ModelConfig or decoder.DecoderConfig) without loading weights."""
+    path, _ = resolve_model(model_id)
+    if path.suffix == ".gguf":
+        reader, meta = open_gguf(path)
+        return decoder.config_from_gguf(reader, meta, str(path))
+    raw = read_json(path / "config.json")
+    if raw.get("model_type") in encoder.SUPPORTED_ARCHS:
+        return encoder.load_config(path)
+    return decoder.config_from_json(raw, str(path / "config.json"))
+
+
+def hf_modules(config):
+    """{our module name: Hugging Face module name} for every module the checkpoint name map loads, with the
+    names of AutoModelForSequenceClassification ("bert."/"roberta." prefix) or AutoModelForCausalLM."""
+    if isinstance(config, decoder.DecoderConfig):
+        forward = {hf: ours for hf, (ours, _) in decoder.hf_name_map(config).items()}
+    else:
+        forward = encoder.checkpoint_name_map(config, f"{config.arch}.")
+    return {ours.removesuffix(".weight"): hf.removesuffix(".weight") for hf, ours in forward.items()
+            if hf.endswith(".weight")}
+
+
+def is_head(ours):
+    return ours.startswith("head.")  # everything task-specific lives in model.head (model.py)
+
+
+# -----------------------------------------------------------------------------
+# export: our adapter -> adapter_config.json + adapter_model.safetensors
+
+
+@torch.no_grad()
+def peft_adapter(path):
+    """(PEFT tensors, adapter_config.json content) for our adapter file `path`."""
+    tensors, meta = inilora.read_adapter(path)
+    cfg = inilora.LoRAConfig.from_dict(meta["config"])
+    if cfg.init == "full":
+        raise ValueError(f"{str(path)!r} is a full fine-tuning checkpoint (init 'full'): every weight changed, so it "
+                         "is not a low-rank adapter and PEFT's LoRA cannot hold it. Export a run trained with a LoRA "
+                         "initialiser, e.g. --init inilora.")
+    if any(t.any() for k, t in tensors.items() if k.endswith(".B0")):
+        # ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]: a plain LoRA of rank 2r, written by inilora
+        with tempfile.TemporaryDirectory() as tmp:
+            inilora.convert_to_lora(path, Path(tmp) / "rank2r.safetensors")
+            tensors, _ = inilora.read_adapter(Path(tmp) / "rank2r.safetensors")
+        rank = 2 * cfg.rank
+    else:  # B0 = 0: ΔW = s B A already
+        rank = cfg.rank
+    names = hf_modules(read_config(meta["model_id"]))
+    out = {}
+    for key, t in sorted(tensors.items()):
+        module, leaf = key.rsplit(".", 1)
+        if leaf in ("A0", "B0"):  # B0 = 0 here, so R = W0: the base model PEFT loads
+            continue
+        if module not in names:
+            raise ValueError(f"adapter tensor {key!r} of {str(path)!r} belongs to a module that the name map of "
+                             f"{meta['model_id']!r} does not load, so it has no Hugging Face name; its targets "
+                             f"{list(cfg.targets)} cannot be exported (lm_head tied to the embeddings, for example).")
+        lora = {"A": "lora_A.weight", "B": "lora_B.weight"}.get(leaf, leaf)  # A (r, d_in), B (d_out, r)
+        out[f"{PREFIX}{names[module]}.{lora}"] = t.contiguous()
+    return out, peft_config(cfg, rank, names, tensors, meta["model_id"])
+
+
+def peft_config(cfg, rank, names, tensors, model_id):
+    """adapter_config.json: r' = rank, lora_alpha' = r' s (PEFT's scale lora_alpha' / r' = s), the targets,
+    the task head in modules_to_save, and the base model's Hub id where it has one."""
+    adapted = sorted({names[k.rsplit(".", 1)[0]] for k in tensors if k.endswith(".A")})
+    leaves = sorted({hf.rsplit(".", 1)[-1] for hf in adapted})
+    same_leaf = sorted(hf for hf in names.values() if hf.rsplit(".", 1)[-1] in leaves)
+    # leaf names ("query", "q_proj") where they select exactly the adapted modules, else full module paths
+    targets = leaves if same_leaf == adapted else adapted
+    head = sorted({names[k.rsplit(".", 1)[0]] for k in tensors if is_head(k)})
+    # a head part under classifier/score is saved whole by PEFT's SEQ_CLS model: name the whole module
+    head = sorted({next((h for h in SEQ_CLS_HEADS if n == h or n.startswith(h + ".")), n) for n in head})
+    alpha = rank * cfg.scale
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS" if head else "CAUSAL_LM",
+            "base_model_name_or_path": HUB_IDS.get(model_id, model_id), "r": rank,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": cfg.dropout,
+            "target_modules": targets, "modules_to_save": head or None, "bias": "none", "fan_in_fan_out": False,
+            "use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+            "init_lora_weights": True, "inference_mode": True}
+
+
+def export(source, out_dir, checkpoint=None):
+    """Writes `source` (a run directory, its best/ adapter or, with checkpoint="last", its latest; or an
+    adapter file) as the PEFT adapter directory `out_dir`, atomically: filled beside it, then renamed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{str(out_dir)!r} already exists; the export never overwrites. Choose a new "
+                              "output directory, or delete that one first.")
+    adapter, _ = find_adapter(source, checkpoint)
+    tensors, config = peft_adapter(adapter)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is as readable as any directory
+        write_atomic(tmp / WEIGHTS, safetensors_save(tensors, metadata={"format": "pt"}))
+        write_json(tmp / CONFIG, config)
+        if out_dir.exists():  # made by someone else meanwhile: rename would replace an empty one
+            raise FileExistsError(f"{str(out_dir)!r} appeared while exporting; choose a new output directory.")
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return adapter, config
+
+
+# -----------------------------------------------------------------------------
+# import: a PEFT LoRA directory -> LoRALinear layers on our model (and our adapter format)
+
+
+def read_peft(peft_dir):
+    """(adapter_config.json content, tensors) of a PEFT LoRA directory, refusing what our layer cannot hold."""
+    peft_dir = Path(peft_dir)
+    if not (peft_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"{str(peft_dir / CONFIG)!r} does not exist: a PEFT adapter directory holds {CONFIG} "
+                                f"and {WEIGHTS} (PeftModel.save_pretrained writes both). Pass such a directory.")
+    cfg = read_json(peft_dir / CONFIG)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{str(peft_dir / CONFIG)!r} has peft_type={cfg.get('peft_type')!r}; only 'LORA' adapters "
+                         "can be imported. Pass a LoRA adapter.")
+    if used := [what for key, (on, what) in UNSUPPORTED.items() if on(cfg.get(key))]:
+        raise ValueError(f"{str(peft_dir)!r} uses {', '.join(used)}, which the layer y = x R^T + b + s (x A^T) B^T "
+                         "cannot represent. Import an adapter trained without these, or merge it into the base "
+                         "model with PEFT's merge_and_unload and use that model as --model.")
+    weights = peft_dir / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(weights)!r} does not exist (only safetensors adapters are read, never a pickle); "
+                                "save the adapter with PeftModel.save_pretrained(dir, safe_serialization=True).")
+    try:
+        tensors = safetensors_load(weights.read_bytes())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{str(weights)!r} is not a readable safetensors file ({e}); save the adapter again.") from None
+    if bad := sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()):
+        raise ValueError(f"{str(weights)!r} holds inf or nan values in {bad[:3]}; the adapter diverged. Use an "
+                         "earlier checkpoint of it.")
+    return cfg, tensors
+
+
+@torch.no_grad()
+def load_peft(model, peft_dir, model_id=None):
+    """Puts the PEFT LoRA adapter `peft_dir` on the original base `model` (in place), for evaluation or as the
+    start of further training: init "lora" with A = lora_A, B = lora_B, A0 = lora_A, B0 = 0 (so R = W0), and
+    the task head from modules_to_save. Everything is checked before the model changes.
+    Returns (LoRAConfig, fingerprint of the base target weights), what inilora.save_adapter needs."""
+    cfg, tensors = read_peft(peft_dir)
+    to_ours = {hf: ours for ours, hf in hf_modules(model.config).items()}
+    given, lacking = {}, []  # {our name: tensor}, PEFT keys with no place in the model
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX)
+        lora = next((part for part in (".lora_A.weight", ".lora_B.weight") if name.endswith(part)), None)
+        module, leaf = (name.removesuffix(lora), "AB"[lora == ".lora_B.weight"]) if lora else name.rsplit(".", 1)
+        ours = to_ours.get(module) if key.startswith(PREFIX) else None
+        if ours is None or (lora is None and not is_head(ours)):
+            lacking.append(key)
+        else:
+            given[f"{ours}.{leaf}"] = t
+    base = cfg.get("base_model_name_or_path")
+    if lacking:
+        raise ValueError(f"{str(peft_dir)!r} holds {sorted(lacking)[:3]}{' ...' if len(lacking) > 3 else ''}, which "
+                         f"name no LoRA target or task head of this model{f' ({model_id})' if model_id else ''}; the "
+                         f"adapter was made for another base ({base!r}), or adapts modules this project cannot adapt "
+                         "(embeddings, lm_head). Load it on its own base model.")
+    targets = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[-1] for k in given if not is_head(k)})
+    lcfg = inilora.LoRAConfig(init="lora", rank=cfg.get("r"), lora_alpha=float(cfg.get("lora_alpha", cfg.get("r"))),
+                              targets=tuple(targets), dropout=float(cfg.get("lora_dropout") or 0.0)).validate()
+    linears = encoder.target_linears(model, lcfg.targets)
+    # lora_A (r, d_in), lora_B (d_out, r) per target; the head as the model has it
+    expected = {}
+    for name, linear in linears.items():
+        d_out, d_in = linear.weight.shape
+        expected |= {f"{name}.A": (lcfg.rank, d_in), f"{name}.B": (d_out, lcfg.rank)}
+    params = dict(model.named_parameters())
+    expected |= {k: tuple(params[k].shape) for k in given if is_head(k) and k in params}
+    check_tensors(given, {k: expected[k] for k in given}, peft_dir, f"Its r={lcfg.rank} or its layers "
+                  f"do not fit this model: it was made for another base model ({base!r}) or another number of labels. "
+                  "Load it on its own base model.")
+    if skipped := sorted(k.rsplit(".", 1)[0] for k in expected.keys() - given.keys()):
+        raise ValueError(f"{str(peft_dir)!r} adapts only some of the {len(linears)} layers named {targets}, not "
+                         f"{skipped[:2]}...: it was made for another base model ({base!r}) with fewer layers, or for "
+                         "some layers only. Adapters here cover every layer of a target name: load it on its own "
+                         f"base model, or make it with target_modules={targets} on all layers.")
+    fingerprint = inilora.inject(model, lcfg, model_id)  # init "lora": R = W0 - s 0 A0 = W0
+    for name in linears:
+        layer = model.get_submodule(name)
+        A, B = given[f"{name}.A"], given[f"{name}.B"]
+        # A = A0 = lora_A, B = lora_B, B0 = 0: the update s B A is PEFT's (lora_alpha / r) lora_B lora_A
+        layer.A.copy_(A)
+        layer.A0.copy_(A)
+        layer.B.copy_(B)
+        layer.B0.zero_()
+    for k, t in given.items():
+        if is_head(k):
+            params[k].copy_(t)
+    return lcfg, fingerprint
+
+
+def num_labels_of(peft_dir, config):
+    """K of the PEFT head: the rows of its last layer (classifier / out_proj), else 2."""
+    _, tensors = read_peft(peft_dir)
+    names = hf_modules(config)
+    last = [names[m] for m in names if is_head(m)][-1:]  # the head's output layer comes last in the map
+    return next((t.shape[0] for k, t in tensors.items() if last and k == f"{PREFIX}{last[0]}.weight"), 2)
+
+
+def import_peft(peft_dir, out, model_name, num_labels=None):
+    """Writes the PEFT adapter `peft_dir` as our adapter `out` (.safetensors + sidecar) for `model_name`."""
+    config = read_config(model_name)
+    if isinstance(config, decoder.DecoderConfig):
+        model, _, model_id = decoder.load_causal_lm(model_name)
+        extra = {}
+    else:
+        num_labels = num_labels or num_labels_of(peft_dir, config)
+        model, _, model_id = encoder.load_model(model_name, num_labels=num_labels)
+        extra = {"num_labels": num_labels}
+    lcfg, fingerprint = load_peft(model, peft_dir, model_id)
+    extra["imported_from"] = {"peft_dir": str(Path(peft_dir).resolve()), "config": read_json(Path(peft_dir) / CONFIG)}
+    return inilora.save_adapter(model, out, lcfg, model_id, fingerprint, extra), lcfg
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="our run or adapter -> a PEFT adapter directory",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("source", help="a run directory (train.py's --out) or an adapter .safetensors")
+    ex.add_argument("out_dir", help="the PEFT adapter directory to write; must not exist")
+    ex.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                    help="in a run directory: best/ (None means best) or the latest checkpoint named in last.json")
+    im = sub.add_parser("import", help="a PEFT LoRA directory -> our adapter .safetensors",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    im.add_argument("peft_dir", help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    im.add_argument("out", help="our adapter file to write (.safetensors, with a .json sidecar)")
+    im.add_argument("--model", default=MINILM, help="the base model: 'minilm', 'smollm2', a directory or a Hub id")
+    im.add_argument("--num-labels", type=int, default=None, help="classes of the head; None: read from the adapter")
+    args = p.parse_args(argv)
+    if args.command == "export":
+        adapter, config = export(args.source, args.out_dir, args.checkpoint)
+        print(f"exported {adapter} -> {args.out_dir}: PEFT LoRA r={config['r']}, lora_alpha={config['lora_alpha']}, "
+              f"targets {config['target_modules'][:4]}, modules_to_save {config['modules_to_save']}, "
+              f"base {config['base_model_name_or_path']}")
+    else:
+        if Path(args.out).suffix != ".safetensors":
+            raise ValueError(f"out={args.out!r} must end in .safetensors (a .json sidecar is written beside it).")
+        path, lcfg = import_peft(args.peft_dir, args.out, args.model, args.num_labels)
+        print(f"imported {args.peft_dir} -> {path}: r={lcfg.rank}, s={lcfg.scale:g}, targets {list(lcfg.targets)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

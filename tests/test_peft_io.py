@@ -1,0 +1,279 @@
+"""Tests of peft_io.py against Hugging Face PEFT and transformers (test-only references).
+
+- export: for every initialiser, after two optimizer steps, PeftModel.from_pretrained on the original
+  transformers model gives our logits, and PEFT's merge_and_unload gives our merged model's logits
+  (packaged MiniLM, tiny BERT and RoBERTa, tiny LLaMA decoder); rank r for B0 = 0, 2r otherwise,
+  lora_alpha / r' = s, the head in modules_to_save, the Hub id as base_model_name_or_path;
+- import: an adapter made and trained one step with peft's get_peft_model gives PEFT's logits on our
+  model (also for targets whose names differ, e.g. attention.output.dense -> attn.out); the command
+  line writes our adapter format, and exporting that again gives PEFT's tensors back;
+- run directories: best/ by default, the checkpoint last.json names with --checkpoint last;
+- bad input: an existing export target, full fine-tuning checkpoints, PEFT features our layer cannot
+  hold (DoRA, rank patterns, ...), adapters for another base, and nothing left behind by a failed export.
+Tolerances: atol = rtol = 1e-5 in float32 (as test_decoder.py); atol 2e-5 on the tiny LLaMA, whose logits
+reach 6.7: there plain LoRA differs from PEFT by 4.2e-06 and IniLoRA-α/β by up to 1.3e-05, because their
+s B0 A0 is larger than W0, so R = W0 - s B0 A0 and PEFT's W0 + s B' A' round differently in float32.
+"""
+import json
+import shutil
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+import inilora
+import peft_io
+from decoder import load_causal_lm
+from inilora import LoRAConfig
+from model import load_model
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+TOLS = {"minilm": TOL, "bert": TOL, "roberta": TOL, "llama": dict(atol=2e-5, rtol=1e-5)}  # see the docstring
+INITS = sorted(inilora.INITIALISERS)  # every initialiser but "full"
+MUTATED = {"inilora", "alpha", "beta-kaiming-normal", "beta-kaiming-uniform", "pissa", "milora"}  # B0 != 0
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_checkpoint, minilm_dir, tiny_decoder):
+    """name -> (directory, --model name): the models every export and import test runs on."""
+    return {"minilm": (minilm_dir, "minilm"), "bert": (tiny_checkpoint("BertModel"),) * 2,
+            "roberta": (tiny_checkpoint("RobertaForMaskedLM"),) * 2, "llama": (tiny_decoder("LlamaForCausalLM"),) * 2}
+
+
+def batch(vocab_size, pad_id, seed=0):
+    """ids (3, 9) of ordinary tokens, the second row padded after 6 tokens; mask 1 = real token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab_size, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, 6:], mask[1, 6:] = pad_id, 0
+    return ids, mask
+
+
+def ours(name, model_name):
+    """(our model in eval mode, model_id, its batch, forward(model) -> logits) for a base of `bases`."""
+    if name == "llama":
+        model, _, model_id = load_causal_lm(str(model_name))
+        ids, _ = batch(model.config.vocab_size, 0)
+        return model, model_id, (ids, None), lambda m: m(ids)  # (B, T, V), no padding
+    model, _, model_id = load_model(str(model_name), num_labels=2)
+    ids, mask = batch(model.config.vocab_size, model.config.pad_token_id)
+    return model, model_id, (ids, mask), lambda m: m(ids, mask)  # (B, K)
+
+
+def hf_model(name, model_dir):
+    auto = transformers.AutoModelForCausalLM if name == "llama" else transformers.AutoModelForSequenceClassification
+    kwargs = {} if name == "llama" else {"num_labels": 2}
+    return auto.from_pretrained(str(model_dir), attn_implementation="eager", **kwargs).eval()
+
+
+def hf_logits(model, ids, mask):
+    return model(input_ids=ids, **({} if mask is None else {"attention_mask": mask})).logits
+
+
+def train_adapter(name, model_name, init, tmp_path, steps=2):
+    """Our model with adapters of `init` (rank 4, s = 2) after `steps` AdamW steps, saved as an adapter file."""
+    torch.manual_seed(0)
+    model, model_id, (ids, mask), forward = ours(name, model_name)
+    targets = ("q_proj", "v_proj") if name == "llama" else ("query", "value")
+    cfg = LoRAConfig(init=init, rank=4, lora_alpha=8.0, targets=targets, approx_steps=20)
+    fingerprint = inilora.inject(model, cfg, model_id, cache_dir=tmp_path / "cache")
+    inilora.mark_trainable(model, cfg, verbose=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        logits = forward(model)
+        target = ids[:, 1:] if name == "llama" else torch.tensor([0, 1, 1])
+        loss = F.cross_entropy((logits[:, :-1] if name == "llama" else logits).flatten(0, -2), target.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = inilora.save_adapter(model, tmp_path / "adapter.safetensors", cfg, model_id, fingerprint,
+                                {} if name == "llama" else {"num_labels": 2})
+    return model, cfg, path, (ids, mask), forward
+
+
+# -----------------------------------------------------------------------------
+# export
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("name", ["minilm", "bert", "roberta", "llama"])
+def test_export_gives_our_logits_in_peft(bases, name, init, tmp_path):
+    model_dir, model_name = bases[name]
+    model, cfg, path, (ids, mask), forward = train_adapter(name, model_name, init, tmp_path)
+    with torch.no_grad():
+        expected = forward(model)
+    peft_io.export(path, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / peft_io.CONFIG).read_text())
+    # invariant: rank r where B0 = 0, else the rank-2r conversion; PEFT's lora_alpha / r' is our s
+    assert config["r"] == (8 if init in MUTATED else 4) and config["lora_alpha"] / config["r"] == cfg.scale
+    assert config["task_type"] == ("CAUSAL_LM" if name == "llama" else "SEQ_CLS")
+    assert config["base_model_name_or_path"] == ("sentence-transformers/all-MiniLM-L6-v2" if name == "minilm"
+                                                 else str(model_dir.resolve()))
+    # invariant: PEFT on the original transformers model computes what our adapted model computes
+    hf = peft.PeftModel.from_pretrained(hf_model(name, model_dir), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert_close(hf_logits(hf, ids, mask), expected, **TOLS[name])
+        # invariant: merged outputs agree (PEFT's merge_and_unload, inilora.merge)
+        merged_hf, merged_ours = hf.merge_and_unload(), inilora.merge(model)
+        assert_close(hf_logits(merged_hf, ids, mask), forward(merged_ours), **TOLS[name])
+
+
+def test_export_names_heads_and_targets(bases, tmp_path):
+    # invariant: the tensors carry PEFT's saved names: base_model.model.<HF path>.lora_A/B.weight, and the
+    # modules_to_save head without "modules_to_save.default"; RoBERTa's head is PEFT's whole "classifier"
+    model_dir, model_name = bases["roberta"]
+    _, _, path, _, _ = train_adapter("roberta", model_name, "lora", tmp_path)
+    peft_io.export(path, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / peft_io.CONFIG).read_text())
+    keys = set(load_file(tmp_path / "peft" / peft_io.WEIGHTS))
+    assert config["modules_to_save"] == ["classifier"] and config["target_modules"] == ["query", "value"]
+    assert "base_model.model.roberta.encoder.layer.1.attention.self.value.lora_B.weight" in keys
+    assert {"base_model.model.classifier.dense.weight", "base_model.model.classifier.out_proj.bias"} <= keys
+    assert not any("modules_to_save" in k or k.endswith((".A0", ".B0")) for k in keys)
+
+
+def test_export_picks_best_or_last_of_a_run(bases, tmp_path):
+    # invariant: a run directory exports best/ by default and the checkpoint last.json names with "last"
+    _, model_name = bases["bert"]
+    run = tmp_path / "run"
+    for sub, steps in (("best", 1), ("checkpoint-2", 2)):
+        _, _, path, _, _ = train_adapter("bert", model_name, "lora", tmp_path / sub, steps=steps)
+        (run / sub).mkdir(parents=True)
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(path.with_suffix(suffix), run / sub / f"adapter{suffix}")
+    (run / "config.json").write_text("{}")
+    (run / "last.json").write_text(json.dumps({"checkpoint": "checkpoint-2", "step": 2}))
+    peft_io.main(["export", str(run), str(tmp_path / "peft-best")])
+    peft_io.main(["export", str(run), str(tmp_path / "peft-last"), "--checkpoint", "last"])
+    for which, sub in (("best", "best"), ("last", "checkpoint-2")):
+        tensors, _ = inilora.read_adapter(run / sub / "adapter.safetensors")
+        exported = load_file(tmp_path / f"peft-{which}" / peft_io.WEIGHTS)
+        key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
+        assert torch.equal(exported[key], tensors["encoder.layers.0.attn.query.B"])
+
+
+def test_export_refuses_an_existing_target(bases, tmp_path):
+    # invariant: an export never overwrites: the existing directory is named and left as it was
+    _, model_name = bases["bert"]
+    _, _, path, _, _ = train_adapter("bert", model_name, "lora", tmp_path)
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="peft.*already exists.*new output directory"):
+        peft_io.export(path, tmp_path / "peft")
+    assert [p.name for p in (tmp_path / "peft").iterdir()] == ["mine.txt"]
+
+
+def test_export_refuses_full_fine_tuning_and_leaves_nothing(bases, tmp_path):
+    # invariant: a full checkpoint is not a LoRA: a sentence naming 'full', and no output or temporary left
+    _, model_name = bases["bert"]
+    model, _, model_id = load_model(str(model_name))
+    cfg = LoRAConfig(init="full")
+    fingerprint = inilora.inject(model, cfg, model_id)
+    path = inilora.save_adapter(model, tmp_path / "full.safetensors", cfg, model_id, fingerprint)
+    with pytest.raises(ValueError, match="full.*--init inilora"):
+        peft_io.export(path, tmp_path / "out" / "peft")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# -----------------------------------------------------------------------------
+# import
+
+
+PEFT_MADE = {  # name -> target_modules, modules_to_save of a PEFT-made adapter
+    "minilm": (["query", "value"], ["bert.pooler.dense"]),
+    "bert": (["query", "key", "attention.output.dense"], ["bert.pooler.dense"]),
+    "roberta": (["query", "value", "intermediate.dense"], None),
+    "llama": (["q_proj", "v_proj", "down_proj"], None),
+}
+
+
+def peft_made(bases, name, out):
+    """A PEFT LoRA adapter (r 4, lora_alpha 6) made with get_peft_model, trained one step, saved to `out`;
+    returns the PeftModel in eval mode."""
+    model_dir, _ = bases[name]
+    torch.manual_seed(0)
+    targets, heads = PEFT_MADE[name]
+    task = "CAUSAL_LM" if name == "llama" else "SEQ_CLS"
+    hf = peft.get_peft_model(hf_model(name, model_dir), peft.LoraConfig(
+        task_type=task, r=4, lora_alpha=6, target_modules=targets, modules_to_save=heads, lora_dropout=0.1))
+    hf.train()
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask = batch(hf.config.vocab_size, hf.config.pad_token_id or 0, seed=1)
+    hf_logits(hf, ids, mask).square().mean().backward()
+    opt.step()
+    hf.save_pretrained(str(out))
+    return hf.eval()
+
+
+@pytest.mark.parametrize("name", ["minilm", "bert", "roberta", "llama"])
+def test_import_gives_peft_logits(bases, name, tmp_path):
+    hf = peft_made(bases, name, tmp_path / "peft")
+    model, model_id, (ids, mask), forward = ours(name, bases[name][1])
+    cfg, _ = peft_io.load_peft(model, tmp_path / "peft", model_id)
+    assert (cfg.rank, cfg.scale, cfg.dropout) == (4, 1.5, 0.1)
+    # invariant: the imported adapter on our model computes what PEFT computes
+    with torch.no_grad():
+        assert_close(forward(model), hf_logits(hf, ids, None if name == "llama" else mask), **TOLS[name])
+    # invariant: the import is init "lora" with B0 = 0, so the residual is W0 bit for bit
+    layer = next(m for m in model.modules() if isinstance(m, inilora.LoRALinear))
+    assert not layer.B0.any() and torch.equal(layer.A0, layer.A)
+
+
+def test_import_command_round_trip(bases, tmp_path):
+    # invariant: PEFT -> our adapter (command line) -> load_adapter gives PEFT's logits, and exporting it
+    # again gives PEFT's tensors back at rank r
+    hf = peft_made(bases, "bert", tmp_path / "peft")
+    peft_io.main(["import", str(tmp_path / "peft"), str(tmp_path / "ours.safetensors"), "--model", str(bases["bert"][1])])
+    model, model_id, (ids, mask), forward = ours("bert", bases["bert"][1])
+    inilora.load_adapter(model, tmp_path / "ours.safetensors", model_id)
+    with torch.no_grad():
+        assert_close(forward(model), hf_logits(hf, ids, mask), **TOL)
+    peft_io.export(tmp_path / "ours.safetensors", tmp_path / "again")
+    original, again = load_file(tmp_path / "peft" / peft_io.WEIGHTS), load_file(tmp_path / "again" / peft_io.WEIGHTS)
+    assert sorted(original) == sorted(again)
+    for key in original:
+        assert torch.equal(original[key], again[key]), key
+
+
+@pytest.mark.parametrize("key, value", [("use_dora", True), ("rank_pattern", {"query": 8}), ("alpha_pattern", {"value": 2}),
+                                        ("use_rslora", True), ("bias", "all"), ("layers_to_transform", [0]),
+                                        ("fan_in_fan_out", True)])
+def test_import_refuses_features_our_layer_cannot_hold(bases, key, value, tmp_path):
+    # invariant: each unsupported feature is refused by name, before the model changes
+    peft_made(bases, "bert", tmp_path / "peft")
+    path = tmp_path / "peft" / peft_io.CONFIG
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    model, model_id, _, forward = ours("bert", bases["bert"][1])
+    with torch.no_grad():
+        before = forward(model)
+    with pytest.raises(ValueError, match=f"{key}.*merge_and_unload"):
+        peft_io.load_peft(model, tmp_path / "peft", model_id)
+    with torch.no_grad():
+        assert torch.equal(forward(model), before)
+
+
+def test_import_refuses_an_adapter_for_another_base(bases, tmp_path):
+    # invariant: an adapter for another base is a sentence naming that base: shapes that do not fit
+    # (tiny BERT's adapter on MiniLM), or module names the model lacks (a RoBERTa adapter on BERT)
+    peft_made(bases, "bert", tmp_path / "bert")
+    peft_made(bases, "roberta", tmp_path / "roberta")
+    minilm, minilm_id, _, _ = ours("minilm", "minilm")
+    with pytest.raises(ValueError, match=r"shape.*another base model.*tiny-BertModel"):
+        peft_io.load_peft(minilm, tmp_path / "bert", minilm_id)
+    bert, bert_id, _, _ = ours("bert", bases["bert"][1])
+    with pytest.raises(ValueError, match=r"classifier.*another base.*tiny-RobertaForMaskedLM"):
+        peft_io.load_peft(bert, tmp_path / "roberta", bert_id)
+
+
+def test_import_refuses_a_missing_or_pickled_adapter(bases, tmp_path):
+    # invariant: a directory without PEFT's files is named, with the file it lacks and how to write it
+    peft_made(bases, "bert", tmp_path / "peft")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json.*save_pretrained"):
+        peft_io.read_peft(tmp_path)
+    (tmp_path / "peft" / peft_io.WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors.*safe_serialization=True"):
+        peft_io.read_peft(tmp_path / "peft")
