@@ -19,6 +19,13 @@ the best-epoch dev score x100 as mean ± std over seeds (std with n - 1; '-' for
     python evaluate.py runs/minilm-rotten-tomatoes-lora-r8-seed0 --split test
     python evaluate.py --compare runs/minilm-rotten-tomatoes-* --markdown
 
+A run of a generation task (a causal LM, e.g. --task arithmetic) is scored by batched greedy generation
+with the KV cache and exact match of the extracted answer (generation.py); the generations are written
+beside the run as predictions-CHECKPOINT-SPLIT.jsonl. --base scores a base model without an adapter:
+
+    python evaluate.py runs/smollm2-arithmetic-lora-r8-seed0 --split test
+    python evaluate.py --base --model smollm2 --task arithmetic --split test --out runs/base-smollm2-arithmetic
+
 Tests: python3 -m pytest tests/test_metrics.py tests/test_evaluate.py -q
 """
 import argparse
@@ -32,9 +39,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.prepare import TASKS, load_split, pad_batch
+import generation
 import inilora
-from common import pick_device, run_cli
+from common import pick_device, run_cli, write_json
+from data.prepare import TASKS, load_split, pad_batch
+from decoder import load_causal_lm
 from model import load_model
 
 # -----------------------------------------------------------------------------
@@ -256,29 +265,77 @@ def check_split(task, split):
                          f"{list(task.splits)}); {hint}.")
 
 
-def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, glue_dir=None, batch_size=64, device=None):
-    """Loads the base model, puts the adapter on it, evaluates it on `split`; writes and returns the metrics."""
+def load_base(name, task):
+    """(model, tokenizer, model_id): a causal LM for a generation task, else an encoder with a task head."""
+    if task.kind == "generation":
+        return load_causal_lm(name)
+    return load_model(name, num_labels=task.num_labels)
+
+
+def score_split(model, tokenizer, task, split, max_length, data_dir, opts, device, predictions):
+    """(metrics, number of examples) of `model` on one split; a generation task's records go to `predictions`."""
+    data = load_split(task.name, split, tokenizer, max_length, data_dir)
+    if task.kind != "generation":
+        return evaluate(model.to(device), data, task, tokenizer.pad_id, opts.get("batch_size") or 64, device), \
+            len(data["labels"])
+    metrics, records = generation.score(model.to(device), tokenizer, data, task, opts.get("batch_size") or 16,
+                                        opts.get("max_new_tokens", 256), opts.get("limit"), device)
+    print(f"wrote {generation.write_predictions(predictions, records)}")
+    return metrics, len(records)
+
+
+def report(out, task, split, metrics, **fields):
+    print(f"{task.name}/{split}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    write_json(out, {**fields, "task": task.name, "split": split, "metrics": metrics})
+    print(f"wrote {out}")
+    return metrics
+
+
+def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, glue_dir=None, batch_size=None, device=None,
+                     **opts):
+    """Loads the base model, puts the adapter on it, evaluates it on `split`; writes and returns the metrics.
+    opts (generation tasks): max_new_tokens, limit (the first N examples)."""
     adapter, run = find_adapter(path, checkpoint)
     s = adapter_settings(adapter, run)
     task = TASKS[s["task"]]
     check_split(task, split)
     device, why = pick_device(device)
     print(f"evaluating {adapter} on {task.name}/{split}: base model {model_name or s['model']}, "
-          f"max_length {s['max_length']}, batch_size {batch_size}, device {device} ({why})")
-    model, tokenizer, model_id = load_model(model_name or s["model"], num_labels=task.num_labels)
+          f"max_length {s['max_length']}, batch_size {batch_size or 'default'}, device {device} ({why})")
+    model, tokenizer, model_id = load_base(model_name or s["model"], task)
     cfg, _ = inilora.load_adapter(model, adapter, model_id)  # ValueError if the adapter is for another base model
-    what = ("every weight" if cfg.init == "full" else
-            f"{cfg.init} adapters of rank {cfg.rank} on {','.join(cfg.targets)} and the task head")
-    print(f"loaded {what} from {adapter}: the head evaluated is the adapter's, replacing the one reported above")
-    data = load_split(task.name, split, tokenizer, s["max_length"], glue_dir or s["glue_dir"])
-    metrics = evaluate(model.to(device), data, task, tokenizer.pad_id, batch_size, device)
-    print(f"{task.name}/{split}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    out = (run / f"eval-{checkpoint or 'best'}-{split}.json" if run
-           else adapter.parent / f"eval-{adapter.stem}-{split}.json")
-    out.write_text(json.dumps({"adapter": str(adapter), "model_id": model_id, "task": task.name, "split": split,
-                               "num_examples": len(data["labels"]), "metrics": metrics}, indent=2))
-    print(f"wrote {out}")
-    return metrics
+    head = "" if task.kind == "generation" else " and the task head"
+    what = "every weight" if cfg.init == "full" else f"{cfg.init} adapters of rank {cfg.rank} on {','.join(cfg.targets)}{head}"
+    print(f"loaded {what} from {adapter}" + (": the head evaluated is the adapter's, replacing the one reported above"
+                                             if head else ""))
+    where, name = (run, f"{checkpoint or 'best'}-{split}") if run else (adapter.parent, f"{adapter.stem}-{split}")
+    metrics, n = score_split(model, tokenizer, task, split, s["max_length"], glue_dir or s["glue_dir"],
+                             dict(opts, batch_size=batch_size), device, where / f"predictions-{name}.jsonl")
+    return report(where / f"eval-{name}.json", task, split, metrics, adapter=str(adapter), model_id=model_id,
+                  num_examples=n)
+
+
+def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=512, batch_size=None, device=None,
+                  **opts):
+    """Scores the base model alone (no adapter) on a generation task: out/predictions-base-SPLIT.jsonl and
+    out/eval-base-SPLIT.json."""
+    if task_name not in TASKS or TASKS[task_name].kind != "generation":
+        generation_tasks = sorted(n for n, t in TASKS.items() if t.kind == "generation")
+        raise ValueError(f"--base scores a causal LM on a generation task, and --task {task_name!r} is not one of "
+                         f"{generation_tasks}; pass e.g. --task arithmetic (an encoder's head is untrained).")
+    if out is None:
+        raise ValueError("--base needs --out DIR, the directory for its predictions and score "
+                         "(e.g. --out runs/base-smollm2-arithmetic).")
+    task = TASKS[task_name]
+    check_split(task, split)
+    device, why = pick_device(device)
+    print(f"evaluating the base model {model_name} (no adapter) on {task.name}/{split}, device {device} ({why})")
+    model, tokenizer, model_id = load_causal_lm(model_name)
+    out = Path(out)
+    metrics, n = score_split(model, tokenizer, task, split, max_length, data_dir, dict(opts, batch_size=batch_size),
+                             device, out / f"predictions-base-{split}.jsonl")
+    return report(out / f"eval-base-{split}.json", task, split, metrics, adapter=None, model_id=model_id,
+                  num_examples=n)
 
 
 # -----------------------------------------------------------------------------
@@ -396,21 +453,36 @@ def main(argv=None):
                                             "or compare runs as in the paper's Table 1.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", nargs="?", help="run directory written by train.py, or an adapter .safetensors file")
-    p.add_argument("--split", default="dev", choices=("dev", "test"), help="split to evaluate on (test: rotten-tomatoes only)")
+    p.add_argument("--split", default="dev", choices=("dev", "test"),
+                   help="split to evaluate on (test: rotten-tomatoes and the generation tasks)")
     p.add_argument("--checkpoint", default=None, choices=("best", "last"),
                    help="for a run directory: the best epoch's adapter or the last checkpoint; None: best")
     p.add_argument("--model", default=None, help="base model to load instead of the one the adapter records; None: that one")
-    p.add_argument("--glue-dir", default=None, help="directory with the GLUE TSV files; None: the run's")
-    p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+    p.add_argument("--glue-dir", "--data-dir", dest="glue_dir", default=None,
+                   help="directory with the GLUE TSV files or the paper's math files; None: the run's")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per forward pass (generation: prompts per batch); None: 64, generation 16")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: tokens generated per example at most")
+    p.add_argument("--limit", type=int, default=None, help="generation tasks: score the first N examples only; None: all")
+    p.add_argument("--base", action="store_true", help="score the base --model on --task without an adapter (causal LMs)")
+    p.add_argument("--task", default=None, help="with --base: the generation task to score")
+    p.add_argument("--out", default=None, help="with --base: directory for the predictions and the score")
+    p.add_argument("--max-length", type=int, default=512, help="with --base: the data cache's max_length (prompts are whole)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print the comparison table of these run directories")
     p.add_argument("--markdown", action="store_true", help="with --compare: print the table as Markdown")
     args = p.parse_args(argv)
-    if (args.path is None) == (args.compare is None):
-        p.error("pass exactly one of: a PATH to evaluate, or --compare RUN_DIR ...")
+    if sum((args.path is not None, args.compare is not None, args.base)) != 1:
+        p.error("pass exactly one of: a PATH to evaluate, --base (with --model and --task), or --compare RUN_DIR ...")
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1.")
+    opts = dict(batch_size=args.batch_size, device=args.device, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    if args.base:
+        return evaluate_base(args.model or "smollm2", args.task, args.split, args.out, args.glue_dir, args.max_length,
+                             **opts)
     if args.compare is None:
-        return evaluate_adapter(args.path, args.split, args.checkpoint, args.model, args.glue_dir,
-                                args.batch_size, args.device)
+        return evaluate_adapter(args.path, args.split, args.checkpoint, args.model, args.glue_dir, **opts)
     task, rows, skipped, notes = compare(args.compare)
     for run, reason in skipped:
         print(f"skipped {run}: {reason}", file=sys.stderr)  # stderr: stdout stays the table alone

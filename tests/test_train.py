@@ -29,6 +29,7 @@ from torch.testing import assert_close
 import data.prepare
 import evaluate
 import inilora
+import runs
 import train
 from common import read_artifact
 
@@ -108,7 +109,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(setup, monkey
     for key in a:
         assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
     (sa, meta_a), (sb, meta_b) = (read_artifact(tmp_path / run / "checkpoint-6" / "state.safetensors",
-                                                train.STATE_FORMAT, train.STATE_VERSION, "") for run in ("full", "resumed"))
+                                                runs.STATE_FORMAT, runs.STATE_VERSION, "") for run in ("full", "resumed"))
     assert sa.keys() == sb.keys() and meta_a["state"] == meta_b["state"]
     for key in sa:
         assert_close(sa[key], sb[key], atol=0, rtol=0, msg=key)

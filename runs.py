@@ -1,0 +1,160 @@
+"""The run directory of train.py: checkpoints, resume, the directory's name and clean-up, signals, memory.
+
+A run directory (default runs/MODEL-TASK-INIT-rRANK-seedSEED) holds config.json, metrics.jsonl,
+best/ (the best epoch's adapter), checkpoint-STEP/ with last.json naming the latest, and final.json
+once training has ended. A checkpoint is the adapter (inilora's artifact) plus one more common.py
+artifact, the optimizer moments, RNG state and position, so that `train.py --resume` continues to
+the same result, bit for bit. A checkpoint is written to checkpoint-STEP.tmp and renamed, and only
+then does last.json name it: last.json never names a partial checkpoint.
+
+Ctrl-C or SIGTERM inside `StopRequest` only sets a flag; the training loop saves a checkpoint at its
+next step and exits 130 (143).
+
+    python train.py --resume --out runs/smollm2-arithmetic-lora-r8-seed0   (continues a run)
+"""
+import json
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+import inilora
+from common import ArtifactError, read_artifact, save_artifact, write_json
+
+STATE_FORMAT, STATE_VERSION = "inilora-train-state", 1  # a checkpoint's optimizer, RNG and position
+
+# -----------------------------------------------------------------------------
+# checkpoints: written to a new directory, then last.json names it (atomic replace)
+
+
+def save_checkpoint(run, model, opt, state, lcfg, model_id, fingerprint, extra):
+    ckpt = run / f"checkpoint-{state['step']}"
+    tmp = run / f"{ckpt.name}.tmp"  # filled completely, then renamed: last.json never names a partial one
+    shutil.rmtree(tmp, ignore_errors=True)
+    inilora.save_adapter(model, tmp / "adapter.safetensors", lcfg, model_id, fingerprint, extra)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {"rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng_cuda"] = torch.cuda.get_rng_state()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():  # AdamW: step, exp_avg, exp_avg_sq
+                tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
+    # optimizer moments and RNG as tensors, the position and best epoch in the sidecar: one artifact
+    save_artifact(tmp / "state.safetensors", tensors, {"state": state}, STATE_FORMAT, STATE_VERSION)
+    if ckpt.exists():  # this step is saved already (a resume stopped at once): the same state
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(ckpt)
+    write_json(run / "last.json", {"checkpoint": ckpt.name, "step": state["step"]})
+    for old in run.glob("checkpoint-*"):  # keep only the newest
+        if old != ckpt:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def last_checkpoint(run):
+    pointer = run / "last.json"
+    if not pointer.is_file():
+        raise FileNotFoundError(f"nothing to resume in {str(run)!r}: it has no last.json, so no checkpoint was "
+                                "written. Start the run again without --resume.")
+    return run / json.loads(pointer.read_text())["checkpoint"]
+
+
+def restore_state(ckpt, model, opt, device):
+    """Optimizer moments, RNG state and position of checkpoint `ckpt` (the adapter is loaded already)."""
+    path = ckpt / "state.safetensors"
+    tensors, meta = read_artifact(path, STATE_FORMAT, STATE_VERSION,
+                                  "This checkpoint cannot be resumed: start a new run with another --out.")
+    params = dict(model.named_parameters())
+    unknown = sorted({key.rsplit(".", 1)[0] for key in tensors} - params.keys() - {"rng_cpu", "rng_cuda"})
+    if unknown:
+        raise ArtifactError(f"{str(path)!r} holds optimizer state for {unknown[:3]}, which this model does not "
+                            "have: it belongs to another model. Start a new run with another --out.")
+    torch.set_rng_state(tensors.pop("rng_cpu"))
+    cuda_rng = tensors.pop("rng_cuda", None)
+    if cuda_rng is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng)
+    for key, value in tensors.items():
+        name, slot = key.rsplit(".", 1)
+        opt.state[params[name]][slot] = value if slot == "step" else value.to(device)
+    return meta["state"]
+
+
+# -----------------------------------------------------------------------------
+# the run directory: named by the configuration, made only once every check has passed
+
+
+def default_run_dir(cfg, lcfg):
+    """runs/MODEL-TASK-INIT-rRANK-seedSEED, MODEL the last component of a directory or hub id
+    (full fine-tuning has no rank)."""
+    path = Path(cfg.model).expanduser()
+    last = path.resolve().name if path.exists() else cfg.model.rstrip("/\\").rsplit("/", 1)[-1]
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip(".-") or "model"
+    rank = "" if lcfg.init == "full" else f"-r{lcfg.rank}"
+    return Path("runs") / f"{model}-{cfg.task}-{lcfg.init}{rank}-seed{cfg.seed}"
+
+
+def check_new_run_dir(run):
+    """A new run needs a directory that does not exist yet, is empty, or holds only the
+    config.json an earlier version left when its start failed; returns True for the last."""
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--out {str(run)!r} is a file; pass a directory for the run.")
+    content = sorted(p.name for p in run.iterdir()) if run.exists() else []
+    if content not in ([], ["config.json"]):
+        hint = ("Pass --resume to continue it, or choose another --out." if (run / "last.json").is_file()
+                else "It has no checkpoint to resume: choose another --out, or delete it.")
+        raise ValueError(f"run directory {str(run)!r} already exists and is not empty; nothing was overwritten. {hint}")
+    return content == ["config.json"]
+
+
+def remove_failed_start(run, made):
+    """Removes what a run that stopped before its first checkpoint wrote: the directories it made,
+    or, in a directory that was there before, only its content."""
+    if run not in made:
+        for p in run.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return
+    shutil.rmtree(run, ignore_errors=True)
+    for parent in made[1:]:
+        try:
+            parent.rmdir()  # only while empty: never another run's files
+        except OSError:
+            break
+    print(f"removed {run}: the run stopped before its first checkpoint, so there is nothing to resume")
+
+
+# -----------------------------------------------------------------------------
+# stopping: a diverged loss, a signal; and the peak memory final.json reports
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss is not finite: the message names the step and what to try."""
+
+
+class StopRequest:
+    """While active, Ctrl-C / SIGTERM asks the loop to save a checkpoint and stop at the next step."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def request(self, signum, frame):
+        print(f"\nsignal {signum}: stopping after this step (a second Ctrl-C is not needed)", flush=True)
+        self.signum = signum
+
+
+def peak_memory(device):
+    """(MiB, what was measured): the peak of CUDA tensor memory, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    import resource  # POSIX: ru_maxrss is in KiB on Linux, in bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "peak resident set size of the process (ru_maxrss)"
