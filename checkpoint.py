@@ -7,9 +7,9 @@ A directory holds config.json, tokenizer.json and its weights in one of three la
     model.safetensors.index.json + model-0000k-of-0000n    sharded (the 7B hub models): read shard by shard
     pytorch_model.bin                                      a pickle, read with torch.load(weights_only=True)
 A GGUF file (llama.cpp's format) holds the configuration and the tokenizer as metadata and the weights
-block-quantised; `read_gguf` dequantises each tensor to float32 with the `gguf` library.
-
-Nothing here knows a model's parameter names: model.py and decoder.py each own their name map.
+block-quantised; `iter_gguf_as_hf` dequantises each tensor to float32 with the `gguf` library and gives it
+its Hugging Face name (undoing llama.cpp's Q/K row permutation), and `gguf_config` writes the metadata as
+config.json keys, so that model.py and decoder.py each own one name map: Hugging Face's names -> theirs.
 Nothing here runs on its own: `python approximate.py --model smollm2` resolves and reads a checkpoint.
 """
 import importlib.util
@@ -235,12 +235,68 @@ def gguf_list(reader, key: str) -> list:
     return [] if field is None else list(field.contents())
 
 
-def iter_gguf(reader) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, float32 tensor) for every tensor, dequantised one at a time. GGUF lists a tensor's shape
-    fastest-dimension first; the dequantised rows come out as PyTorch's (out_features, in_features)."""
+# A LLaMA-architecture GGUF in Hugging Face's terms: its metadata as config.json keys, its tensor
+# names as LlamaForCausalLM's, so decoder.py needs one name map. Mistral GGUFs say "llama" too.
+GGUF_ARCHS = ("llama",)
+GGUF_CONFIG = {  # config.json key -> llama.cpp metadata key (after "{arch}.")
+    "hidden_size": "embedding_length", "num_hidden_layers": "block_count", "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
+    "max_position_embeddings": "context_length", "head_dim": "attention.key_length",
+}
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GGUF_LAYER_NAMES = {  # inside blk.{i} -> inside model.layers.{i}
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def gguf_config(reader, meta: dict, path: str) -> dict:
+    """The config.json a GGUF file's metadata describes."""
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"{path!r} holds a {arch!r} model; the GGUF architectures supported here are "
+                         f"{list(GGUF_ARCHS)}. Use a LLaMA-architecture GGUF, or the model's safetensors directory "
+                         "(LLaMA, Mistral, Qwen2 and Gemma load from there).")
+    names = {t.name: t for t in reader.tensors}
+    if meta.get(f"{arch}.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in names:
+        raise ValueError(f"{path!r} uses RoPE frequency scaling, which GGUF loading here does not implement; "
+                         "load the model's safetensors directory instead (rope_type llama3 is supported there).")
+    config = {key: meta[f"{arch}.{gg}"] for key, gg in GGUF_CONFIG.items() if f"{arch}.{gg}" in meta}
+    return config | {
+        "model_type": "llama", "vocab_size": int(names["token_embd.weight"].shape[1]),
+        "tie_word_embeddings": "output.weight" not in names,  # llama.cpp writes no copy of a tied head
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+
+
+def unpermute(W: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp stores each head's rows of W_q and W_k with the RoPE pairs interleaved, (0, hs/2),
+    (1, hs/2 + 1), ...; this puts them back in Hugging Face's half-split order (transformers'
+    reverse_permute). W: (n_heads * hs, C)."""
+    return W.reshape(n_heads, -1, 2, W.shape[-1]).transpose(1, 2).reshape(W.shape)
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; unknown names stay as they are
+    (the loader then reports them as leftovers)."""
+    if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
+        layer, part, kind = m.groups()
+        return f"model.layers.{layer}.{GGUF_LAYER_NAMES[part]}.{kind}" if part in GGUF_LAYER_NAMES else name
+    module, _, kind = name.rpartition(".")
+    return f"{GGUF_NAMES[module]}.{kind}" if module in GGUF_NAMES else name
+
+
+def iter_gguf_as_hf(reader, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 tensor) for every tensor, dequantised one at a time. GGUF lists a shape
+    fastest dimension first; the dequantised rows come out as PyTorch's (out_features, in_features)."""
     import gguf
 
     for t in reader.tensors:
-        values = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, shape (..., in_features)
+        values = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, (..., in_features)
         shape = tuple(int(n) for n in reversed(t.shape))
-        yield t.name, torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a writable copy
+        W = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a writable copy
+        if re.search(r"\.attn_[qk]\.weight$", t.name):
+            W = unpermute(W, num_heads if ".attn_q." in t.name else num_kv_heads)
+        yield gguf_to_hf_name(t.name), W

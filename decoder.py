@@ -14,8 +14,8 @@ IniLoRA adapts q_proj and v_proj, as in the paper's LLM experiments (Section 4.2
 A KVCache preallocates every layer's keys and values for generation; `generate` is batched greedy
 decoding of left-padded prompts that stops each row at EOS (or when `stop` says so) or after
 max_new_tokens. Checkpoints (a Hugging Face directory, single or sharded safetensors, or a GGUF such as
-the packaged SmolLM2) load through one visible name map per format, with a shape check per copy and a
-final leftover/missing check; `load_causal_lm` is the one entry point.
+the packaged SmolLM2, whose names checkpoint.py translates) load through one visible name map, with a
+shape check per copy and a final leftover/missing check; `load_causal_lm` is the one entry point.
 
     python decoder.py --model smollm2 --prompt "What is 12 + 30?"
 """
@@ -23,14 +23,13 @@ import argparse
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import SMOLLM2, iter_checkpoint, iter_gguf, open_gguf, read_json, resolve_model
+from checkpoint import SMOLLM2, gguf_config, iter_checkpoint, iter_gguf_as_hf, open_gguf, read_json, resolve_model
 from common import parse_dtype, run_cli
 from data.tokenizer import ChatTokenizer
 
@@ -76,9 +75,6 @@ class DecoderConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"model family {self.family!r} is not supported; supported are {sorted(FAMILIES)}. "
-                             "Use a LLaMA, Mistral, Qwen2 or Gemma checkpoint (e.g. --model smollm2).")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; "
                              "fix config.json.")
@@ -114,7 +110,7 @@ def config_from_json(raw: dict, path: str) -> DecoderConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     eos = raw.get("eos_token_id")
     C, nh = raw["hidden_size"], raw["num_attention_heads"]
-    window = raw.get("sliding_window") if family == "mistral" or raw.get("use_sliding_window") else None
+    window = raw.get("sliding_window") if family == "mistral" else None  # Qwen2's is off (use_sliding_window)
     return DecoderConfig(
         family=family, vocab_size=raw["vocab_size"], hidden_size=C, num_layers=raw["num_hidden_layers"],
         num_heads=nh, num_kv_heads=raw.get("num_key_value_heads") or nh, head_dim=raw.get("head_dim") or C // nh,
@@ -360,7 +356,7 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 
 # -----------------------------------------------------------------------------
-# loading a checkpoint: one name map per format, a shape check per copy, nothing left over or unfilled
+# loading a checkpoint: one name map, a shape check per copy, nothing left over or unfilled
 
 # inside Hugging Face's model.layers.{i} (Llama/Mistral/Qwen2/GemmaForCausalLM) -> inside our layers.{i}
 HF_LAYER_NAMES = {
@@ -368,68 +364,19 @@ HF_LAYER_NAMES = {
     "self_attn.o_proj": "attn.o_proj", "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj",
     "mlp.down_proj": "mlp.down_proj", "input_layernorm": "norm_attn", "post_attention_layernorm": "norm_mlp",
 }
-# inside llama.cpp's blk.{i} -> inside our layers.{i}
-GGUF_LAYER_NAMES = {
-    "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "attn_norm": "norm_attn", "ffn_norm": "norm_mlp",
-}
-GGUF_ARCHS = ("llama",)  # llama.cpp's architecture names that load here (Mistral GGUFs say "llama" too)
 # checkpoint tensors deliberately not loaded (pattern -> why); consulted only for names the map lacks
 SKIPPED = {r"\.rotary_emb\.inv_freq$": "RoPE frequencies, computed from the config instead"}
 
 
-def unpermute(n_heads: int):
-    """llama.cpp stores the rows of W_q and W_k of each head with the RoPE pairs interleaved,
-    (0, hs/2), (1, hs/2 + 1), ...; this puts them back in Hugging Face's half-split order."""
-    def transform(W):  # (n_heads * hs, C)
-        return W.reshape(n_heads, -1, 2, W.shape[-1]).transpose(1, 2).reshape(W.shape)
-    return transform
-
-
-def hf_name_map(config: DecoderConfig) -> dict[str, tuple[str, Callable | None]]:
-    """Checkpoint tensor name -> (our parameter name, transform or None)."""
-    names = {"model.embed_tokens": "embed_tokens", "model.norm": "norm"}
-    names |= {} if config.tie_word_embeddings else {"lm_head": "lm_head"}
+def hf_name_map(config: DecoderConfig) -> dict[str, str]:
+    """Checkpoint tensor name -> our parameter name, for every tensor that is loaded."""
+    modules = {"model.embed_tokens": "embed_tokens", "model.norm": "norm"}
+    modules |= {} if config.tie_word_embeddings else {"lm_head": "lm_head"}
     for i in range(config.num_layers):
-        names |= {f"model.layers.{i}.{hf}": f"layers.{i}.{ours}" for hf, ours in HF_LAYER_NAMES.items()}
-    biased = ("q_proj", "k_proj", "v_proj") if config.variant.qkv_bias else ()
-    return {f"{hf}.{t}": (f"{ours}.{t}", None) for hf, ours in names.items()
-            for t in (("weight", "bias") if hf.endswith(biased) and biased else ("weight",))}
-
-
-def gguf_name_map(config: DecoderConfig) -> dict[str, tuple[str, Callable | None]]:
-    names = {"token_embd": ("embed_tokens", None), "output_norm": ("norm", None)}
-    names |= {} if config.tie_word_embeddings else {"output": ("lm_head", None)}
-    for i in range(config.num_layers):
-        for gg, ours in GGUF_LAYER_NAMES.items():
-            transform = {"attn_q": unpermute(config.num_heads), "attn_k": unpermute(config.num_kv_heads)}.get(gg)
-            names[f"blk.{i}.{gg}"] = (f"layers.{i}.{ours}", transform)
-    return {f"{gg}.weight": (f"{ours}.weight", transform) for gg, (ours, transform) in names.items()}
-
-
-def config_from_gguf(reader, meta: dict, path: str) -> DecoderConfig:
-    """A DecoderConfig from llama.cpp's metadata keys ("llama.block_count", ...)."""
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHS:
-        raise ValueError(f"{path!r} holds a {arch!r} model; the GGUF architectures supported here are "
-                         f"{list(GGUF_ARCHS)} (and {sorted(FAMILIES)} as Hugging Face safetensors). Use a "
-                         "LLaMA-architecture GGUF, or the model's safetensors directory.")
-    tensors = {t.name: t for t in reader.tensors}
-    if meta.get(f"{arch}.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensors:
-        raise ValueError(f"{path!r} uses RoPE frequency scaling, which GGUF loading here does not implement; "
-                         "load the model's safetensors directory instead (rope_type llama3 is supported there).")
-    key = lambda k: meta[f"{arch}.{k}"]  # noqa: E731
-    C, nh = key("embedding_length"), key("attention.head_count")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    return DecoderConfig(
-        family="llama", vocab_size=int(tensors["token_embd.weight"].shape[1]), hidden_size=C,
-        num_layers=key("block_count"), num_heads=nh, num_kv_heads=meta.get(f"{arch}.attention.head_count_kv", nh),
-        head_dim=meta.get(f"{arch}.attention.key_length", C // nh), intermediate_size=key("feed_forward_length"),
-        rms_norm_eps=key("attention.layer_norm_rms_epsilon"), rope_theta=meta.get(f"{arch}.rope.freq_base", 1e4),
-        max_position_embeddings=key("context_length"), tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-        eos_token_ids=() if eos is None else (eos,))
+        modules |= {f"model.layers.{i}.{hf}": f"layers.{i}.{ours}" for hf, ours in HF_LAYER_NAMES.items()}
+    biased = ("q_proj", "k_proj", "v_proj") if config.variant.qkv_bias else ()  # Qwen2
+    return {f"{hf}.{t}": f"{ours}.{t}" for hf, ours in modules.items()
+            for t in ("weight", "bias")[:2 if hf.endswith(biased) else 1]}
 
 
 def _some(names: list[str], n: int = 8) -> str:
@@ -447,8 +394,7 @@ def load_weights(model: DecoderLM, tensors, name_map: dict, source: str):
             if not any(re.search(pattern, name) for pattern in SKIPPED):
                 leftovers.append(name)
             continue
-        ours, transform = name_map[name]
-        tensor = tensor if transform is None else transform(tensor)
+        ours = name_map[name]
         if tensor.shape != params[ours].shape:
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but {ours!r} has shape "
                              f"{tuple(params[ours].shape)} from the model's configuration: {source!r} does not fit "
@@ -458,7 +404,7 @@ def load_weights(model: DecoderLM, tensors, name_map: dict, source: str):
     if leftovers:
         raise ValueError(f"tensors of {source!r} neither loaded nor deliberately skipped: {_some(sorted(leftovers))}. "
                          f"It is not a plain {model.config.family} checkpoint matching its configuration; check --model, "
-                         "or extend the name maps / SKIPPED in decoder.py.")
+                         "or extend HF_LAYER_NAMES / SKIPPED in decoder.py.")
     if missing := [n for n in params if n not in filled]:
         raise ValueError(f"parameters not in {source!r}: {_some(missing)}. The checkpoint is incomplete or does "
                          "not match its configuration. Re-download the model.")
@@ -470,15 +416,17 @@ def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32) -> tuple[DecoderLM,
         raise ValueError(f"dtype={dtype!r} is not a floating-point torch.dtype; "
                          "use torch.float32, torch.bfloat16 or torch.float16.")
     path, model_id = resolve_model(name)
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf":  # checkpoint.py translates llama.cpp's names and keys to Hugging Face's
         reader, meta = open_gguf(path)
-        config = config_from_gguf(reader, meta, str(path))
+        source = str(path)
+        config = config_from_json(gguf_config(reader, meta, source), source)
         tokenizer = ChatTokenizer.from_gguf(reader, meta, path)
-        tensors, name_map = iter_gguf(reader), gguf_name_map(config)
+        tensors = iter_gguf_as_hf(reader, config.num_heads, config.num_kv_heads)
     else:
-        config = config_from_json(read_json(path / "config.json"), str(path / "config.json"))
+        source = str(path / "config.json")
+        config = config_from_json(read_json(path / "config.json"), source)
         tokenizer = ChatTokenizer.from_dir(path)
-        tensors, name_map = iter_checkpoint(path), hf_name_map(config)
+        tensors = iter_checkpoint(path)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer of {str(path)!r} has {tokenizer.vocab_size} tokens but the model embeds only "
                          f"vocab_size={config.vocab_size}: they are from different models. Re-download the model.")
@@ -488,7 +436,7 @@ def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32) -> tuple[DecoderLM,
         model = DecoderLM(config)
     model = model.to(dtype).to_empty(device="cpu")
     model.tie_weights()  # to_empty gives the two tied modules separate tensors
-    load_weights(model, tensors, name_map, str(path))
+    load_weights(model, tensors, hf_name_map(config), source)
     print(f"loaded {model_id} ({config.family}, {config.num_layers} layers, C={config.hidden_size}, "
           f"{config.num_heads}/{config.num_kv_heads} q/kv heads, {dtype})")
     return model.eval(), tokenizer, model_id
