@@ -35,7 +35,7 @@ from safetensors.torch import save as safetensors_save
 import decoder
 import inilora
 import model as encoder
-from checkpoint import MINILM, SMOLLM2, open_gguf, read_json, resolve_model
+from checkpoint import MINILM, SMOLLM2, gguf_config, open_gguf, read_json, resolve_model
 from common import check_tensors, run_cli, write_atomic, write_json
 from evaluate import find_adapter
 
@@ -69,8 +69,8 @@ def read_config(model_id):
     """The model's configuration (encoder.ModelConfig or decoder.DecoderConfig) without loading weights."""
     path, _ = resolve_model(model_id)
     if path.suffix == ".gguf":
-        reader, meta = open_gguf(path)
-        return decoder.config_from_gguf(reader, meta, str(path))
+        reader, meta = open_gguf(path)  # checkpoint.py describes a GGUF as a Hugging Face config.json
+        return decoder.config_from_json(gguf_config(reader, meta, str(path)), str(path))
     raw = read_json(path / "config.json")
     if raw.get("model_type") in encoder.SUPPORTED_ARCHS:
         return encoder.load_config(path)
@@ -81,7 +81,7 @@ def hf_modules(config):
     """{our module name: Hugging Face module name} for every module the checkpoint name map loads, with the
     names of AutoModelForSequenceClassification ("bert."/"roberta." prefix) or AutoModelForCausalLM."""
     if isinstance(config, decoder.DecoderConfig):
-        forward = {hf: ours for hf, (ours, _) in decoder.hf_name_map(config).items()}
+        forward = decoder.hf_name_map(config)  # GGUF tensors load under these names too (checkpoint.py)
     else:
         forward = encoder.checkpoint_name_map(config, f"{config.arch}.")
     return {ours.removesuffix(".weight"): hf.removesuffix(".weight") for hf, ours in forward.items()
@@ -113,7 +113,8 @@ def peft_adapter(path):
         rank = 2 * cfg.rank
     else:  # B0 = 0: ΔW = s B A already
         rank = cfg.rank
-    names = hf_modules(read_config(meta["model_id"]))
+    config = read_config(meta["model_id"])
+    names = hf_modules(config)
     out = {}
     for key, t in sorted(tensors.items()):
         module, leaf = key.rsplit(".", 1)
@@ -125,10 +126,10 @@ def peft_adapter(path):
                              f"{list(cfg.targets)} cannot be exported (lm_head tied to the embeddings, for example).")
         lora = {"A": "lora_A.weight", "B": "lora_B.weight"}.get(leaf, leaf)  # A (r, d_in), B (d_out, r)
         out[f"{PREFIX}{names[module]}.{lora}"] = t.contiguous()
-    return out, peft_config(cfg, rank, names, tensors, meta["model_id"])
+    return out, peft_config(cfg, rank, names, tensors, meta["model_id"], config)
 
 
-def peft_config(cfg, rank, names, tensors, model_id):
+def peft_config(cfg, rank, names, tensors, model_id, config):
     """adapter_config.json: r' = rank, lora_alpha' = r' s (PEFT's scale lora_alpha' / r' = s), the targets,
     the task head in modules_to_save, and the base model's Hub id where it has one."""
     adapted = sorted({names[k.rsplit(".", 1)[0]] for k in tensors if k.endswith(".A")})
@@ -140,7 +141,8 @@ def peft_config(cfg, rank, names, tensors, model_id):
     # a head part under classifier/score is saved whole by PEFT's SEQ_CLS model: name the whole module
     head = sorted({next((h for h in SEQ_CLS_HEADS if n == h or n.startswith(h + ".")), n) for n in head})
     alpha = rank * cfg.scale
-    return {"peft_type": "LORA", "task_type": "SEQ_CLS" if head else "CAUSAL_LM",
+    task = "CAUSAL_LM" if isinstance(config, decoder.DecoderConfig) else "SEQ_CLS"
+    return {"peft_type": "LORA", "task_type": task,
             "base_model_name_or_path": HUB_IDS.get(model_id, model_id), "r": rank,
             "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": cfg.dropout,
             "target_modules": targets, "modules_to_save": head or None, "bias": "none", "fan_in_fan_out": False,

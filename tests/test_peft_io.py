@@ -2,7 +2,8 @@
 
 - export: for every initialiser, after two optimizer steps, PeftModel.from_pretrained on the original
   transformers model gives our logits, and PEFT's merge_and_unload gives our merged model's logits
-  (packaged MiniLM, tiny BERT and RoBERTa, tiny LLaMA decoder); rank r for B0 = 0, 2r otherwise,
+  (packaged MiniLM, tiny BERT and RoBERTa, tiny LLaMA decoder; also a 3-label and a regression head,
+  every linear layer as a target, Qwen2); rank r for B0 = 0, 2r otherwise,
   lora_alpha / r' = s, the head in modules_to_save, the Hub id as base_model_name_or_path;
 - import: an adapter made and trained one step with peft's get_peft_model gives PEFT's logits on our
   model (also for targets whose names differ, e.g. attention.output.dense -> attn.out); the command
@@ -120,6 +121,45 @@ def test_export_gives_our_logits_in_peft(bases, name, init, tmp_path):
         # invariant: merged outputs agree (PEFT's merge_and_unload, inilora.merge)
         merged_hf, merged_ours = hf.merge_and_unload(), inilora.merge(model)
         assert_close(hf_logits(merged_hf, ids, mask), forward(merged_ours), **TOLS[name])
+
+
+OTHER = {  # hf class, config overrides, num_labels, targets: heads, targets and families the tests above lack
+    "bert-3-labels-all-linears": ("BertForSequenceClassification", {"num_labels": 3}, 3,
+                                  ("query", "key", "value", "out", "fc", "proj")),
+    "roberta-regression": ("RobertaForSequenceClassification", {"num_labels": 1}, 1, ("out", "proj")),
+    "qwen2-biases-all-linears": ("Qwen2ForCausalLM", {}, None,
+                                 ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER))
+def test_export_other_heads_targets_and_families(tiny_checkpoint, tiny_decoder, case, tmp_path):
+    # invariant: PEFT gives our logits also for fine-tuned and regression heads, targets whose Hugging Face
+    # leaf name is ambiguous ("dense": target_modules become full module paths) and Qwen2's biased q/k/v
+    hf_class, overrides, K, targets = OTHER[case]
+    torch.manual_seed(0)
+    if K is None:
+        model_dir = tiny_decoder(hf_class, **overrides)
+        model, _, model_id = load_causal_lm(str(model_dir))
+    else:
+        model_dir = tiny_checkpoint(hf_class, **overrides)
+        model, _, model_id = load_model(str(model_dir), num_labels=K)
+    cfg = LoRAConfig(init="milora", rank=3, lora_alpha=5.0, targets=targets)
+    fingerprint = inilora.inject(model, cfg, model_id)
+    with torch.no_grad():  # a trained adapter and head: A, B and head.* moved away from their start
+        for n, p in model.named_parameters():
+            if n.endswith((".A", ".B")) or n.startswith("head."):
+                p.add_(0.05 * torch.randn_like(p))
+    path = inilora.save_adapter(model, tmp_path / "a.safetensors", cfg, model_id, fingerprint)
+    peft_io.export(path, tmp_path / "peft")
+    auto = transformers.AutoModelForCausalLM if K is None else transformers.AutoModelForSequenceClassification
+    hf = auto.from_pretrained(str(model_dir), **({} if K is None else {"num_labels": K})).eval()
+    hf = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    ids, mask = batch(model.config.vocab_size, model.config.pad_token_id or 0)
+    mask = None if K is None else mask
+    with torch.no_grad():
+        assert_close(hf_logits(hf, ids, mask), model(ids) if K is None else model(ids, mask),
+                     **(TOLS["llama"] if K is None else TOL))
 
 
 def test_export_names_heads_and_targets(bases, tmp_path):
