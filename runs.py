@@ -7,16 +7,19 @@ artifact, the optimizer moments, RNG state and position, so that `train.py --res
 the same result, bit for bit. A checkpoint is written to checkpoint-STEP.tmp and renamed, and only
 then does last.json name it: last.json never names a partial checkpoint.
 
-Ctrl-C or SIGTERM inside `StopRequest` only sets a flag; the training loop saves a checkpoint at its
+`stored_configs` reads a run's config.json back for --resume, and refuses a flag given beside it that
+disagrees with the stored value. Ctrl-C or SIGTERM inside `StopRequest` only sets a flag; the training loop saves a checkpoint at its
 next step and exits 130 (143).
 
     python train.py --resume --out runs/smollm2-arithmetic-lora-r8-seed0   (continues a run)
 """
 import json
 import re
+import shlex
 import shutil
 import signal
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -25,6 +28,8 @@ import inilora
 from common import ArtifactError, read_artifact, save_artifact, write_json
 
 STATE_FORMAT, STATE_VERSION = "inilora-train-state", 1  # a checkpoint's optimizer, RNG and position
+# settings a --resume may change: they do not change the result (checkpointing recomputes the same values)
+HARMLESS = {"log_every", "save_every", "grad_checkpointing"}
 
 # -----------------------------------------------------------------------------
 # checkpoints: written to a new directory, then last.json names it (atomic replace)
@@ -84,7 +89,7 @@ def restore_state(ckpt, model, opt, device):
 
 
 # -----------------------------------------------------------------------------
-# the run directory: named by the configuration, made only once every check has passed
+# the run directory: named by the configuration, made only once every check has passed; resumed by it
 
 
 def default_run_dir(cfg, lcfg):
@@ -124,6 +129,47 @@ def remove_failed_start(run, made):
         except OSError:
             break
     print(f"removed {run}: the run stopped before its first checkpoint, so there is nothing to resume")
+
+
+def stored_configs(run, argv, resolve, train_defaults):
+    """(cfg, lcfg) stored in run/config.json, with the flags given beside --resume applied: they must agree
+    with it, except the HARMLESS ones, which they override. resolve(stored flag values) -> (cfg, lcfg) parses
+    the command line over the stored values; train_defaults is a default TrainConfig (its known settings)."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume in {str(run)!r}: it has no config.json. Pass the --out "
+                                "directory of an earlier run, or start a new run without --resume.")
+    try:
+        saved = json.loads(path.read_text())
+        train_saved, lora_saved = dict(saved["train"]), dict(saved["lora"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{str(path)!r} is not a train.py configuration ({type(e).__name__}: {e}): "
+                         "restore it, or start a new run with another --out.") from None
+    # LoRAConfig field -> the argparse name of its flag (inilora declares each flag beside its field)
+    dests = {f.name: f.metadata["flag"].lstrip("-").replace("-", "_") for f in fields(inilora.LoRAConfig)
+             if f.metadata.get("flag")}
+    unknown = sorted(set(train_saved) - set(asdict(train_defaults)) | set(lora_saved) - set(dests) - {"seed"})
+    if unknown:
+        raise ValueError(f"{str(path)!r} holds settings {unknown} that this train.py does not know: it was "
+                         "written by another version. Resume it with that version, or start a new run.")
+    # the stored values become the defaults: only a flag given on the command line can differ from them
+    cfg, lcfg = resolve({**train_saved, **{  # a string default is parsed: targets joined
+        dests[k]: ",".join(v) if k == "targets" else v for k, v in lora_saved.items() if k in dests}})
+    resolved = json.loads(json.dumps({"train": asdict(cfg), "lora": asdict(lcfg)}))  # tuples become lists
+    diffs, flags = [], set()
+    for section, values in resolved.items():
+        for key, value in values.items():
+            if key not in HARMLESS and saved[section].get(key) != value:
+                flag = "--" + (dests.get(key, "seed") if section == "lora" else key).replace("_", "-")
+                how = flag if key in saved[section] else "config.json lacks it: this train.py's default"
+                flags |= {flag} if key in saved[section] else set()
+                diffs.append(f"{section}.{key}: {saved[section].get(key)!r} -> {value!r} ({how})")
+    if diffs:
+        advice = (f"Leave out {' '.join(sorted(flags))} to continue with the stored values (python train.py --resume "
+                  f"--out {shlex.quote(str(run))})" if flags else "An older train.py wrote it: resume it with that one")
+        raise ValueError(f"run directory {str(run)!r} was made with a different configuration ({'; '.join(diffs)}). "
+                         f"{advice}, or start a new run with another --out.")
+    return cfg, lcfg
 
 
 # -----------------------------------------------------------------------------

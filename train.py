@@ -40,7 +40,7 @@ import math
 import shlex
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -58,12 +58,10 @@ from evaluate import evaluate
 from generation import score as evaluate_generation
 from model import load_model
 from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,  # noqa: F401
-                  peak_memory, remove_failed_start, restore_state, save_checkpoint)
+                  peak_memory, remove_failed_start, restore_state, save_checkpoint, stored_configs)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bfloat16: autocast, float32 weights
 SCHEDULES = ("linear", "cosine")
-# settings a --resume may change: they do not change the result (checkpointing recomputes the same values)
-HARMLESS = {"log_every", "save_every", "grad_checkpointing"}
 DEFAULT_MODELS = {"generation": "smollm2"}  # --model left out: the packaged decoder, else the packaged encoder
 # the paper's LLM protocol (Section 4.2, the authors' MetaMath-style scripts); train and LoRA flags by dest
 PRESETS = {"paper-llm": dict(lr=2e-5, warmup_ratio=0.03, schedule="cosine", epochs=3, batch_size=8, grad_accum=8,
@@ -364,46 +362,6 @@ def train(cfg, lcfg, run, device, s: Setup):
     return state
 
 
-def stored_configs(run, argv):
-    """(cfg, lcfg) stored in run/config.json, with the flags given beside --resume applied: they
-    must agree with it, except the harmless ones (log_every, save_every), which they override."""
-    path = run / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"nothing to resume in {str(run)!r}: it has no config.json. Pass the --out "
-                                "directory of an earlier run, or start a new run without --resume.")
-    try:
-        saved = json.loads(path.read_text())
-        train_saved, lora_saved = dict(saved["train"]), dict(saved["lora"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{str(path)!r} is not a train.py configuration ({type(e).__name__}: {e}): "
-                         "restore it, or start a new run with another --out.") from None
-    # LoRAConfig field -> the argparse name of its flag (inilora declares each flag beside its field)
-    dests = {f.name: f.metadata["flag"].lstrip("-").replace("-", "_") for f in fields(inilora.LoRAConfig)
-             if f.metadata.get("flag")}
-    unknown = sorted(set(train_saved) - set(asdict(TrainConfig())) | set(lora_saved) - set(dests) - {"seed"})
-    if unknown:
-        raise ValueError(f"{str(path)!r} holds settings {unknown} that this train.py does not know: it was "
-                         "written by another version. Resume it with that version, or start a new run.")
-    # the stored values become the defaults: only a flag given on the command line can differ from them
-    cfg, lcfg = configs_from_args(parse(argv, {**train_saved, **{  # a string default is parsed: targets joined
-        dests[k]: ",".join(v) if k == "targets" else v for k, v in lora_saved.items() if k in dests}}))
-    resolved = json.loads(json.dumps({"train": asdict(cfg), "lora": asdict(lcfg)}))  # tuples become lists
-    diffs, flags = [], set()
-    for section, values in resolved.items():
-        for key, value in values.items():
-            if key not in HARMLESS and saved[section].get(key) != value:
-                flag = "--" + (dests.get(key, "seed") if section == "lora" else key).replace("_", "-")
-                how = flag if key in saved[section] else "config.json lacks it: this train.py's default"
-                flags |= {flag} if key in saved[section] else set()
-                diffs.append(f"{section}.{key}: {saved[section].get(key)!r} -> {value!r} ({how})")
-    if diffs:
-        advice = (f"Leave out {' '.join(sorted(flags))} to continue with the stored values (python train.py --resume "
-                  f"--out {shlex.quote(str(run))})" if flags else "An older train.py wrote it: resume it with that one")
-        raise ValueError(f"run directory {str(run)!r} was made with a different configuration ({'; '.join(diffs)}). "
-                         f"{advice}, or start a new run with another --out.")
-    return cfg, lcfg
-
-
 # -----------------------------------------------------------------------------
 # the command line
 
@@ -472,7 +430,7 @@ def main(argv=None):
     ckpt = None
     if args.resume:
         run = Path(args.out) if args.out else default_run_dir(*configs_from_args(args))
-        cfg, lcfg = stored_configs(run, argv)
+        cfg, lcfg = stored_configs(run, argv, lambda stored: configs_from_args(parse(argv, stored)), TrainConfig())
         ckpt = last_checkpoint(run)
     else:
         cfg, lcfg = configs_from_args(args)
