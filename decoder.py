@@ -325,13 +325,17 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens:
         ids[b, T0 - len(p):T0], mask[b, T0 - len(p):T0] = torch.tensor(list(p)), 1
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     cache = KVCache(model.config, B, T0 + max_new_tokens, model.lm_head.weight.dtype, device) if use_cache else None
-    logits = model(ids[:, :T0], mask[:, :T0], cache=cache, last_only=True)  # (B, 1, V)
+    if all(len(p) == T0 for p in prompts):  # no padding: SDPA's own causal mask, none at all when decoding
+        mask = None
+    logits = model(ids[:, :T0], None if mask is None else mask[:, :T0], cache=cache, last_only=True)  # (B, 1, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     texts = [[] for _ in range(B)] if stop is not None else None
     n = 0
     while True:
         nxt = torch.where(done, pad_id, logits[:, -1].argmax(-1))  # (B,): finished rows get padding
-        ids[:, T0 + n], mask[:, T0 + n] = nxt, 1
+        ids[:, T0 + n] = nxt
+        if mask is not None:
+            mask[:, T0 + n] = 1
         n += 1
         was_done = done.tolist() if texts is not None else None
         done |= torch.isin(nxt, eos)
@@ -342,10 +346,11 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens:
                     done[b] = done[b] or stop(texts[b])
         if n == max_new_tokens or bool(done.all()):  # the one host sync per step
             break
+        seen = None if mask is None else mask[:, :T0 + n]  # (B, T0 + n)
         if use_cache:
-            logits = model(ids[:, T0 + n - 1:T0 + n], mask[:, :T0 + n], cache=cache, last_only=True)
+            logits = model(ids[:, T0 + n - 1:T0 + n], seen, cache=cache, last_only=True)
         else:
-            logits = model(ids[:, :T0 + n], mask[:, :T0 + n], last_only=True)
+            logits = model(ids[:, :T0 + n], seen, last_only=True)
     if texts is not None:
         return texts
     ends, out = set(eos.tolist()), []
@@ -408,6 +413,12 @@ def load_weights(model: DecoderLM, tensors, name_map: dict, source: str):
     if missing := [n for n in params if n not in filled]:
         raise ValueError(f"parameters not in {source!r}: {_some(missing)}. The checkpoint is incomplete or does "
                          "not match its configuration. Re-download the model.")
+
+
+def is_causal_lm(name: str) -> bool:
+    """Whether --model names a decoder (load_causal_lm) rather than an encoder (model.load_model)."""
+    path, _ = resolve_model(name)
+    return path.suffix == ".gguf" or read_json(path / "config.json").get("model_type") in FAMILIES
 
 
 def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32) -> tuple[DecoderLM, ChatTokenizer, str]:

