@@ -1,8 +1,13 @@
 """A model's tokenizer: Hugging Face `tokenizer.json` read with the `tokenizers` library.
 
-Texts (and optional second texts of a pair) become token ids and token type ids, with the
-model's own special tokens and longest-first truncation. No padding here: batches are padded
-when they are built (data/prepare.py `pad_batch`).
+Tokenizer (encoders): texts (and optional second texts of a pair) become token ids and token
+type ids, with the model's own special tokens and longest-first truncation.
+ChatTokenizer (decoders): byte-level BPE from tokenizer.json or rebuilt from a GGUF file's
+metadata (vocabulary, merges, token types, as llama.cpp stores them), and the model's chat
+template, a Jinja string rendered in a sandbox. No padding here: batches are padded when they
+are built (data/prepare.py `pad_batch`).
+
+    python decoder.py --model smollm2 --prompt "What is 12 + 30?"   (chat template + generation)
 """
 import hashlib
 import json
