@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from checkpoint import SMOLLM2, gguf_config, iter_checkpoint, iter_gguf_as_hf, open_gguf, read_json, resolve_model
 from common import parse_dtype, run_cli
@@ -148,7 +149,7 @@ def rope_frequencies(config: DecoderConfig) -> torch.Tensor:
 
 def rope_cos_sin(f: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     """cos and sin of the angles p * f_j, each (B, 1, T, hs): computed in float32, then cast."""
-    angles = positions[..., None].float() * f.to(positions.device)  # (B, T, 1) * (hs/2,) -> (B, T, hs/2)
+    angles = positions[..., None].float() * f  # (B, T, 1) * (hs/2,) -> (B, T, hs/2)
     angles = torch.cat((angles, angles), dim=-1)  # (B, T, hs): pair j is (j, j + hs/2)
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
@@ -272,7 +273,8 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.variant.norm_offset)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self.f = rope_frequencies(config)  # float32 on the CPU, not a buffer: .to(bfloat16) must not round it
+        self.f = rope_frequencies(config)  # float32, not a buffer: .to(bfloat16) must not round it
+        self.gradient_checkpointing = False  # True: recompute each block in backward (7B training memory)
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:  # logits = x E^T with the embedding matrix E
@@ -295,9 +297,14 @@ class DecoderLM(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         if self.config.variant.scale_embed:  # Gemma: x * sqrt(C), sqrt(C) rounded to the model's dtype
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        if self.f.device != x.device:  # moved once, at the first forward on a new device
+            self.f = self.f.to(x.device)
         cos, sin = rope_cos_sin(self.f, positions, x.dtype)  # (B, 1, T, hs) each
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache)  # (B, T, C)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)  # (B, T, C), activations freed
+            else:
+                x = block(x, cos, sin, mask, cache)  # (B, T, C)
         if cache is not None:
             cache.length += T
         x = self.norm(x[:, -1:] if last_only else x)  # (B, T, C)
@@ -421,8 +428,10 @@ def is_causal_lm(name: str) -> bool:
     return path.suffix == ".gguf" or read_json(path / "config.json").get("model_type") in FAMILIES
 
 
-def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32) -> tuple[DecoderLM, ChatTokenizer, str]:
-    """(model in eval mode, its tokenizer, model_id) for "smollm2", a .gguf file, a directory or a Hub id."""
+def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32, device="cpu") -> tuple[DecoderLM, ChatTokenizer, str]:
+    """(model in eval mode, its tokenizer, model_id) for "smollm2", a .gguf file, a directory or a Hub id.
+    The weights are allocated on `device` in `dtype` and filled tensor by tensor (a 7B model in bf16
+    goes to the GPU without a full copy in host memory)."""
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} is not a floating-point torch.dtype; "
                          "use torch.float32, torch.bfloat16 or torch.float16.")
@@ -445,7 +454,7 @@ def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32) -> tuple[DecoderLM,
     # float32 that the checkpoint then overwrites; load_weights fills every tensor, and checks that it did
     with torch.device("meta"):
         model = DecoderLM(config)
-    model = model.to(dtype).to_empty(device="cpu")
+    model = model.to(dtype).to_empty(device=device)
     model.tie_weights()  # to_empty gives the two tied modules separate tensors
     load_weights(model, tensors, hf_name_map(config), source)
     print(f"loaded {model_id} ({config.family}, {config.num_layers} layers, C={config.hidden_size}, "

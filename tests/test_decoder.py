@@ -114,6 +114,20 @@ def test_eos_and_stop_end_rows_early(tiny_decoder):
     assert rows == [free[0][:2], free[1][:2]]
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_decoder):
+    model, _, _ = load_causal_lm(str(tiny_decoder("LlamaForCausalLM")))
+    ids, mask = padded(random_rows(model.config.vocab_size, [6, 9], seed=3), 0, left=[True, False])
+    grads = []
+    for flag in (False, True):
+        model.train().zero_grad()
+        model.gradient_checkpointing = flag
+        model(ids, mask).logsumexp(-1)[mask.bool()].mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    # recomputing the blocks in backward changes memory, not the gradients
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_default_targets_are_q_and_v_proj(tiny_decoder):
     model, _, _ = load_causal_lm(str(tiny_decoder("Qwen2ForCausalLM")))
     found = target_linears(model, DEFAULT_TARGETS["qwen2"])
