@@ -37,6 +37,7 @@ import inilora
 import model as encoder
 from checkpoint import MINILM, SMOLLM2, gguf_config, open_gguf, read_json, resolve_model
 from common import check_tensors, run_cli, write_atomic, write_json
+from data.prepare import TASKS
 from evaluate import find_adapter
 
 # Shapes: r the rank, d_in / d_out a target layer's sizes, K the number of labels.
@@ -261,6 +262,9 @@ def load_peft(model, peft_dir, model_id=None):
     for k, t in given.items():
         if is_head(k):
             params[k].copy_(t)
+    head = sorted({k.rsplit(".", 1)[0] for k in given if is_head(k)})
+    print(f"loaded PEFT LoRA {peft_dir}: r={lcfg.rank}, s={lcfg.scale:g}, {len(linears)} layers {list(targets)}"
+          + (f"; {', '.join(head)} from its modules_to_save, replacing the head reported above" if head else ""))
     return lcfg, fingerprint
 
 
@@ -272,16 +276,19 @@ def num_labels_of(peft_dir, config):
     return next((t.shape[0] for k, t in tensors.items() if last and k == f"{PREFIX}{last[0]}.weight"), 2)
 
 
-def import_peft(peft_dir, out, model_name, num_labels=None):
-    """Writes the PEFT adapter `peft_dir` as our adapter `out` (.safetensors + sidecar) for `model_name`."""
+def import_peft(peft_dir, out, model_name, num_labels=None, task=None, max_length=512):
+    """Writes the PEFT adapter `peft_dir` as our adapter `out` (.safetensors + sidecar) for `model_name`;
+    with `task` (a data.prepare.TASKS name) the sidecar records it, so that evaluate.py can evaluate `out`."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {sorted(TASKS)}; pass one of those, or leave --task out.")
+    extra = {} if task is None else {"task": task, "max_length": max_length}
     config = read_config(model_name)
     if isinstance(config, decoder.DecoderConfig):
         model, _, model_id = decoder.load_causal_lm(model_name)
-        extra = {}
     else:
-        num_labels = num_labels or num_labels_of(peft_dir, config)
+        num_labels = num_labels or (TASKS[task].num_labels if task else num_labels_of(peft_dir, config))
         model, _, model_id = encoder.load_model(model_name, num_labels=num_labels)
-        extra = {"num_labels": num_labels}
+        extra["num_labels"] = num_labels
     lcfg, fingerprint = load_peft(model, peft_dir, model_id)
     extra["imported_from"] = {"peft_dir": str(Path(peft_dir).resolve()), "config": read_json(Path(peft_dir) / CONFIG)}
     return inilora.save_adapter(model, out, lcfg, model_id, fingerprint, extra), lcfg
@@ -306,7 +313,10 @@ def main(argv=None):
     im.add_argument("peft_dir", help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     im.add_argument("out", help="our adapter file to write (.safetensors, with a .json sidecar)")
     im.add_argument("--model", default=MINILM, help="the base model: 'minilm', 'smollm2', a directory or a Hub id")
-    im.add_argument("--num-labels", type=int, default=None, help="classes of the head; None: read from the adapter")
+    im.add_argument("--num-labels", type=int, default=None,
+                    help="outputs of the head; None: the task's, else the rows of the adapter's classifier")
+    im.add_argument("--task", default=None, help="the task it was trained on, recorded so evaluate.py can evaluate it")
+    im.add_argument("--max-length", type=int, default=512, help="with --task: the truncation evaluate.py uses")
     args = p.parse_args(argv)
     if args.command == "export":
         adapter, config = export(args.source, args.out_dir, args.checkpoint)
@@ -316,8 +326,8 @@ def main(argv=None):
     else:
         if Path(args.out).suffix != ".safetensors":
             raise ValueError(f"out={args.out!r} must end in .safetensors (a .json sidecar is written beside it).")
-        path, lcfg = import_peft(args.peft_dir, args.out, args.model, args.num_labels)
-        print(f"imported {args.peft_dir} -> {path}: r={lcfg.rank}, s={lcfg.scale:g}, targets {list(lcfg.targets)}")
+        path, lcfg = import_peft(args.peft_dir, args.out, args.model, args.num_labels, args.task, args.max_length)
+        print(f"wrote {path} (init {lcfg.init!r}, A0 = lora_A, B0 = 0)")
 
 
 if __name__ == "__main__":

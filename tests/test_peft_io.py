@@ -267,7 +267,10 @@ def test_import_command_round_trip(bases, tmp_path):
     # invariant: PEFT -> our adapter (command line) -> load_adapter gives PEFT's logits, and exporting it
     # again gives PEFT's tensors back at rank r
     hf = peft_made(bases, "bert", tmp_path / "peft")
-    peft_io.main(["import", str(tmp_path / "peft"), str(tmp_path / "ours.safetensors"), "--model", str(bases["bert"][1])])
+    peft_io.main(["import", str(tmp_path / "peft"), str(tmp_path / "ours.safetensors"), "--model", str(bases["bert"][1]),
+                  "--task", "rotten-tomatoes"])
+    _, meta = inilora.read_adapter(tmp_path / "ours.safetensors")  # what evaluate.py reads to evaluate it
+    assert (meta["task"], meta["num_labels"], meta["max_length"]) == ("rotten-tomatoes", 2, 512)
     model, model_id, (ids, mask), forward = ours("bert", bases["bert"][1])
     inilora.load_adapter(model, tmp_path / "ours.safetensors", model_id)
     with torch.no_grad():
