@@ -137,7 +137,7 @@ def read_json(path: Path) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# reading safetensors (single or sharded) and pickles
+# reading safetensors (single or sharded) and pickles; copying tensors through a name map
 
 
 def unreadable(path: Path, e: Exception) -> ValueError:
@@ -197,6 +197,39 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
 def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint by name (the small encoders read it whole)."""
     return dict(iter_checkpoint(model_dir))
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, tensors, name_map: dict[str, str], skipped: dict[str, str], source: str,
+                 where: str):
+    """Copies each (name, tensor) into `model` through `name_map`, with a shape check per copy; names the
+    map lacks must match a pattern of `skipped`, and every parameter must be filled. Each tensor is cast
+    to its parameter's dtype alone: a bf16 model never holds a float32 copy of itself."""
+    params = dict(model.named_parameters())  # a tied weight is listed once
+    filled, leftovers = set(), []
+    for name, tensor in tensors:
+        if name not in name_map:
+            if not any(re.search(pattern, name) for pattern in skipped):
+                leftovers.append(name)
+            continue
+        ours = name_map[name]
+        if tensor.shape != params[ours].shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but {ours!r} has shape "
+                             f"{tuple(params[ours].shape)} from the model's configuration: {source!r} does not fit "
+                             "its own configuration. Re-download the model.")
+        params[ours].copy_(tensor)
+        filled.add(ours)
+    if leftovers:
+        raise ValueError(f"tensors of {source!r} neither loaded nor deliberately skipped: {_some(sorted(leftovers))}. "
+                         "It is not a plain checkpoint of its family matching its configuration; check --model, "
+                         f"or extend {where}.")
+    if missing := [n for n in params if n not in filled]:
+        raise ValueError(f"parameters not in {source!r}: {_some(missing)}. The checkpoint is incomplete or does "
+                         "not match its configuration. Re-download the model.")
 
 
 # -----------------------------------------------------------------------------

@@ -21,7 +21,6 @@ shape check per copy and a final leftover/missing check; `load_causal_lm` is the
 """
 import argparse
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -30,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import SMOLLM2, gguf_config, iter_checkpoint, iter_gguf_as_hf, open_gguf, read_json, resolve_model
+from checkpoint import (SMOLLM2, gguf_config, iter_checkpoint, iter_gguf_as_hf, load_weights, open_gguf, read_json,
+                        resolve_model)
 from common import parse_dtype, run_cli
 from data.tokenizer import ChatTokenizer
 
@@ -391,37 +391,6 @@ def hf_name_map(config: DecoderConfig) -> dict[str, str]:
             for t in ("weight", "bias")[:2 if hf.endswith(biased) else 1]}
 
 
-def _some(names: list[str], n: int = 8) -> str:
-    return ", ".join(names[:n]) + (f" ... ({len(names) - n} more)" if len(names) > n else "")
-
-
-@torch.no_grad()
-def load_weights(model: DecoderLM, tensors, name_map: dict, source: str):
-    """Copies each (name, tensor) into `model` through `name_map`, converting each tensor alone to the
-    model's dtype (a bf16 model never holds a float32 copy of itself); then checks nothing is left over."""
-    params = dict(model.named_parameters())  # a tied lm_head is listed once, as embed_tokens.weight
-    filled, leftovers = set(), []
-    for name, tensor in tensors:
-        if name not in name_map:
-            if not any(re.search(pattern, name) for pattern in SKIPPED):
-                leftovers.append(name)
-            continue
-        ours = name_map[name]
-        if tensor.shape != params[ours].shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but {ours!r} has shape "
-                             f"{tuple(params[ours].shape)} from the model's configuration: {source!r} does not fit "
-                             "its own configuration. Re-download the model.")
-        params[ours].copy_(tensor)  # casts to the parameter's dtype, this tensor only
-        filled.add(ours)
-    if leftovers:
-        raise ValueError(f"tensors of {source!r} neither loaded nor deliberately skipped: {_some(sorted(leftovers))}. "
-                         f"It is not a plain {model.config.family} checkpoint matching its configuration; check --model, "
-                         "or extend HF_LAYER_NAMES / SKIPPED in decoder.py.")
-    if missing := [n for n in params if n not in filled]:
-        raise ValueError(f"parameters not in {source!r}: {_some(missing)}. The checkpoint is incomplete or does "
-                         "not match its configuration. Re-download the model.")
-
-
 def is_causal_lm(name: str) -> bool:
     """Whether --model names a decoder (load_causal_lm) rather than an encoder (model.load_model)."""
     path, _ = resolve_model(name)
@@ -451,12 +420,12 @@ def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32, device="cpu") -> tu
         raise ValueError(f"the tokenizer of {str(path)!r} has {tokenizer.vocab_size} tokens but the model embeds only "
                          f"vocab_size={config.vocab_size}: they are from different models. Re-download the model.")
     # built on the meta device and given memory directly in `dtype`: nothing drawn at random, nothing in
-    # float32 that the checkpoint then overwrites; load_weights fills every tensor, and checks that it did
+    # float32 that the checkpoint then overwrites; load_weights fills every tensor (casting one at a time)
     with torch.device("meta"):
         model = DecoderLM(config)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()  # to_empty gives the two tied modules separate tensors
-    load_weights(model, tensors, hf_name_map(config), source)
+    load_weights(model, tensors, hf_name_map(config), SKIPPED, source, "HF_LAYER_NAMES / SKIPPED in decoder.py")
     print(f"loaded {model_id} ({config.family}, {config.num_layers} layers, C={config.hidden_size}, "
           f"{config.num_heads}/{config.num_kv_heads} q/kv heads, {dtype})")
     return model.eval(), tokenizer, model_id

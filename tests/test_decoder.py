@@ -128,6 +128,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_decoder):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_directory_tokenizer_and_chat_template_match_transformers(tiny_decoder):
+    path = tiny_decoder("LlamaForCausalLM")
+    _, tok, _ = load_causal_lm(str(path))
+    ref = transformers.AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "the dog plays"}, {"role": "assistant", "content": "a cat"}]
+    for add in (True, False):
+        expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
+        assert tok.apply_chat_template(messages, add_generation_prompt=add) == expected
+    assert tok.encode(["the dog plays <|im_end|>"]) == [ref("the dog plays <|im_end|>")["input_ids"]]
+    assert tok.eos_ids == (2,) and tok.pad_id == 0
+
+
 def test_default_targets_are_q_and_v_proj(tiny_decoder):
     model, _, _ = load_causal_lm(str(tiny_decoder("Qwen2ForCausalLM")))
     found = target_linears(model, DEFAULT_TARGETS["qwen2"])
