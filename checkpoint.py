@@ -205,10 +205,11 @@ def _some(names: list[str], n: int = 8) -> str:
 
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, tensors, name_map: dict[str, str], skipped: dict[str, str], source: str,
-                 where: str):
+                 where: str, may_miss: str | None = None) -> set[str]:
     """Copies each (name, tensor) into `model` through `name_map`, with a shape check per copy; names the
-    map lacks must match a pattern of `skipped`, and every parameter must be filled. Each tensor is cast
-    to its parameter's dtype alone: a bf16 model never holds a float32 copy of itself."""
+    map lacks must match a pattern of `skipped` (pattern -> why), and every parameter must be filled,
+    except those starting with `may_miss` (the caller fills them). Returns the filled names. Each tensor
+    is cast to its parameter's dtype alone: a bf16 model never holds a float32 copy of itself."""
     params = dict(model.named_parameters())  # a tied weight is listed once
     filled, leftovers = set(), []
     for name, tensor in tensors:
@@ -219,17 +220,18 @@ def load_weights(model: torch.nn.Module, tensors, name_map: dict[str, str], skip
         ours = name_map[name]
         if tensor.shape != params[ours].shape:
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but {ours!r} has shape "
-                             f"{tuple(params[ours].shape)} from the model's configuration: {source!r} does not fit "
-                             "its own configuration. Re-download the model.")
-        params[ours].copy_(tensor)
+                             f"{tuple(params[ours].shape)} from config.json (or the GGUF metadata): the weights of "
+                             f"{source!r} and its configuration do not belong together. Re-download the model.")
+        params[ours].copy_(tensor)  # checkpoints may be float16/bfloat16/float32, whatever the model's dtype
         filled.add(ours)
     if leftovers:
-        raise ValueError(f"tensors of {source!r} neither loaded nor deliberately skipped: {_some(sorted(leftovers))}. "
-                         "It is not a plain checkpoint of its family matching its configuration; check --model, "
-                         f"or extend {where}.")
-    if missing := [n for n in params if n not in filled]:
-        raise ValueError(f"parameters not in {source!r}: {_some(missing)}. The checkpoint is incomplete or does "
+        raise ValueError(f"checkpoint tensors neither loaded nor deliberately skipped: {_some(sorted(leftovers))}. "
+                         f"{source!r} is not a plain checkpoint of its architecture matching its configuration; "
+                         f"check --model, or extend {where}.")
+    if missing := [n for n in params if n not in filled and not (may_miss and n.startswith(may_miss))]:
+        raise ValueError(f"parameters not in the checkpoint: {_some(missing)}. {source!r} is incomplete or does "
                          "not match its configuration. Re-download the model.")
+    return filled
 
 
 # -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import MINILM, read_checkpoint, read_json, resolve_model
+from checkpoint import load_weights as copy_weights  # the strict copy through a name map
 from data.tokenizer import Tokenizer
 
 # Shapes in comments: B batch, T tokens, C hidden size, nh heads, hs head size (C = nh * hs),
@@ -312,38 +313,21 @@ def checkpoint_prefix(state: dict, arch: str) -> str:
     return f"{arch}." if any(name.startswith(f"{arch}.") for name in state) else ""
 
 
-def _some(names: list[str], n: int = 12) -> str:
-    return ", ".join(names[:n]) + (f" ... ({len(names) - n} more)" if len(names) > n else "")
-
-
 @torch.no_grad()
-def load_weights(model: SequenceClassifier, state: dict[str, torch.Tensor], head_seed: int) -> dict[str, str]:
+def load_weights(model: SequenceClassifier, state: dict[str, torch.Tensor], head_seed: int,
+                 source: str) -> dict[str, str]:
     """Copies `state` into `model` through checkpoint_name_map; head parts the checkpoint lacks start
     fresh from `head_seed`. Returns {head part: "loaded" | "fresh"}."""
     config = model.config
     name_map = checkpoint_name_map(config, checkpoint_prefix(state, config.arch))
-    params = dict(model.named_parameters())
-    filled, leftovers = set(), []
-    for name, tensor in state.items():
-        ours = name_map.get(name)
-        if ours is None:
-            if not any(re.search(pattern, name) for pattern in SKIPPED):
-                leftovers.append(name)
-            continue
-        if ours.startswith(("head.classifier.", "head.out_proj.")) and tensor.shape[0] != config.num_labels:
+    for name, tensor in state.items():  # a fine-tuned classifier must have num_labels outputs
+        if name_map.get(name, "").startswith(("head.classifier.", "head.out_proj.")) and \
+                tensor.shape[0] != config.num_labels:
             raise ValueError(f"the checkpoint's fine-tuned classifier {name!r} has {tensor.shape[0]} outputs, but "
                              f"num_labels={config.num_labels}. Pass num_labels={tensor.shape[0]} to use this head, "
                              "or start from the pre-trained base model.")
-        if tensor.shape != params[ours].shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but {ours!r} has shape "
-                             f"{tuple(params[ours].shape)} from config.json: the weights and config.json do not "
-                             "belong together. Re-download the model.")
-        params[ours].copy_(tensor.to(params[ours].dtype))  # checkpoints may be float16/bfloat16
-        filled.add(ours)
-    if leftovers:
-        raise ValueError(f"checkpoint tensors neither loaded nor deliberately skipped: {_some(sorted(leftovers))}. "
-                         f"This is not a plain {config.arch} checkpoint matching its config.json; check --model, "
-                         "or extend checkpoint_name_map / SKIPPED in model.py.")
+    filled = copy_weights(model, state.items(), name_map, SKIPPED, source,
+                          "checkpoint_name_map / SKIPPED in model.py", may_miss="head.")
     # head parts the checkpoint lacks start as HF initialises them: W ~ N(0, 0.02^2), b = 0,
     # drawn in float32 from `head_seed` so that the head does not depend on the dtype
     generator = torch.Generator().manual_seed(head_seed)
@@ -359,8 +343,8 @@ def load_weights(model: SequenceClassifier, state: dict[str, torch.Tensor], head
         module.bias.zero_()
         filled.update(names)
         head_parts[part] = "fresh"
-    if missing := [n for n in params if n not in filled]:
-        raise ValueError(f"parameters not in the checkpoint: {_some(missing)}. The checkpoint is incomplete or "
+    if missing := [n for n, _ in model.named_parameters() if n not in filled]:  # e.g. a pooler bias alone
+        raise ValueError(f"parameters not in the checkpoint: {', '.join(missing)}. The checkpoint is incomplete or "
                          "does not match its config.json. Re-download the model.")
     return head_parts
 
@@ -387,7 +371,7 @@ def load_model(name: str = MINILM, num_labels: int = 2, head_seed: int = 0,
     with torch.device("meta"):
         model = SequenceClassifier(config)
     model = model.to(dtype).to_empty(device="cpu")
-    head_parts = load_weights(model, state, head_seed)
+    head_parts = load_weights(model, state, head_seed, str(model_dir))
     fresh = f"initialised fresh (head_seed={head_seed})"
     how = ", ".join(f"{part} {'loaded from the checkpoint' if v == 'loaded' else fresh}"
                     for part, v in head_parts.items())
