@@ -22,7 +22,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
-from decoder import DEFAULT_TARGETS, generate, is_causal_lm, load_causal_lm
+from decoder import DEFAULT_TARGETS, generate, is_causal_lm, load_causal_lm, stop_after_line
 from model import target_linears
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -114,6 +114,16 @@ def test_eos_and_stop_end_rows_early(tiny_decoder):
     assert rows == [free[0][:2], free[1][:2]]
 
 
+def test_stop_after_line_waits_for_the_end_of_the_answer_line():
+    class Chars:  # token id = character code
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    stop = stop_after_line(Chars())
+    assert not any(stop(list(map(ord, text))) for text in ("Step 1\n", "so #### 4", "so #### 42"))
+    assert stop(list(map(ord, "so #### 42\n"))) and stop(list(map(ord, "#### 7\nmore")))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_decoder):
     model, _, _ = load_causal_lm(str(tiny_decoder("LlamaForCausalLM")))
     ids, mask = padded(random_rows(model.config.vocab_size, [6, 9], seed=3), 0, left=[True, False])
@@ -202,6 +212,10 @@ def test_smollm2_shape_and_logits_match_transformers_gguf(smollm2):
     c = model.config
     assert (c.family, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == ("llama", 30, 576, 9, 3)
     assert c.tie_word_embeddings and tuple(model.layers[0].attn.k_proj.weight.shape) == (192, 576)
+    # the adapters' default targets: 30 q_proj (576 x 576) and 30 v_proj (192 x 576)
+    targets = target_linears(model, DEFAULT_TARGETS["llama"])
+    shapes = [tuple(m.weight.shape) for m in targets.values()]
+    assert len(targets) == 60 and set(shapes) == {(576, 576), (192, 576)}
     rows = tok.encode(["The capital of France is", "12 + 30 ="])
     ids, mask = padded(rows, tok.pad_id, left=[True, False])
     with torch.no_grad():
