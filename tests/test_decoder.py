@@ -33,6 +33,8 @@ CASES = {
     "llama": ("LlamaForCausalLM", {}, None),
     "llama-sharded": ("LlamaForCausalLM", {"tie_word_embeddings": True}, "20KB"),
     "llama3-rope": ("LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE, "head_dim": 16}, None),
+    "llama-linear-rope": ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                                    "rope_theta": 500.0}}, None),
     "mistral": ("MistralForCausalLM", {"sliding_window": 5}, None),
     "qwen2": ("Qwen2ForCausalLM", {}, None),
     "gemma": ("GemmaForCausalLM", {"head_dim": 16, "num_key_value_heads": 1,
@@ -303,6 +305,11 @@ def test_config_of_unsupported_architecture(tiny_decoder, tmp_path):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(config | {"model_type": "gpt_neox"}))
     with pytest.raises(ValueError, match=r"model_type='gpt_neox'.*\['gemma', 'llama', 'mistral', 'qwen2'\]"):
+        load_causal_lm(str(path))
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (path / "config.json").write_text(json.dumps(config | {"rope_parameters": yarn}))
+    with pytest.raises(ValueError, match=r"rope_type 'yarn' is not supported; supported are \['default', 'linear', "
+                                         r"'llama3'\]. Use a checkpoint without"):
         load_causal_lm(str(path))
 
 
