@@ -5,7 +5,13 @@ samples/s and peak memory, for LoRA-style adapters and for full fine-tuning, so 
 the cost of an initialiser (none at step time: they differ only in A0, B0) and of full
 fine-tuning can be compared. Not a test: its figures go into the README.
 
+--decoder times one supervised fine-tuning step of the packaged SmolLM2 instead (train.py's
+sft_loss: token-mean cross-entropy over the second half of each row, the "response"), LoRA of
+--rank on q_proj, v_proj with lora_alpha = r, against transformers + peft on the identical batch
+and weights (transformers' own GGUF loading), the two timed in alternation in this one process.
+
 Run: python bench/train.py --model minilm --batch-size 32 --seq-len 48 --steps 20
+     python bench/train.py --decoder --batch-size 8 --seq-len 64 --steps 10
 """
 import argparse
 import resource
@@ -21,7 +27,10 @@ import torch
 
 import inilora
 import train
+from checkpoint import packaged_path
 from common import pick_device, run_cli
+from data.sft import IGNORE_INDEX
+from decoder import load_causal_lm
 from model import load_model
 
 
@@ -64,6 +73,65 @@ def bench(init, args, device):
           f"{1000 * args.batch_size / ms:7.1f} samples/s | peak memory {peak_memory_mb(device):,.0f} MiB")
 
 
+def sft_batch(vocab_size, args, device):
+    """(ids, mask, labels), (B, T) each: random tokens, the loss on the second half of every row."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab_size, (args.batch_size, args.seq_len), generator=g)  # (B, T)
+    labels = ids.clone()
+    labels[:, : args.seq_len // 2] = IGNORE_INDEX  # the "prompt" half: no loss
+    return ids.to(device), torch.ones_like(ids).to(device), labels.to(device)
+
+
+def bench_decoder(args, device):
+    import peft  # the references, needed only here
+    import transformers
+
+    model, _, model_id = load_causal_lm("smollm2")
+    cfg = inilora.LoRAConfig(init="lora", rank=args.rank, targets=("q_proj", "v_proj")).validate()
+    inilora.inject(model, cfg, model_id)
+    trainable, total = inilora.mark_trainable(model, cfg)
+    gguf = packaged_path("smollm2")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0,
+                                                   target_modules=["q_proj", "v_proj"]))
+    ids, mask, labels = sft_batch(model.config.vocab_size, args, device)
+    units = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    steps = {}
+    for name, m in (("ours", model), ("transformers+peft", ref)):
+        m.to(device).train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+
+        def step(m=m, opt=opt, name=name):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+                if name == "ours":
+                    loss = train.sft_loss(m, (ids, mask, labels), units)
+                else:  # transformers' mean over the labels that are not -100: the same token mean
+                    loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return loss.item()
+
+        steps[name] = step
+    first = {name: step() for name, step in steps.items()}  # B0 = 0: both start at the base model's loss
+    print(f"decoder smollm2, lora r{args.rank} on q_proj,v_proj: trainable {trainable:,} of {total:,}; "
+          f"first loss ours {first['ours']:.4f}, transformers+peft {first['transformers+peft']:.4f}")
+    times = {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):  # alternated, so that drifts in machine load hit both alike
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    ms = {name: 1000 * sorted(t)[len(t) // 2] for name, t in times.items()}  # medians
+    for name in steps:
+        print(f"{name:>17} | {ms[name]:8.1f} ms/step | {1000 * args.batch_size / ms[name]:7.1f} samples/s")
+    print(f"ratio transformers+peft / ours: {ms['transformers+peft'] / ms['ours']:.2f}x; peak memory of the process "
+          f"{peak_memory_mb(device):,.0f} MiB (both models)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Time one training step on a fixed batch.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -76,10 +144,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--dtype", default="float32", help=f"one of {sorted(train.DTYPES)}")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
+    p.add_argument("--decoder", action="store_true",
+                   help="time an SFT step of SmolLM2 (ours against transformers + peft) instead of --model")
     args = p.parse_args(argv)
     device, why = pick_device(args.device)
     print(f"device {device} ({why}), dtype {args.dtype}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size} x {args.seq_len} tokens")
+    if args.decoder:
+        return bench_decoder(args, device)
     for init in args.init.split(","):
         bench(init.strip(), args, device)
 

@@ -22,6 +22,12 @@ CASES = [
     (["train.py", "--init", "pissa", "--rank", "100000", "--out", "{tmp}/run"], "rank=100000"),
     (["train.py", "--resume", "--out", "{tmp}/run"], "nothing to resume"),
     (["evaluate.py", "{tmp}/missing-run"], "missing-run"),
+    # generation tasks (causal LMs)
+    (["train.py", "--task", "arithmetic", "--model", "minilm", "--out", "{tmp}/run"], "--model minilm is an encoder"),
+    (["train.py", "--grad-accum", "0", "--out", "{tmp}/run"], "grad_accum=0 must be at least 1"),
+    (["train.py", "--grad-checkpointing", "--out", "{tmp}/run"], "'rotten-tomatoes' trains an encoder"),
+    (["evaluate.py", "--base", "--task", "rotten-tomatoes", "--out", "{tmp}/base"], "--task 'rotten-tomatoes' is not one of"),
+    (["evaluate.py", "--base", "--task", "arithmetic"], "--base needs --out"),
 ]
 
 
@@ -34,7 +40,7 @@ def test_bad_input_ends_with_one_sentence(argv, expected, tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, last
-    assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
+    assert not (tmp_path / "run").exists() and not (tmp_path / "base").exists()  # a failed start leaves nothing behind
 
 
 @pytest.mark.parametrize("script,default", [("train.py", "(default: 0.0003)"), ("evaluate.py", "(default: dev)")])
