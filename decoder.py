@@ -281,9 +281,14 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, last_only: bool = False):
-        """attention_mask (B, S) marks real tokens (1) among all S = cached + T; None = no padding.
-        Positions count real tokens only, so a left-padded row reads like an unpadded one.
-        last_only: logits of the last position only, (B, 1, V) (generation needs no more)."""
+        """Logits (B, T, V); last_only: of the last position only, (B, 1, V) (generation needs no more)."""
+        h = self.hidden_states(input_ids, attention_mask, cache)  # (B, T, C)
+        return self.lm_head(h[:, -1:] if last_only else h)  # (B, T, C) -> (B, T, V)
+
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        """RMSNorm(x_L), (B, T, C): training applies lm_head to the response positions only.
+        attention_mask (B, S) marks real tokens (1) among all S = cached + T; None = no padding.
+        Positions count real tokens only, so a left-padded row reads like an unpadded one."""
         B, T = input_ids.shape
         start = 0 if cache is None else cache.length
         window = self.config.sliding_window
@@ -307,8 +312,7 @@ class DecoderLM(nn.Module):
                 x = block(x, cos, sin, mask, cache)  # (B, T, C)
         if cache is not None:
             cache.length += T
-        x = self.norm(x[:, -1:] if last_only else x)  # (B, T, C)
-        return self.lm_head(x)  # (B, T, C) -> (B, T, V)
+        return self.norm(x)  # (B, T, C)
 
 
 # -----------------------------------------------------------------------------

@@ -78,6 +78,8 @@ def test_logits_match_transformers_with_left_and_right_padding(case, tiny_decode
         torch.testing.assert_close(ours[real], expected[real], **TOL)
         # a padded row gives the logits of the same row alone
         torch.testing.assert_close(ours[0, -9:], model(torch.tensor([rows[0]]))[0], **TOL)
+        # lm_head on the hidden states of chosen positions gives those positions' logits (training's path)
+        torch.testing.assert_close(model.lm_head(model.hidden_states(ids, mask)[real]), ours[real], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["llama", "llama3-rope", "mistral", "qwen2", "gemma"])
