@@ -116,6 +116,7 @@ class TrainConfig:
 def lr_at(step, total, cfg):
     # lr_t = lr * t / W before warmup ends; then, with p = (t - W) / (T - W),
     # linear: lr * (1 - p) = lr * (T - t) / (T - W);  cosine: lr * 0.5 * (1 + cos(pi * p))
+    # W = int(warmup_ratio * T) for both (transformers' Trainer rounds up: at most one warmup step more)
     warmup = int(cfg.warmup_ratio * total)
     if step < warmup:
         return cfg.lr * step / warmup
@@ -134,6 +135,7 @@ def epoch_order(n, seed, epoch):
 # what the task's kind decides: batches, loss units, loss, dev evaluation
 # A step's loss is the sum of its micro-batches' shares: share = (loss of the micro-batch's units) / (units
 # of the whole step), units being examples (classification) or response tokens (generation).
+# Legend: B examples in a micro-batch, T tokens (the longest in it), V vocabulary.
 
 
 def loss_fn(logits, labels):
