@@ -19,7 +19,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import re
 from pathlib import Path
 

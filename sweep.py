@@ -1,0 +1,314 @@
+"""Run a grid of train.py runs (initialisers x seeds x one more axis), then compare and plot them.
+
+A grid file (grids/*.json) holds:
+
+    {"note":  "what it reproduces, and how long it takes here",
+     "out":   "runs/table3",                        the root of the grid's run directories
+     "base":  {"model": "minilm", "epochs": 2},     train.py flags shared by every run ("--epochs 2";
+                                                    true: a bare flag such as --grad-checkpointing)
+     "inits": ["lora", "inilora"], "seeds": [0, 1, 2],
+     "axis":  {"flag": "approx-steps", "values": [0, 1000]},   optional: approx-steps | alpha-std | rank | task
+     "figures": ["curves"]}                         figures.py figures of the grid's runs: curves, alpha-std
+
+Run OUT/INIT[-AXIS-VALUE]-seedSEED is `python train.py BASE --init INIT --seed SEED [--AXIS VALUE] --out DIR`,
+a subprocess with OMP_NUM_THREADS = --threads-per-job (torch takes its thread count from it), its
+output in OUT/logs/NAME.log. A run with final.json is skipped; one with a checkpoint (last.json) is
+resumed with `train.py --resume --out DIR` plus the grid's flags, which train.py refuses if the grid file
+was edited since. --jobs N runs N at once. Ctrl-C (or SIGTERM) is passed to every running train.py,
+which saves a checkpoint at its next step; the sweep waits for them and exits 130 (143): run the same
+command again to resume. At the end, per axis value (one table per task): `evaluate.py --compare
+RUNS --markdown` into OUT/compare.md, and each figure of the grid as OUT/FIGURE.png (+ .csv).
+
+Run: python sweep.py grids/table3.json --jobs 2 --threads-per-job 1
+     python sweep.py grids/table3.json --dry-run   (prints the commands, runs nothing)
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import EXIT_INTERRUPTED, run_cli, write_atomic
+
+ROOT = Path(__file__).resolve().parent  # train.py, evaluate.py and figures.py live here
+AXES = ("approx-steps", "alpha-std", "rank", "task")
+FIGURES = ("curves", "alpha-std")  # the figures.py subcommands drawn from run directories
+GRID_KEYS = {"note", "out", "base", "inits", "seeds", "axis", "figures"}
+
+
+@dataclass
+class Run:
+    name: str                      # INIT[-AXIS-VALUE]-seedSEED
+    dir: Path
+    flags: list                    # train.py's flags, --out included
+    group: str                     # the axis value ("" without an axis): one comparison table per group
+
+    def state(self):
+        if (self.dir / "final.json").is_file():
+            return "finished"
+        if (self.dir / "last.json").is_file():
+            return "resume"
+        if self.dir.exists() and any(p.name != "config.json" for p in self.dir.iterdir()):
+            return "blocked"  # output but no checkpoint: train.py would refuse to start over it
+        return "new"
+
+    def command(self):
+        resume = ["--resume"] if self.state() == "resume" else []
+        return [sys.executable, str(ROOT / "train.py"), *resume, *self.flags]
+
+
+def shown(command):
+    """A command as a person would type it here: python, and the scripts relative to the working directory."""
+    return shlex.join(["python", os.path.relpath(command[1]), *command[2:]])
+
+
+# -----------------------------------------------------------------------------
+# the grid file -> runs
+
+
+def as_flags(options, where):
+    flags = []
+    for key, value in options.items():
+        if not isinstance(key, str) or key.startswith("-") or key in ("init", "seed", "out", "resume"):
+            raise ValueError(f"{where}: flag {key!r} must be a train.py flag name without '--', and not init, "
+                             "seed, out or resume (the grid sets those).")
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is not False and value is not None:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def check_flags(flags, where):
+    """Parses the flags as train.py would (its parser and its configuration checks), without training."""
+    import train  # the parser only: the runs themselves are subprocesses
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            train.configs_from_args(train.parse(flags))
+    except SystemExit:
+        why = err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]  # argparse's "PROG: error: ..."
+        raise ValueError(f"{where}: train.py refuses the flags {shlex.join(flags)}: {why}. Fix the grid file.") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e} Fix the grid file.") from None
+
+
+def load_grid(path):
+    """(grid dict, [Run]) of a grid file, every run's flags checked by train.py's parser."""
+    path = Path(path)
+    try:
+        grid = json.loads(path.read_text())
+    except OSError as e:
+        raise OSError(f"cannot read grid file {str(path)!r} ({e.strerror}); pass one of grids/*.json.") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"grid file {str(path)!r} is not valid JSON ({e}).") from None
+    if not isinstance(grid, dict) or (unknown := sorted(set(grid) - GRID_KEYS)):
+        raise ValueError(f"grid file {str(path)!r} must be a JSON object with keys among {sorted(GRID_KEYS)}"
+                         f"{f'; it has {unknown}' if isinstance(grid, dict) else ''}.")
+    for key, kind in (("out", str), ("inits", list), ("seeds", list)):
+        if not isinstance(grid.get(key), kind) or not grid[key]:
+            raise ValueError(f"grid file {str(path)!r} needs a non-empty {key!r} ({kind.__name__}).")
+    axis = grid.get("axis") or {"flag": None, "values": [None]}
+    if axis["flag"] not in (None, *AXES) or not axis.get("values"):
+        raise ValueError(f"grid file {str(path)!r}: axis {axis!r} must be {{'flag': one of {list(AXES)}, "
+                         "'values': [...]}.")
+    if bad := [f for f in grid.get("figures", []) if f not in FIGURES]:
+        raise ValueError(f"grid file {str(path)!r}: figure {bad[0]!r} is not one of {list(FIGURES)}.")
+    base, out, runs = as_flags(grid.get("base", {}), str(path)), Path(grid["out"]), []
+    for value in axis["values"]:
+        for init in grid["inits"]:
+            for seed in grid["seeds"]:
+                extra = [] if value is None else [f"--{axis['flag']}", str(value)]
+                suffix = "" if value is None else f"-{axis['flag']}-{value}"
+                name = f"{init}{suffix}-seed{seed}"
+                flags = [*base, "--init", str(init), "--seed", str(seed), *extra, "--out", str(out / name)]
+                check_flags(flags, f"grid file {str(path)!r}, run {name}")
+                runs.append(Run(name, out / name, flags, "" if value is None else f"{axis['flag']} {value}"))
+    return grid, runs
+
+
+# -----------------------------------------------------------------------------
+# running: up to --jobs train.py subprocesses at once, each with its thread limit and its log
+
+
+class Stop:
+    """While active, Ctrl-C / SIGTERM only records the signal: the loop passes it on to every running
+    train.py (each saves a checkpoint at its next step) and starts no new run."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def request(self, signum, frame):
+        if self.signum is None:
+            print(f"\nsignal {signum}: passing it to the running train.py processes, which save a checkpoint "
+                  "and stop; no new run starts", flush=True)
+        self.signum = signum
+
+
+def last_progress(log_path):
+    """The last 'step ...' or 'epoch ...' line train.py printed to the log, or ''."""
+    with open(log_path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        lines = f.read().decode(errors="replace").splitlines()
+    return next((l for l in reversed(lines) if l.startswith(("step ", "epoch "))), "")
+
+
+def outcome(run):
+    """A few words on a finished run: its best epoch and dev score (final.json)."""
+    best = json.loads((run.dir / "final.json").read_text())["best"]
+    score = "no dev split" if best["score"] is None else f"dev {best['score']:.4f}"
+    return f"best epoch {best['epoch']}, {score}"
+
+
+def run_all(runs, out, jobs, threads, status_every):
+    """Runs every unfinished run; returns ([(run, why) that failed], the stopping signal or None)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    todo = [r for r in runs if r.state() in ("new", "resume")]
+    failed = [(r, f"{r.dir} holds output but no checkpoint (a run killed before its first one): delete it to "
+                  "start it again") for r in runs if r.state() == "blocked"]
+    total, started, finished, running, signalled = len(todo), 0, 0, {}, set()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    last_status = time.monotonic()
+    with Stop() as stop:
+        while running or (todo and stop.signum is None):
+            while todo and len(running) < jobs and stop.signum is None:
+                run, started = todo.pop(0), started + 1
+                log_path = out / "logs" / f"{run.name}.log"
+                what = "resuming" if run.state() == "resume" else "starting"
+                log = open(log_path, "a")
+                log.write(f"\n$ OMP_NUM_THREADS={threads} {shown(run.command())}\n")
+                log.flush()
+                # a session of its own: a terminal's Ctrl-C reaches the sweep only, which passes it on once
+                proc = subprocess.Popen(run.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+                running[run.name] = (run, proc, log, time.monotonic())
+                print(f"[{started}/{total}] {what} {run.name} (log: {log_path})", flush=True)
+            if stop.signum is not None:
+                for name, (_, proc, _, _) in running.items():
+                    if name not in signalled:
+                        proc.send_signal(stop.signum)
+                        signalled.add(name)
+            time.sleep(0.2)
+            for name, (run, proc, log, t0) in list(running.items()):
+                if (rc := proc.poll()) is None:
+                    continue
+                del running[name]
+                log.close()
+                minutes = (time.monotonic() - t0) / 60
+                if rc == 0 and run.state() == "finished":
+                    finished += 1
+                    print(f"[{finished}/{total} done] {name} in {minutes:.1f} min: {outcome(run)}", flush=True)
+                elif name in signalled and rc in (EXIT_INTERRUPTED, 128 + signal.SIGTERM):
+                    saved = "checkpoint saved" if run.state() == "resume" else "stopped before its first checkpoint"
+                    print(f"stopped {name} after {minutes:.1f} min: {saved}", flush=True)
+                else:
+                    tail = last_progress(out / "logs" / f"{name}.log") or "no step logged"
+                    failed.append((run, f"train.py exited {rc} ({tail}); see {out / 'logs' / f'{name}.log'}"))
+                    print(f"[{finished}/{total} done] FAILED {name}: exit {rc}, see {out / 'logs' / f'{name}.log'}",
+                          flush=True)
+            if status_every and running and time.monotonic() - last_status >= status_every:
+                last_status = time.monotonic()
+                for name, (_, _, _, t0) in running.items():
+                    progress = last_progress(out / "logs" / f"{name}.log") or "loading"
+                    print(f"  {name} ({(time.monotonic() - t0) / 60:.1f} min): {progress}", flush=True)
+    return failed, stop.signum
+
+
+# -----------------------------------------------------------------------------
+# the end: the comparison table per axis value and the grid's figures
+
+
+def report_commands(grid, runs, out, finished_only=True):
+    """[(what, command, where the output goes)] of evaluate.py --compare per group, then figures.py,
+    over the finished runs (all runs with finished_only=False: what --dry-run shows)."""
+    done = [r for r in runs if r.state() == "finished" or not finished_only]
+    commands = []
+    for group in dict.fromkeys(r.group for r in runs):
+        dirs = [str(r.dir) for r in done if r.group == group]
+        if dirs:
+            commands.append((group, [sys.executable, str(ROOT / "evaluate.py"), "--compare", *dirs, "--markdown"],
+                             out / "compare.md"))
+    for figure in grid.get("figures", []):
+        png = out / f"{figure}.png"
+        if done:
+            commands.append((figure, [sys.executable, str(ROOT / "figures.py"), figure, *map(str, (r.dir for r in done)),
+                                      "--out", str(png)], png))
+    return commands
+
+
+def report(grid, runs, out):
+    tables = []
+    for what, command, target in report_commands(grid, runs, out):
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            print(f"{what}: {shown(command)} exited {result.returncode}", flush=True)
+            continue
+        if target.suffix == ".md":
+            heading = f"## {what}\n\n" if what else ""
+            tables.append(f"{heading}{result.stdout.strip()}\n\n`{shown(command)}`\n")
+            print(tables[-1], flush=True)
+        else:
+            print(result.stdout.strip(), flush=True)
+    if tables:
+        write_atomic(out / "compare.md", "\n".join(tables).encode())
+        print(f"wrote {out / 'compare.md'}")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("grid", help="grid file, e.g. grids/table3.json")
+    p.add_argument("--jobs", type=int, default=1, help="train.py runs at once")
+    p.add_argument("--threads-per-job", type=int, default=None,
+                   help="OMP_NUM_THREADS of each run; None: the CPU count divided by --jobs")
+    p.add_argument("--status-every", type=float, default=60, help="seconds between progress lines (0: none)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, and the commands; run nothing")
+    args = p.parse_args(argv)
+    for flag, value in (("--jobs", args.jobs), ("--threads-per-job", args.threads_per_job)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1 (runs at once / threads per run).")
+    threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // args.jobs)
+    grid, runs = load_grid(args.grid)
+    out = Path(grid["out"])
+    states = [r.state() for r in runs]
+    print(f"grid {args.grid}: {len(runs)} runs in {out} ({states.count('finished')} finished, "
+          f"{states.count('resume')} to resume, {states.count('new')} to start, {states.count('blocked')} blocked); "
+          f"{args.jobs} at once, {threads} thread(s) each" + (f"\nnote: {grid['note']}" if grid.get("note") else ""))
+    if args.dry_run:
+        for run, state in zip(runs, states):
+            print(f"{state:>8}  OMP_NUM_THREADS={threads} {shown(run.command())}" if state != "finished" else
+                  f"{state:>8}  {run.dir}")
+        for what, command, target in report_commands(grid, runs, out, finished_only=False):
+            print(f"then      {shown(command)}   # -> {target}")
+        return runs
+    failed, signum = run_all(runs, out, args.jobs, threads, args.status_every)
+    if signum is not None:
+        print(f"stopped: run `python sweep.py {shlex.quote(args.grid)}` again to resume the unfinished runs")
+        raise SystemExit(128 + signum)
+    report(grid, runs, out)
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(runs)} runs did not finish: " + "; ".join(
+            f"{run.name}: {why}" for run, why in failed))
+    return runs
+
+
+if __name__ == "__main__":
+    run_cli(main)
