@@ -131,7 +131,8 @@ def fig_approx(args):
         rows += [[name, t, loss, optimum, loss / optimum] for t, loss in zip(curve["steps"], losses)]
     ax_loss.set(yscale="log", xlabel="Adam step", ylabel="MSE  mean((W - BA)^2)",
                 title=f"{model_id}, r={args.rank}: loss (dotted: Eckart-Young optimum)")
-    ax_gap.set(yscale="log", xlabel="Adam step", ylabel="L / L_optimal - 1", title="distance to the optimum")
+    ax_gap.set(yscale="log", xlabel="Adam step", ylabel="L / L_optimal - 1 (clipped at 1e-12)",
+               title="distance to the optimum (float32 readings: ~1e-7 is their noise)")
     ax_gap.legend(fontsize=6)
     return save(fig, args.out, ["matrix", "step", "mse", "optimal_mse", "ratio"], rows)
 
@@ -178,11 +179,13 @@ def fig_subspace(args):
     for column, label, style in ((1, "col(B) vs U_r, mean", "-o"), (2, "col(B) vs U_r, max", "--o"),
                                  (3, "row(A) vs V_r, mean", "-s"), (4, "row(A) vs V_r, max", "--s")):
         ax.plot(x, [row[column] for row in summary], style, label=label)
-    ax.set(xscale="symlog", xlabel="approximation steps", ylabel="principal angle (degrees)", ylim=(0, 91),
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set(xlabel="approximation steps", ylabel="principal angle (degrees)", ylim=(0, 91),
            title=f"{model_id}, r={r}: IniLoRA's subspaces vs PiSSA's")
     ax.legend()
     ax_dist.plot(x, [max(row[5], 1e-16) for row in summary], "-o")
-    ax_dist.set(xscale="symlog", yscale="log", xlabel="approximation steps",
+    ax_dist.set_xscale("symlog", linthresh=100)
+    ax_dist.set(yscale="log", xlabel="approximation steps",
                 ylabel="max_i ||BA - U_r S_r V_r^T||_F / ||U_r S_r V_r^T||_F", title="the product vs PiSSA's")
     return save(fig, args.out, ["steps", "matrix", "left_mean_deg", "left_max_deg", "right_mean_deg",
                                 "right_max_deg", "relative_distance_to_pissa"], rows)
