@@ -117,9 +117,13 @@ def load_grid(path):
         if not isinstance(grid.get(key), kind) or not grid[key]:
             raise ValueError(f"grid file {str(path)!r} needs a non-empty {key!r} ({kind.__name__}).")
     axis = grid.get("axis") or {"flag": None, "values": [None]}
-    if axis["flag"] not in (None, *AXES) or not axis.get("values"):
+    if not isinstance(axis, dict) or axis.get("flag") not in (None, *AXES) or not isinstance(axis.get("values"), list) \
+            or not axis["values"]:
         raise ValueError(f"grid file {str(path)!r}: axis {axis!r} must be {{'flag': one of {list(AXES)}, "
                          "'values': [...]}.")
+    if not isinstance(grid.get("base", {}), dict) or axis["flag"] in grid.get("base", {}):
+        raise ValueError(f"grid file {str(path)!r}: 'base' must be an object of train.py flags without the axis "
+                         f"flag {axis['flag']!r}, which each run sets to one of the axis values.")
     if bad := [f for f in grid.get("figures", []) if f not in FIGURES]:
         raise ValueError(f"grid file {str(path)!r}: figure {bad[0]!r} is not one of {list(FIGURES)}.")
     base, out, runs = as_flags(grid.get("base", {}), str(path)), Path(grid["out"]), []
@@ -130,6 +134,9 @@ def load_grid(path):
                 suffix = "" if value is None else f"-{axis['flag']}-{value}"
                 name = f"{init}{suffix}-seed{seed}"
                 flags = [*base, "--init", str(init), "--seed", str(seed), *extra, "--out", str(out / name)]
+                if any(run.name == name for run in runs):
+                    raise ValueError(f"grid file {str(path)!r} names run {name} twice: list each init, seed and "
+                                     "axis value once.")
                 check_flags(flags, f"grid file {str(path)!r}, run {name}")
                 runs.append(Run(name, out / name, flags, "" if value is None else f"{axis['flag']} {value}"))
     return grid, runs
@@ -153,10 +160,7 @@ class Stop:
             signal.signal(sig, handler)
 
     def request(self, signum, frame):
-        if self.signum is None:
-            print(f"\nsignal {signum}: passing it to the running train.py processes, which save a checkpoint "
-                  "and stop; no new run starts", flush=True)
-        self.signum = signum
+        self.signum = signum  # the loop says so and passes it on (no print here: it may interrupt one)
 
 
 def last_progress(log_path):
@@ -183,7 +187,9 @@ def run_all(runs, out, jobs, threads, status_every):
     total, started, finished, running, signalled = len(todo), 0, 0, {}, set()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     last_status = time.monotonic()
-    with Stop() as stop:
+    with Stop() as stop, contextlib.ExitStack() as cleanup:
+        # should the sweep itself fail, no train.py is left running: each is stopped at a checkpoint
+        cleanup.callback(lambda: [(p.send_signal(signal.SIGINT), p.wait()) for _, p, _, _ in running.values()])
         while running or (todo and stop.signum is None):
             while todo and len(running) < jobs and stop.signum is None:
                 run, started = todo.pop(0), started + 1
@@ -197,7 +203,9 @@ def run_all(runs, out, jobs, threads, status_every):
                                         start_new_session=True)
                 running[run.name] = (run, proc, log, time.monotonic())
                 print(f"[{started}/{total}] {what} {run.name} (log: {log_path})", flush=True)
-            if stop.signum is not None:
+            if stop.signum is not None and set(running) - signalled:
+                print(f"\nsignal {stop.signum}: passed to {len(set(running) - signalled)} running train.py, which "
+                      "save a checkpoint at their next step and stop; no new run starts", flush=True)
                 for name, (_, proc, _, _) in running.items():
                     if name not in signalled:
                         proc.send_signal(stop.signum)

@@ -56,13 +56,13 @@ def grid(tmp_path, monkeypatch, tiny_bert_dir):
 
 
 def test_dry_run_prints_the_commands_and_runs_nothing(grid, tmp_path, capsys):
-    path = grid(axis={"flag": "rank", "values": [1, 2]})
+    path = grid(axis={"flag": "approx-steps", "values": [0, 10]})
     sweep.main([str(path), "--dry-run", "--jobs", "2", "--threads-per-job", "1"])
     out = capsys.readouterr().out
     assert "4 runs" in out and "4 to start" in out and "note: a tiny test grid" in out
     assert out.count("     new  OMP_NUM_THREADS=1 python ") == 4
-    assert f"--init pissa --seed 0 --rank 1 --out {tmp_path / 'grid' / 'pissa-rank-1-seed0'}" in out
-    assert out.count("then      python evaluate.py --compare") == 2  # one table per rank
+    assert f"--init pissa --seed 0 --approx-steps 0 --out {tmp_path / 'grid' / 'pissa-approx-steps-0-seed0'}" in out
+    assert out.count("then      python evaluate.py --compare") == 2  # one table per axis value
     assert "figures.py curves" in out and f"--out {tmp_path / 'grid' / 'curves.png'}" in out
     assert not (tmp_path / "grid").exists()
 
@@ -125,5 +125,9 @@ def test_bad_grid_files_get_a_sentence(grid, tmp_path):
         sweep.main([str(grid(base={"epoks": 1})), "--dry-run"])
     with pytest.raises(ValueError, match=r"figure 'approx' is not one of \['curves', 'alpha-std'\]"):
         sweep.main([str(grid(figures=["approx"])), "--dry-run"])
+    with pytest.raises(ValueError, match=r"without the axis flag 'rank'"):
+        sweep.main([str(grid(base={"rank": 2}, axis={"flag": "rank", "values": [1, 2]})), "--dry-run"])
+    with pytest.raises(ValueError, match=r"names run lora-seed0 twice"):
+        sweep.main([str(grid(seeds=[0, 0])), "--dry-run"])
     with pytest.raises(OSError, match=r"cannot read grid file .*grids/\*\.json"):
         sweep.main([str(tmp_path / "missing.json")])
