@@ -161,9 +161,10 @@ def classification_loss(model, batch, units):
 
 
 def token_loss(logits, labels):
-    # sum_t m_t CE(logits_{t-1}, x_t): logits at t - 1 predict token t; labels are IGNORE_INDEX where m_t = 0
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    # sum_t m_t CE(logits_{t-1}, x_t): logits at t - 1 predict token t, so the labels move left by one (the
+    # logits are not sliced: no copy of the (B, T, V) tensor); IGNORE_INDEX where m_t = 0 and at the end
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def sft_batch_on(split, idx, pad_id, device):
