@@ -444,6 +444,23 @@ def cached_approximation(model_id, weights, cfg, cache_dir=None):
 # command line
 
 
+def target_weights(model_name, targets=None):
+    """(model_id, {name: W0}, targets) of `model_name`, loaded as train.py loads it; targets None
+    means the model family's default LoRA targets (docs/method.md "Default targets")."""
+    import decoder  # imported here: the functions above need only a dict of tensors
+    import inilora
+    import model
+
+    if decoder.is_causal_lm(model_name):
+        net, _, model_id = decoder.load_causal_lm(model_name)
+        targets = targets or decoder.DEFAULT_TARGETS[net.config.family]
+    else:
+        net, _, model_id = model.load_model(model_name)
+        targets = targets or inilora.DEFAULT_TARGETS
+    linears = model.target_linears(net, tuple(targets))
+    return model_id, {name: m.weight.detach() for name, m in linears.items()}, tuple(targets)
+
+
 def format_report(report):
     rows = [f"{'matrix':<44} {'shape':>9} {'mse':>11} {'optimum':>11} {'ratio':>9}"]
     for name, row in report["matrices"].items():
@@ -463,8 +480,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="minilm", help="model name or directory")
-    p.add_argument("--targets", default="query,value",
-                   help="comma-separated names of the linear layers to approximate")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated names of the linear layers to approximate; None: the model "
+                        "family's LoRA targets (query,value for BERT/RoBERTa, q_proj,v_proj for decoders)")
     p.add_argument("--rank", type=int, default=d.rank, help="rank r of A (r, d_in) and B (d_out, r)")
     p.add_argument("--steps", type=int, default=d.steps,
                    help="Adam steps (eq. 3); 0 returns A0, B0 ~ N(0, sigma_bar^2)")
@@ -489,9 +507,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if not targets:
-        raise ValueError(f"--targets {args.targets!r} names no layer; expected e.g. 'query,value'.")
+    targets = None if args.targets is None else [t.strip() for t in args.targets.split(",") if t.strip()]
+    if targets == []:
+        raise ValueError(f"--targets {args.targets!r} names no layer; expected e.g. 'query,value' or 'q_proj,v_proj'.")
     cfg = ApproxConfig(rank=args.rank, steps=args.steps, lr=args.lr, lr_step=args.lr_step,
                        lr_gamma=args.lr_gamma, seed=args.seed, tol=args.tol,
                        tol_window=args.tol_window, device=args.device, optimum=not args.no_optimum)
@@ -502,13 +520,10 @@ def main(argv=None):
     cache_dir = default_cache_dir() if args.cache_dir is None else Path(args.cache_dir).expanduser()
     why = ("--cache-dir" if args.cache_dir else "$INILORA_CACHE" if os.environ.get("INILORA_CACHE")
            else "the default; move it with --cache-dir or $INILORA_CACHE")
-    print(f"config: {asdict(cfg)}, model={args.model!r}, targets={targets}")
+    print(f"config: {asdict(cfg)}, model={args.model!r}")
     print(f"cache directory: {cache_dir} ({why})")
-    import model as model_lib  # imported here: the functions above need only a dict of tensors
-
-    net, _, model_id = model_lib.load_model(args.model)
-    weights = {name: linear.weight.detach()
-               for name, linear in model_lib.target_linears(net, targets).items()}
+    model_id, weights, targets = target_weights(args.model, targets)
+    print(f"targets: {','.join(targets)} ({len(weights)} matrices)")
     _, report, path = cached_approximation(model_id, weights, cfg, cache_dir)
     print(format_report(report))
     print(f"A, B and this report: {path} and {sidecar_path(path)}")

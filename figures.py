@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import inilora
-from approximate import ApproxConfig, cached_approximation
+from approximate import ApproxConfig, cached_approximation, target_weights
 from common import run_cli, write_atomic
 from data.prepare import TASKS
 from evaluate import best_dev
@@ -66,21 +66,6 @@ def save(fig, out, header, rows):
 
 # -----------------------------------------------------------------------------
 # inputs: a base model's target weights; a run directory's configuration and metrics
-
-
-def target_weights(model_name, targets):
-    """(model_id, {name: W0}, lora targets) of `model_name`, loaded as train.py loads it."""
-    import decoder
-    import model as encoder
-
-    if decoder.is_causal_lm(model_name):
-        net, _, model_id = decoder.load_causal_lm(model_name)
-        targets = targets or decoder.DEFAULT_TARGETS["llama"]
-    else:
-        net, _, model_id = encoder.load_model(model_name)
-        targets = targets or inilora.DEFAULT_TARGETS
-    linears = encoder.target_linears(net, tuple(targets))
-    return model_id, {name: m.weight.detach().float() for name, m in linears.items()}, tuple(targets)
 
 
 def read_run(run):

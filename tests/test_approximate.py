@@ -443,7 +443,7 @@ def test_help_shows_every_default(capsys):
         ap.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert exit.value.code == 0
-    for default in ("(default: minilm)", "(default: query,value)", "(default: 8)", "(default: 20000)",
+    for default in ("(default: minilm)", "q_proj,v_proj for decoders) (default: None)", "(default: 8)", "(default: 20000)",
                     "(default: 0.0005)", "(default: 5000)", "(default: 0.9)", "(default: None)"):
         assert default in out, default
 
@@ -454,3 +454,14 @@ def test_cli_unknown_target_with_the_real_model(tmp_path):
         pytest.skip("model.py does not provide load_model / target_linears yet")
     with pytest.raises(ValueError, match="qeury"):
         ap.main(["--targets", "qeury", "--steps", "0", "--cache-dir", str(tmp_path)])
+
+
+def test_a_decoder_is_approximated_on_its_q_proj_and_v_proj(tiny_decoder, tmp_path, capsys):
+    # approximate.py on a decoder (LLaMA family): its default targets are the paper's q_proj, v_proj
+    # (Section 4.2), with their two shapes (C x C and kv x C under grouped-query attention)
+    report = ap.main(["--model", str(tiny_decoder("LlamaForCausalLM")), "--rank", "2", "--steps", "50",
+                      "--cache-dir", str(tmp_path), "--device", "cpu"])
+    names = sorted(report["matrices"])
+    assert names == [f"layers.{i}.attn.{t}" for i in range(2) for t in ("q_proj", "v_proj")]
+    assert {tuple(report["matrices"][n]["shape"]) for n in names} == {(32, 32), (16, 32)}
+    assert "targets: q_proj,v_proj (4 matrices)" in capsys.readouterr().out
