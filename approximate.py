@@ -23,18 +23,15 @@ together with bmm; Adam is element-wise, so one Adam over the stack is one Adam 
 The report compares every final L_i to the best rank-r error (Eckart-Young, Section 4.3.2).
 
 The file reads in that order: 1) statistics, 2) start, 3) gradient, 4) Adam, 5) report; then the
-cache, an artifact of common.py keyed by model, weights and settings, in --cache-dir, else
-$INILORA_CACHE, else ~/.cache/inilora.
+command line, which keeps the result with approximation_cache.py (in --cache-dir, else
+$INILORA_CACHE, else ~/.cache/inilora) so that every later --init inilora run reads it.
 
 Run:  python approximate.py --model minilm --rank 8 --steps 20000
 """
 import argparse
 import hashlib
-import json
 import math
 import os
-import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,15 +39,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (ArtifactError, check_tensors, pick_device, read_artifact, run_cli,
-                    save_artifact, sidecar_path)
+from common import pick_device, run_cli, sidecar_path
 
 # Shape legend: L stacked matrices of one shape, d_out rows (output features), d_in columns
 # (input features), r rank, P all entries of all A's and B's. A is (r, d_in), B is (d_out, r),
 # W is (d_out, d_in).
 
-ARTIFACT_KIND = "inilora-approximation"  # the cache's format name in its sidecar
-ARTIFACT_VERSION = 2  # bump when the cache's layout or meaning changes (1: its own sidecar code)
 READINGS = 200  # loss readings per run: the loss curve, the finiteness check and --tol use them
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as in the authors' code
 CPU_CACHE_BYTES = 16 * 2**20  # on CPU, a bigger stack is read matrix by matrix (see gradients)
@@ -355,92 +349,6 @@ def approximate(weights, cfg):
 
 
 # -----------------------------------------------------------------------------
-# the cache: <cache_dir>/<model>-r<rank>-<key>.safetensors (A, B) + .json (settings, report)
-
-
-def default_cache_dir():
-    return Path(os.environ.get("INILORA_CACHE") or "~/.cache/inilora").expanduser()
-
-
-def cache_path(cache_dir, model_id, fingerprint, cfg):
-    """The cache for these weights and settings (its sidecar: .json): the name hashes all that matters."""
-    keyed = dict(format_version=ARTIFACT_VERSION, model_id=model_id,
-                 weights_fingerprint=fingerprint, settings=cfg.settings())
-    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
-    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model_id)}-r{cfg.rank}-{key}"
-    return Path(cache_dir) / f"{stem}.safetensors"
-
-
-def check_writable(cache_dir):
-    """Raises ValueError now, before any computation, if the cache could not be written later."""
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cache_dir):
-            pass
-    except OSError as e:
-        raise ValueError(f"the cache directory {str(cache_dir)!r} is not writable "
-                         f"({e.strerror or e}). Pass --cache-dir (or set INILORA_CACHE) to a "
-                         "writable directory.") from None
-
-
-def _difference(found, expected):
-    if isinstance(found, dict) and isinstance(expected, dict):
-        keys = sorted(k for k in expected.keys() | found.keys() if found.get(k) != expected.get(k))
-        return ", ".join(f"{k}={found.get(k)!r} (expected {expected.get(k)!r})" for k in keys)
-    return f"{found!r} (expected {expected!r})"
-
-
-def read_cache(path, expected, shapes, r):
-    """Returns ({name: (A, B)}, report), or (None, a sentence saying why the cache is not used)."""
-    if not path.exists() and not sidecar_path(path).exists():
-        return None, f"cache miss: nothing cached yet at {path}"
-    try:
-        tensors, meta = read_artifact(path, ARTIFACT_KIND, ARTIFACT_VERSION, remedy="")
-        for key, value in expected.items():
-            if meta.get(key) != value:
-                return None, (f"cache mismatch: {sidecar_path(path)} has {key} "
-                              f"{_difference(meta.get(key), value)}")
-        # A (r, d_in) and B (d_out, r) of every target, in float32
-        check_tensors(tensors, {f"{name}.{k}": shape for name, (d_out, d_in) in shapes.items()
-                                for k, shape in (("A", (r, d_in)), ("B", (d_out, r)))}, path, "")
-        wrong = sorted(key for key, T in tensors.items() if T.dtype != torch.float32)
-        if wrong:
-            raise ArtifactError(f"{str(path)!r} holds {wrong[:4]} in another dtype than float32")
-    except (ArtifactError, OSError) as e:
-        return None, f"cache damaged: {str(e).rstrip(' .')}"
-    return {name: (tensors[f"{name}.A"], tensors[f"{name}.B"]) for name in shapes}, meta["report"]
-
-
-def load_or_approximate(model_id, weights, cfg, cache_dir=None):
-    """{name: (A, B)} from the cache when model, weights and settings all match; else computed and
-    cached. Says which happened and why."""
-    return cached_approximation(model_id, weights, cfg, cache_dir)[0]
-
-
-def cached_approximation(model_id, weights, cfg, cache_dir=None):
-    """load_or_approximate that also returns the report and the cache file's path."""
-    names = validate(weights, cfg)
-    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
-    check_writable(cache_dir)
-    fingerprint = weights_fingerprint(weights)
-    path = cache_path(cache_dir, model_id, fingerprint, cfg)
-    expected = dict(model_id=model_id, weights_fingerprint=fingerprint, targets=names,
-                    settings=cfg.settings())
-    shapes = {name: tuple(weights[name].shape) for name in names}
-    factors, report = read_cache(path, expected, shapes, cfg.rank)
-    if factors is not None:
-        print(f"cache hit: {path}")
-        return factors, report, path
-    print(f"{report}; approximating")
-    factors, report = approximate(weights, cfg)
-    save_artifact(path, {f"{name}.{k}": t for name, (A, B) in factors.items()
-                         for k, t in (("A", A), ("B", B))},
-                  dict(expected, report=report), ARTIFACT_KIND, ARTIFACT_VERSION)
-    print(f"cached: {path}")
-    return factors, report, path
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 
@@ -517,6 +425,8 @@ def main(argv=None):
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads} must be at least 1; leave it out for torch's default.")
         torch.set_num_threads(args.threads)
+    from approximation_cache import cached_approximation, default_cache_dir  # it imports this file
+
     cache_dir = default_cache_dir() if args.cache_dir is None else Path(args.cache_dir).expanduser()
     why = ("--cache-dir" if args.cache_dir else "$INILORA_CACHE" if os.environ.get("INILORA_CACHE")
            else "the default; move it with --cache-dir or $INILORA_CACHE")

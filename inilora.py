@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from approximate import ApproxConfig, load_or_approximate, weights_fingerprint
+from approximate import ApproxConfig, weights_fingerprint
+from approximation_cache import load_or_approximate
 from common import check_tensors, read_artifact, run_cli, save_artifact
 from model import load_model, target_linears
 
