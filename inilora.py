@@ -13,16 +13,17 @@ MiLoRA baselines. After training, the total change to the base model is
 
     ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]    (a plain LoRA of rank 2r)
 
-so an adapter saved with A0, B0 loads exactly on the original, unmodified base model.
+so an adapter saved with A0, B0 loads exactly on the original, unmodified base model (peft_io.py
+writes that rank-2r LoRA, for this project and for Hugging Face PEFT).
 Adapters are artifacts of common.py: their checksum covers the configuration in the sidecar,
 and every tensor's shape is checked against its rank and targets before the model is touched.
 
-Run: python inilora.py --model minilm --init pissa
+Run: python inilora.py --model minilm --init pissa   (or --model smollm2: a decoder's q_proj, v_proj)
 (injects the adapters, prints the parameter counts and checks the logits are unchanged)
 """
 import argparse
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -81,8 +82,7 @@ class LoRALinear(nn.Module):
         return merged
 
     def extra_repr(self):
-        d_out, d_in = self.R.shape
-        return f"d_in={d_in}, d_out={d_out}, r={self.A.shape[0]}, s={self.s:g}"
+        return f"d_in={self.R.shape[1]}, d_out={self.R.shape[0]}, r={self.A.shape[0]}, s={self.s:g}"
 
 
 def merge(model):
@@ -377,32 +377,6 @@ def load_adapter(model, path, model_id=None):
     return cfg, meta
 
 
-@torch.no_grad()
-def convert_to_lora(src, dst):
-    """Writes the adapter `src` as a plain LoRA of rank 2r for the original base model:
-
-        ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]  =>  B' = [B | -B0], A' = [A ; A0]
-
-    saved as an ordinary adapter of rank 2r with A0 = A', B0 = 0, so that R = W0 exactly
-    and lora_alpha' = 2r * s keeps the same scale s.
-    """
-    tensors, meta = read_adapter(src)
-    cfg = LoRAConfig.from_dict(meta["config"])
-    if cfg.init == "full":
-        raise ValueError(f"{str(src)!r} is a full fine-tuning checkpoint: it has no adapter to convert.")
-    out = {k: v for k, v in tensors.items() if k.startswith("head.")}
-    for name in [k[: -len(".A0")] for k in tensors if k.endswith(".A0")]:
-        A, B, A0, B0 = (tensors[f"{name}.{k}"].float() for k in ("A", "B", "A0", "B0"))
-        out[f"{name}.A"] = torch.cat([A, A0], dim=0)      # (r, d_in) ; (r, d_in) -> (2r, d_in)
-        out[f"{name}.B"] = torch.cat([B, -B0], dim=1)     # (d_out, r) | (d_out, r) -> (d_out, 2r)
-        out[f"{name}.A0"] = out[f"{name}.A"].clone()
-        out[f"{name}.B0"] = torch.zeros_like(out[f"{name}.B"])
-    new_cfg = replace(cfg, init="lora", rank=2 * cfg.rank, lora_alpha=2 * cfg.rank * cfg.scale)
-    meta = {k: v for k, v in meta.items() if k not in ("format", "version", "sha256")}
-    meta |= {"config": asdict(new_cfg), "converted_from": {"path": str(src), "config": meta["config"]}}
-    return save_artifact(dst, out, meta, ADAPTER_FORMAT, ADAPTER_VERSION)
-
-
 # -----------------------------------------------------------------------------
 # command line: the flags train.py shares (derived from LoRAConfig), and a step-0 check
 
@@ -428,23 +402,29 @@ def lora_config_from_args(args, seed, default_targets=DEFAULT_TARGETS):
 
 @torch.no_grad()
 def main(argv=None):
+    import decoder  # the command line only: the layer and initialisers above need no model file
+
     p = argparse.ArgumentParser(description="Inject adapters into a model and check its outputs are unchanged "
                                 "at step 0.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="minilm", help="local directory, hub id, or 'minilm' (packaged)")
+    p.add_argument("--model", default="minilm", help="'minilm' or 'smollm2' (packaged), a directory or a hub id")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisers")
     add_lora_args(p)
     args = p.parse_args(argv)
-    cfg = lora_config_from_args(args, args.seed)
+    if decoder.is_causal_lm(args.model):  # next-token logits of a chat prompt; the model is in eval mode
+        model, tok, model_id = decoder.load_causal_lm(args.model)
+        cfg = lora_config_from_args(args, args.seed, decoder.DEFAULT_TARGETS[model.config.family])
+        batch = (torch.tensor(tok.encode([tok.chat_prompt("What is 12 + 30?")], add_special_tokens=False)),)
+    else:  # class logits of a sentence pair
+        model, tok, model_id = load_model(args.model)
+        cfg = lora_config_from_args(args, args.seed)
+        ids, type_ids = tok.encode(["a gripping, beautifully shot film"], ["dull and far too long"])
+        batch = (torch.tensor(ids), torch.ones(1, len(ids[0]), dtype=torch.bool), torch.tensor(type_ids))
     print(f"config: {asdict(cfg)}")
-    model, tokenizer, model_id = load_model(args.model)  # in eval mode: dropout is off
-    ids, type_ids = tokenizer.encode(["a gripping, beautifully shot film"], ["dull and far too long"])
-    batch = (torch.tensor(ids), torch.ones(1, len(ids[0]), dtype=torch.bool), torch.tensor(type_ids))
     before = model(*batch)
     inject(model, cfg, model_id, args.cache_dir)
     mark_trainable(model, cfg)
-    after = model(*batch)
-    print(f"logits before {before.tolist()}\nlogits after  {after.tolist()}")
-    print(f"max |difference| at step 0: {(after - before).abs().max().item():.2e}")
+    difference = (model(*batch) - before).abs().max().item()
+    print(f"largest |logit| {before.abs().max().item():.1f}\nmax |difference| at step 0: {difference:.2e}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from torch.testing import assert_close
 
 import common
 import inilora
+import peft_io
 from inilora import INITIALISERS, INIT_NAMES, LoRAConfig, LoRALinear
 
 
@@ -269,7 +270,7 @@ def test_rank_2r_conversion_on_the_original_base_reproduces_the_trained_model(in
     with torch.no_grad():
         expected = model(x)
     src = inilora.save_adapter(model, tmp_path / "adapter.safetensors", cfg, "toy", fp)
-    dst = inilora.convert_to_lora(src, tmp_path / "plain.safetensors")
+    dst = peft_io.convert_to_lora(src, tmp_path / "plain.safetensors")
     base = toy()
     W0 = base.layers[0].query.weight.detach().clone()
     plain_cfg, meta = inilora.load_adapter(base, dst)
