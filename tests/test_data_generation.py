@@ -159,9 +159,9 @@ def test_batches(bpe):
 def test_arithmetic_is_fixed_and_disjoint():
     first = arithmetic.generate.__wrapped__()
     assert first == arithmetic.generate.__wrapped__()
-    assert {s: len(e.texts) for s, e in first.items()} == {"train": 4000, "dev": 200, "test": 500}
+    assert {s: len(e.texts) for s, e in first.items()} == {"train": 1000, "dev": 100, "test": 300}
     questions = [set(e.texts) for e in first.values()]
-    assert sum(len(q) for q in questions) == len(set().union(*questions)) == 4700
+    assert sum(len(q) for q in questions) == len(set().union(*questions)) == 1400
     for e in first.values():  # every worked response ends with the gold answer
         assert all(extract_gsm8k(r) == a for r, a in zip(e.pairs, e.labels))
     assert arithmetic.worked_steps("12 + 30 - 7", "35") == "12 + 30 = 42\n42 - 7 = 35\n#### 35"
