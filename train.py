@@ -160,11 +160,9 @@ def classification_loss(model, batch, units):
     return loss_fn(logits, labels) * (len(labels) / units)
 
 
-def token_loss(logits, labels):
-    # sum_t m_t CE(logits_{t-1}, x_t): logits at t - 1 predict token t, so the labels move left by one (the
-    # logits are not sliced: no copy of the (B, T, V) tensor); IGNORE_INDEX where m_t = 0 and at the end
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+def token_loss(logits, targets):
+    # sum_n CE(logits_n, x_n) over the N loss tokens: logits (N, V) at positions t - 1, targets x_t (N,)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def sft_batch_on(split, idx, pad_id, device):
@@ -176,9 +174,15 @@ def sft_batch_on(split, idx, pad_id, device):
 
 def sft_loss(model, batch, units):
     ids, mask, labels = batch
-    logits = model(ids, mask)  # (B, T, V)
+    # right padding needs no mask (SDPA's fast causal path): real tokens never attend to the padding after
+    # them, their positions are 0..T-1 either way, and no loss token is padding; other padding keeps its mask
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    h = model.hidden_states(ids, None if right_padded else mask)  # (B, T, C)
+    # logits at t - 1 predict token t: lm_head only where m_t = 1, (N, V) instead of (B, T, V)
+    predicts = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    logits = model.lm_head(h[:, :-1][predicts])  # (N, C) -> (N, V)
     # L = sum over the micro-batch's response tokens of CE / (response tokens of the whole step)
-    return token_loss(logits, labels) / units
+    return token_loss(logits, labels[:, 1:][predicts]) / units
 
 
 @dataclass(frozen=True)
