@@ -278,7 +278,7 @@ def train(cfg, lcfg, run, device, s: Setup):
           f"run directory {run}")
     if "dev" not in s.splits:
         print(f"task {task.name!r} has no dev split: no evaluation after each epoch, best/ is the last epoch")
-    with metrics_path.open("a") as log, StopRequest() as stop:
+    with metrics_path.open("a") as log, StopRequest("stopping after this step (a second Ctrl-C is not needed)") as stop:
         while state["step"] < total:
             epoch, done = divmod(state["step"], steps_per_epoch)
             order = epoch_order(n, cfg.seed, epoch)[done * per_step:]
