@@ -181,7 +181,11 @@ class TrainingDiverged(FloatingPointError):
 
 
 class StopRequest:
-    """While active, Ctrl-C / SIGTERM asks the loop to save a checkpoint and stop at the next step."""
+    """While active, Ctrl-C / SIGTERM only records the signal (and prints `say`, if given): the loop that
+    asked saves a checkpoint and stops at its next step (train.py), or passes it on (sweep.py)."""
+
+    def __init__(self, say=None):
+        self.say = say
 
     def __enter__(self):
         self.signum = None
@@ -193,7 +197,8 @@ class StopRequest:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     def request(self, signum, frame):
-        print(f"\nsignal {signum}: stopping after this step (a second Ctrl-C is not needed)", flush=True)
+        if self.say:
+            print(f"\nsignal {signum}: {self.say}", flush=True)
         self.signum = signum
 
 

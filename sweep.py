@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import EXIT_INTERRUPTED, run_cli, write_atomic
+from runs import StopRequest
 
 ROOT = Path(__file__).resolve().parent  # train.py, evaluate.py and figures.py live here
 AXES = ("approx-steps", "alpha-std", "rank", "task")
@@ -146,23 +147,6 @@ def load_grid(path):
 # running: up to --jobs train.py subprocesses at once, each with its thread limit and its log
 
 
-class Stop:
-    """While active, Ctrl-C / SIGTERM only records the signal: the loop passes it on to every running
-    train.py (each saves a checkpoint at its next step) and starts no new run."""
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def request(self, signum, frame):
-        self.signum = signum  # the loop says so and passes it on (no print here: it may interrupt one)
-
-
 def last_progress(log_path):
     """The last 'step ...' or 'epoch ...' line train.py printed to the log, or ''."""
     with open(log_path, "rb") as f:
@@ -187,7 +171,7 @@ def run_all(runs, out, jobs, threads, status_every):
     total, started, finished, running, signalled = len(todo), 0, 0, {}, set()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     last_status = time.monotonic()
-    with Stop() as stop, contextlib.ExitStack() as cleanup:
+    with StopRequest() as stop, contextlib.ExitStack() as cleanup:  # passed on by the loop (no print here)
         # should the sweep itself fail, no train.py is left running: each is stopped at a checkpoint
         cleanup.callback(lambda: [(p.send_signal(signal.SIGINT), p.wait()) for _, p, _, _ in running.values()])
         while running or (todo and stop.signum is None):

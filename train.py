@@ -20,15 +20,11 @@ t < W, then (progress p = (t - W) / (T - W))
     linear  lr_t = lr * (1 - p)                         (the NLU protocol; the default)
     cosine  lr_t = lr * 0.5 * (1 + cos(pi * p))          (transformers' cosine schedule, the LLM scripts)
 
---preset paper-llm is the paper's LLM protocol: lr 2e-5, warmup 0.03, cosine, 3 epochs, 64 examples
-a step (8 x --grad-accum 8), max length 512, lora_alpha = r, no dropout, seed 11; flags given
-beside it override it. --dtype bfloat16 trains under autocast (float32 weights);
---grad-checkpointing recomputes each decoder block in the backward pass instead of storing it.
+--preset paper-llm is the paper's LLM protocol (PRESETS; flags beside it override it). --dtype bfloat16
+trains under autocast (float32 weights); --grad-checkpointing recomputes decoder blocks in backward.
 
-The run directory, checkpoints, resume and signals are in runs.py: the model, the rank against its
-shapes and the task files are all checked before the directory is made, a run that fails before
-its first checkpoint leaves nothing behind, Ctrl-C (SIGTERM) saves a checkpoint at the next step
-and exits 130 (143), and `python train.py --resume --out DIR` continues with DIR's configuration.
+Every check happens before the run directory exists (runs.py: directories, checkpoints, resume,
+signals); Ctrl-C saves a checkpoint and exits 130; `python train.py --resume --out DIR` continues.
 
 Run: python train.py --init beta-kaiming-uniform --epochs 3
          (writes runs/minilm-rotten-tomatoes-beta-kaiming-uniform-r8-seed0)
@@ -46,7 +42,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import inilora
 from common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
@@ -57,7 +52,7 @@ from decoder import load_causal_lm
 from evaluate import evaluate
 from generation import score as evaluate_generation
 from model import load_model
-from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,  # noqa: F401
+from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
                   peak_memory, remove_failed_start, restore_state, save_checkpoint, stored_configs)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bfloat16: autocast, float32 weights
@@ -101,10 +96,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be at least 1.")
         if not (self.lr > 0 and 0 <= self.warmup_ratio < 1 and self.weight_decay >= 0 and self.save_every >= 0):
-            raise ValueError(
-                f"lr={self.lr}, warmup_ratio={self.warmup_ratio}, weight_decay={self.weight_decay}, "
-                f"save_every={self.save_every}: expected lr > 0, 0 <= warmup_ratio < 1, weight_decay >= 0, save_every >= 0."
-            )
+            raise ValueError(f"lr={self.lr}, warmup_ratio={self.warmup_ratio}, weight_decay={self.weight_decay}, "
+                             f"save_every={self.save_every}: expected lr > 0, 0 <= warmup_ratio < 1, "
+                             "weight_decay >= 0, save_every >= 0.")
         if self.eval_limit < 0:
             raise ValueError(f"eval_limit={self.eval_limit} is negative; pass 0 (the whole dev split) or a count.")
         if self.grad_checkpointing and TASKS[self.task].kind != "generation":
@@ -160,11 +154,9 @@ def classification_loss(model, batch, units):
     return loss_fn(logits, labels) * (len(labels) / units)
 
 
-def token_loss(logits, labels):
-    # sum_t m_t CE(logits_{t-1}, x_t): logits at t - 1 predict token t, so the labels move left by one (the
-    # logits are not sliced: no copy of the (B, T, V) tensor); IGNORE_INDEX where m_t = 0 and at the end
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+def token_loss(logits, targets):
+    # sum_n CE(logits_n, x_n) over the N loss tokens: logits (N, V) at positions t - 1, targets x_t (N,)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def sft_batch_on(split, idx, pad_id, device):
@@ -176,9 +168,15 @@ def sft_batch_on(split, idx, pad_id, device):
 
 def sft_loss(model, batch, units):
     ids, mask, labels = batch
-    logits = model(ids, mask)  # (B, T, V)
+    # right padding needs no mask (SDPA's fast causal path): real tokens never attend to the padding after
+    # them, their positions are 0..T-1 either way, and no loss token is padding; other padding keeps its mask
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    h = model.hidden_states(ids, None if right_padded else mask)  # (B, T, C)
+    # logits at t - 1 predict token t: lm_head only where m_t = 1, (N, V) instead of (B, T, V)
+    predicts = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    logits = model.lm_head(h[:, :-1][predicts])  # (N, C) -> (N, V)
     # L = sum over the micro-batch's response tokens of CE / (response tokens of the whole step)
-    return token_loss(logits, labels) / units
+    return token_loss(logits, labels[:, 1:][predicts]) / units
 
 
 @dataclass(frozen=True)
@@ -208,20 +206,6 @@ def dev_scores(cfg, task, s, device):
     return metrics, "dev" if limit == n else f"dev subset {limit} of {n}"
 
 
-def checkpoint_blocks(model):
-    """Gradient checkpointing: each decoder block's activations are recomputed in the backward pass
-    (torch.utils.checkpoint, non-reentrant, RNG state kept) instead of stored; generation (no grad) is
-    untouched. Set on the instances: the parameters and their names do not change."""
-    for block in model.layers:
-        def forward(*args, _forward=block.forward):
-            if not torch.is_grad_enabled():
-                return _forward(*args)
-            return checkpoint(_forward, *args, use_reentrant=False)
-
-        block.forward = forward
-    return model
-
-
 # -----------------------------------------------------------------------------
 # set-up (every check, before the run directory exists) and the training loop
 
@@ -241,12 +225,12 @@ class Setup:
 
 
 def load_base(cfg, task):
-    """(model, tokenizer, model_id): a causal LM for generation tasks, else an encoder with a task head."""
+    """(model, tokenizer, model_id): a causal LM (float32) for generation tasks, else an encoder with a head."""
+    if task.kind == "generation" and cfg.model == "minilm":
+        raise ValueError(f"task {task.name!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
+                         "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
     if task.kind == "generation":
-        if cfg.model == "minilm":
-            raise ValueError(f"task {task.name!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
-                             "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
-        return load_causal_lm(cfg.model)  # float32 weights; --dtype bfloat16 is autocast
+        return load_causal_lm(cfg.model)
     return load_model(cfg.model, num_labels=task.num_labels, head_seed=cfg.seed)
 
 
@@ -267,8 +251,8 @@ def build(cfg, lcfg, device, ckpt=None, cache_dir=None):
     else:
         inilora.inject(model, lcfg, model_id, cache_dir)  # checks the rank against every target's shape
     trainable, total_params = inilora.mark_trainable(model, lcfg)  # decoders: A, B only (no head.*)
-    if cfg.grad_checkpointing:
-        checkpoint_blocks(model)
+    if cfg.grad_checkpointing:  # decoder.py: recompute each block in the backward pass instead of storing it
+        model.gradient_checkpointing = True
     model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
@@ -294,7 +278,7 @@ def train(cfg, lcfg, run, device, s: Setup):
           f"run directory {run}")
     if "dev" not in s.splits:
         print(f"task {task.name!r} has no dev split: no evaluation after each epoch, best/ is the last epoch")
-    with metrics_path.open("a") as log, StopRequest() as stop:
+    with metrics_path.open("a") as log, StopRequest("stopping after this step (a second Ctrl-C is not needed)") as stop:
         while state["step"] < total:
             epoch, done = divmod(state["step"], steps_per_epoch)
             order = epoch_order(n, cfg.seed, epoch)[done * per_step:]
@@ -321,10 +305,9 @@ def train(cfg, lcfg, run, device, s: Setup):
                     if not torch.isfinite(loss):
                         kept = (f"the last good checkpoint is named in {run / 'last.json'}" if (run / "last.json").is_file()
                                 else "no checkpoint was written yet, so the run is removed")
-                        raise TrainingDiverged(
-                            f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}): training "
-                            f"diverged. Nothing was saved after it; {kept}. Lower --lr, or train in --dtype float32."
-                        )
+                        raise TrainingDiverged(f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}): "
+                                               f"training diverged. Nothing was saved after it; {kept}. Lower --lr, or "
+                                               "train in --dtype float32.")
                     loss.backward()
                     step_loss += loss.item()
                 opt.step()
@@ -447,10 +430,9 @@ def main(argv=None):
     print(f"device {device} ({why}), dtype {cfg.dtype}")
     setup = build(cfg, lcfg, device, ckpt, args.cache_dir)
     if ckpt is not None:
-        step, best = setup.state["step"], setup.state["best"]
-        print(f"resuming {run} from {ckpt.name} at step {step}"
-              + (f" (best so far: epoch {best['epoch']}, dev {best['score']:.4f})" if best and best["score"] is not None
-                 else ""))
+        best = setup.state["best"]
+        print(f"resuming {run} from {ckpt.name} at step {setup.state['step']}" + (f" (best so far: epoch "
+              f"{best['epoch']}, dev {best['score']:.4f})" if best and best["score"] is not None else ""))
         return train(cfg, lcfg, run, device, setup)
     made = [d for d in (run, *run.parents) if not d.exists()]  # what to remove if it fails at once
     try:

@@ -9,9 +9,12 @@ fine-tuning can be compared. Not a test: its figures go into the README.
 sft_loss: token-mean cross-entropy over the second half of each row, the "response"), LoRA of
 --rank on q_proj, v_proj with lora_alpha = r, against transformers + peft on the identical batch
 and weights (transformers' own GGUF loading), the two timed in alternation in this one process.
+With --task (e.g. arithmetic) the batch is that task's first --batch-size training sequences instead,
+right-padded as train.py pads them, with their real response tokens.
 
 Run: python bench/train.py --model minilm --batch-size 32 --seq-len 48 --steps 20
      python bench/train.py --decoder --batch-size 8 --seq-len 64 --steps 10
+     python bench/train.py --decoder --task arithmetic --batch-size 8 --steps 10
 """
 import argparse
 import resource
@@ -29,6 +32,7 @@ import inilora
 import train
 from checkpoint import packaged_path
 from common import pick_device, run_cli
+from data.prepare import load_split
 from data.sft import IGNORE_INDEX
 from decoder import load_causal_lm
 from model import load_model
@@ -86,7 +90,7 @@ def bench_decoder(args, device):
     import peft  # the references, needed only here
     import transformers
 
-    model, _, model_id = load_causal_lm("smollm2")
+    model, tokenizer, model_id = load_causal_lm("smollm2")
     cfg = inilora.LoRAConfig(init="lora", rank=args.rank, targets=("q_proj", "v_proj")).validate()
     inilora.inject(model, cfg, model_id)
     trainable, total = inilora.mark_trainable(model, cfg)
@@ -94,7 +98,12 @@ def bench_decoder(args, device):
     ref = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     ref = peft.get_peft_model(ref, peft.LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0,
                                                    target_modules=["q_proj", "v_proj"]))
-    ids, mask, labels = sft_batch(model.config.vocab_size, args, device)
+    if args.task:  # a real batch: train.py's first micro-batch of the task
+        split = load_split(args.task, "train", tokenizer, 512)
+        ids, mask, labels = train.sft_batch_on(split, list(range(args.batch_size)), tokenizer.pad_id, device)
+        print(f"task {args.task}: batch {tuple(ids.shape)}, {int(mask.sum())} real tokens")
+    else:
+        ids, mask, labels = sft_batch(model.config.vocab_size, args, device)
     units = int((labels[:, 1:] != IGNORE_INDEX).sum())
     steps = {}
     for name, m in (("ours", model), ("transformers+peft", ref)):
@@ -146,6 +155,9 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
     p.add_argument("--decoder", action="store_true",
                    help="time an SFT step of SmolLM2 (ours against transformers + peft) instead of --model")
+    p.add_argument("--task", default=None,
+                   help="with --decoder: a generation task (e.g. arithmetic) whose first training batch is timed "
+                        "instead of random tokens (--seq-len then unused)")
     args = p.parse_args(argv)
     device, why = pick_device(args.device)
     print(f"device {device} ({why}), dtype {args.dtype}, threads {torch.get_num_threads()}, "

@@ -18,6 +18,7 @@ import signal
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 import data.prepare
@@ -101,6 +102,38 @@ def test_loss_is_the_token_mean_over_response_tokens(sft):
     assert_close(loss, torch.stack(terms).mean(), atol=1e-6, rtol=1e-6)
 
 
+def full_logits_loss(model, batch, units):
+    """The loss as train.sft_loss computed it before: (B, T, V) logits with the padding mask, shifted labels."""
+    ids, mask, labels = batch
+    logits = model(ids, mask)  # (B, T, V)
+    logits, targets = logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()  # t - 1 predicts token t
+    return F.cross_entropy(logits, targets, ignore_index=train.IGNORE_INDEX, reduction="sum") / units
+
+
+# invariant: lm_head on the response positions only, without the mask of a right-padded batch, gives the
+# loss and gradients of the full (B, T, V) logits with the mask; a left-padded batch (mask kept) too
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_response_only_loss_equals_the_full_logits_loss(sft, padding):
+    _, model_dir = sft
+    model, tokenizer = lora_model(model_dir)
+    _, (ids, mask, labels) = train_batch(model_dir, tokenizer)
+    assert not mask.bool().all()  # the batch is padded
+    if padding == "left":  # each row rolled right by its padding: the same examples, left-padded
+        shift = (mask == 0).sum(1)
+        ids, mask, labels = (torch.stack([r.roll(int(k)) for r, k in zip(x, shift)]) for x in (ids, mask, labels))
+    batch = ids, mask, labels
+    losses, grads = [], []
+    for loss_fn in (full_logits_loss, train.sft_loss):
+        model.zero_grad()
+        loss = loss_fn(model, batch, train.sft_units(batch))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 # invariant: --grad-accum N micro-batches of B equal one batch of N*B (loss normalised over the whole step)
 def test_grad_accumulation_equals_one_big_batch(sft):
     tmp_path, _ = sft
@@ -166,7 +199,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(sft):
     for checkpointing in (False, True):
         model, tokenizer = lora_model(model_dir, dropout=0.1)
         if checkpointing:
-            train.checkpoint_blocks(model)
+            model.gradient_checkpointing = True  # what train.py sets for --grad-checkpointing
         _, batch = train_batch(model_dir, tokenizer)
         torch.manual_seed(0)  # the same dropout draws
         train.sft_loss(model, batch, train.sft_units(batch)).backward()
