@@ -173,12 +173,19 @@ def report(out, task, split, metrics, **fields):
 
 
 def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, glue_dir=None, batch_size=None, device=None,
-                     **opts):
-    """Loads the base model, puts the adapter on it, evaluates it on `split`; writes and returns the metrics.
-    opts (generation tasks): max_new_tokens, limit (the first N examples)."""
+                     task_name=None, **opts):
+    """Loads the base model, puts the adapter on it, evaluates it on `split` of its task, or of `task_name`
+    (a generation adapter on another generation task: MetaMathQA-trained, GSM8K-tested, as in the paper);
+    writes and returns the metrics. opts (generation tasks): max_new_tokens, limit (the first N examples)."""
     adapter, run = find_adapter(path, checkpoint)
     s = adapter_settings(adapter, run)
     task = TASKS[s["task"]]
+    if task_name not in (None, task.name):
+        if task.kind != "generation" or task_name not in TASKS or TASKS[task_name].kind != "generation":
+            choices = sorted(n for n, t in TASKS.items() if t.kind == "generation")
+            raise ValueError(f"--task {task_name!r}: only an adapter of a generation task can be scored on another "
+                             f"task, one of {choices}; this one was trained on {task.name!r}. Leave --task out.")
+        task = TASKS[task_name]
     check_split(task, split)
     device, why = pick_device(device)
     print(f"evaluating {adapter} on {task.name}/{split}: base model {model_name or s['model']}, "
@@ -189,7 +196,8 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, glue_d
     what = "every weight" if cfg.init == "full" else f"{cfg.init} adapters of rank {cfg.rank} on {','.join(cfg.targets)}{head}"
     print(f"loaded {what} from {adapter}" + (": the head evaluated is the adapter's, replacing the one reported above"
                                              if head else ""))
-    where, name = (run, f"{checkpoint or 'best'}-{split}") if run else (adapter.parent, f"{adapter.stem}-{split}")
+    split_name = split if task.name == s["task"] else f"{task.name}-{split}"  # another task: named in the files
+    where, name = (run, f"{checkpoint or 'best'}-{split_name}") if run else (adapter.parent, f"{adapter.stem}-{split_name}")
     metrics, n = score_split(model, tokenizer, task, split, s["max_length"], glue_dir or s["glue_dir"],
                              dict(opts, batch_size=batch_size), device, where / f"predictions-{name}.jsonl")
     return report(where / f"eval-{name}.json", task, split, metrics, adapter=str(adapter), model_id=model_id,
@@ -334,8 +342,9 @@ def main(argv=None):
                                             "or compare runs as in the paper's Table 1.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", nargs="?", help="run directory written by train.py, or an adapter .safetensors file")
-    p.add_argument("--split", default="dev", choices=("dev", "test"),
-                   help="split to evaluate on (test: rotten-tomatoes and the generation tasks)")
+    p.add_argument("--split", default="dev", choices=("dev", "test", "test-in-template"),
+                   help="split to evaluate on (test: rotten-tomatoes and the generation tasks; test-in-template: "
+                        "gsm-symbolic's held-out problems of training templates)")
     p.add_argument("--checkpoint", default=None, choices=("best", "last"),
                    help="for a run directory: the best epoch's adapter or the last checkpoint; None: best")
     p.add_argument("--model", default=None, help="base model to load instead of the one the adapter records; None: that one")
@@ -347,7 +356,8 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: tokens generated per example at most")
     p.add_argument("--limit", type=int, default=None, help="generation tasks: score the first N examples only; None: all")
     p.add_argument("--base", action="store_true", help="score the base --model on --task without an adapter (causal LMs)")
-    p.add_argument("--task", default=None, help="with --base: the generation task to score")
+    p.add_argument("--task", default=None, help="with --base: the generation task to score; with a PATH: "
+                   "another generation task than the adapter's (e.g. gsm8k for a metamathqa run); None: its own")
     p.add_argument("--out", default=None, help="with --base: directory for the predictions and the score")
     p.add_argument("--max-length", type=int, default=512, help="with --base: the data cache's max_length (prompts are whole)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print the comparison table of these run directories")
@@ -363,7 +373,8 @@ def main(argv=None):
         return evaluate_base(args.model or "smollm2", args.task, args.split, args.out, args.glue_dir, args.max_length,
                              **opts)
     if args.compare is None:
-        return evaluate_adapter(args.path, args.split, args.checkpoint, args.model, args.glue_dir, **opts)
+        return evaluate_adapter(args.path, args.split, args.checkpoint, args.model, args.glue_dir, task_name=args.task,
+                                **opts)
     task, rows, skipped, notes = compare(args.compare)
     for run, reason in skipped:
         print(f"skipped {run}: {reason}", file=sys.stderr)  # stderr: stdout stays the table alone

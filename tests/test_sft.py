@@ -292,3 +292,21 @@ def test_a_split_whose_responses_were_all_truncated_is_a_sentence(sft):
     with pytest.raises(ValueError, match=r"--max-length 20 leaves no response token.*raise --max-length"):
         train.main(args(sft, "short") + ["--max-length", "20"])
     assert not (tmp_path / "short").exists()
+
+
+# invariant: a generation adapter is scored on another generation task with --task (the paper trains on
+# MetaMathQA and tests on GSM8K): its files are named after that task; a non-generation task is a sentence
+def test_an_adapter_is_scored_on_another_generation_task(sft, monkeypatch):
+    tmp_path, _ = sft
+    train.main(args(sft, "run", "--eval-limit", "2"))
+    other = tmp_path / "other-sum.txt"
+    other.write_text("other-sum v1")
+    monkeypatch.setitem(data.prepare.TASKS, "other-sum", Task(
+        "other-sum", "generation", ("exact_match",), None, ("train", "test"), source=lambda split, d=None: other,
+        read=lambda split, d=None: sums(split), split_rule="other-sum v1", answer_format="gsm8k"))
+    metrics = evaluate.main([str(tmp_path / "run"), "--task", "other-sum", "--split", "test", "--max-new-tokens", "12"])
+    records = (tmp_path / "run" / "predictions-best-other-sum-test.jsonl").read_text().splitlines()
+    assert len(records) == SIZES["test"] and 0 <= metrics["exact_match"] <= 1
+    assert json.loads((tmp_path / "run" / "eval-best-other-sum-test.json").read_text())["task"] == "other-sum"
+    with pytest.raises(ValueError, match="'rotten-tomatoes'.*one of .*other-sum.*Leave --task out"):
+        evaluate.main([str(tmp_path / "run"), "--task", "rotten-tomatoes", "--split", "test"])
