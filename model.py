@@ -3,7 +3,7 @@
 Every encoder layer is BERT's post-LayerNorm block (RoBERTa differs only in position ids and head):
     h = LN_attn(x + out(softmax(q k^T / sqrt(hs) + mask) v)),   q, k, v = query(x), key(x), value(x)
     x = LN_mlp(h + proj(GELU(fc(h))))                           exact (erf) GELU; dropout after out, proj
-IniLoRA (inilora.py) adapts `query` and `value` of every layer (SPEC.md "Default targets");
+IniLoRA (inilora.py) adapts `query` and `value` of every layer (docs/method.md "Default targets");
 `target_linears` is the one place that decides which nn.Linear layers a target name means.
 Everything task-specific sits in `model.head` (BERT: pooler + classifier, RoBERTa: dense + out_proj):
 loaded from a fine-tuned checkpoint, else initialised fresh from `head_seed`. Checkpoints load through
