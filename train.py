@@ -48,10 +48,9 @@ from common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
 from data.prepare import TASKS, load_split, pad_batch
 from data.sft import IGNORE_INDEX, sft_batch
 from decoder import DEFAULT_TARGETS as DECODER_TARGETS
-from decoder import load_causal_lm
 from evaluate import evaluate
+from evaluate import load_base as load_base_model
 from generation import score as evaluate_generation
-from model import load_model
 from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
                   peak_memory, remove_failed_start, restore_state, save_checkpoint, stored_configs)
 
@@ -229,9 +228,7 @@ def load_base(cfg, task):
     if task.kind == "generation" and cfg.model == "minilm":
         raise ValueError(f"task {task.name!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
                          "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
-    if task.kind == "generation":
-        return load_causal_lm(cfg.model)
-    return load_model(cfg.model, num_labels=task.num_labels, head_seed=cfg.seed)
+    return load_base_model(cfg.model, task, head_seed=cfg.seed)
 
 
 def build(cfg, lcfg, device, ckpt=None, cache_dir=None):

@@ -42,6 +42,7 @@ if __package__ in (None, ""):
 import torch
 from tqdm import tqdm
 
+from checkpoint import MINILM, resolve_model
 from common import check_tensors, read_artifact, run_cli, save_artifact
 from data import sft
 from data.arithmetic import ARITHMETIC
@@ -53,8 +54,6 @@ from data.metamathqa import METAMATHQA
 from data.rotten_tomatoes import ROTTEN_TOMATOES
 from data.task import Examples, Task
 from data.tokenizer import Tokenizer
-from checkpoint import MINILM
-from model import resolve_model
 
 # Legend: N examples in a split, B batch, T tokens (longest in the batch), S all tokens of a split
 
@@ -328,7 +327,7 @@ def main(argv=None):
     parser.add_argument("--task", default=defaults.task, choices=sorted(TASKS),
                         help="task to prepare (all of its splits)")
     parser.add_argument("--model", default=defaults.model,
-                        help="model whose tokenizer to use (a name model.resolve_model knows); generation tasks "
+                        help="model whose tokenizer to use (a name checkpoint.resolve_model knows); generation tasks "
                              "need a causal LM's, e.g. smollm2")
     parser.add_argument("--tokenizer", default=defaults.tokenizer,
                         help="path to a tokenizer.json (or its directory); for generation tasks a decoder's "
