@@ -74,6 +74,7 @@ class TrainConfig:
     grad_accum: int = 1            # micro-batches per optimizer step: a step sees batch_size * grad_accum
     epochs: int = 3
     max_length: int = 512          # truncation; batches are padded to their longest sequence
+    group_by_length: bool = False  # each step draws examples of similar length (less padding; off: plain shuffle)
     schedule: str = "linear"
     seed: int = 0
     dtype: str = "float32"
@@ -119,9 +120,18 @@ def lr_at(step, total, cfg):
     return cfg.lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def epoch_order(n, seed, epoch):
+GROUP_STEPS = 50  # --group-by-length: steps per length-sorted chunk (transformers' mega-batch of 50 batches)
+
+
+def epoch_order(n, seed, epoch, lengths=None, per_step=1):
     # one permutation per (seed, epoch): the data order needs no state to be restored
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    if lengths is None:
+        return order
+    # --group-by-length (transformers' LengthGroupedSampler): cut the permutation into chunks of 50 steps and
+    # sort each chunk by length, longest first; a step then pads to about its own examples' length
+    return torch.cat([chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+                      for chunk in order.split(GROUP_STEPS * per_step)])
 
 
 # -----------------------------------------------------------------------------
@@ -266,6 +276,7 @@ def train(cfg, lcfg, run, device, s: Setup):
     per_step = cfg.batch_size * cfg.grad_accum  # examples per optimizer step
     steps_per_epoch = math.ceil(n / per_step)
     total = cfg.epochs * steps_per_epoch
+    lengths = torch.tensor([len(x) for x in s.splits["train"]["input_ids"]]) if cfg.group_by_length else None
     metrics_path = run / "metrics.jsonl"
     if state["step"] > 0 and metrics_path.exists():  # drop what the interrupted run logged after its checkpoint
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
@@ -278,7 +289,7 @@ def train(cfg, lcfg, run, device, s: Setup):
     with metrics_path.open("a") as log, StopRequest("stopping after this step (a second Ctrl-C is not needed)") as stop:
         while state["step"] < total:
             epoch, done = divmod(state["step"], steps_per_epoch)
-            order = epoch_order(n, cfg.seed, epoch)[done * per_step:]
+            order = epoch_order(n, cfg.seed, epoch, lengths, per_step)[done * per_step:]
             model.train()
             t0, losses = time.perf_counter(), []
             for start in range(0, len(order), per_step):
@@ -369,6 +380,9 @@ def build_parser():
                    help="micro-batches per optimizer step (a step sees batch-size x grad-accum examples)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example at most")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="steps of examples of similar length, shuffled in chunks of 50 steps (less padding, "
+                   "faster; off keeps the plain shuffle of published numbers)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of data order, head, dropout and adapters")
     p.add_argument("--dtype", default=d.dtype, help=f"one of {sorted(DTYPES)}")
     p.add_argument("--grad-checkpointing", action="store_true",

@@ -2,7 +2,8 @@
 
 - a tiny end-to-end run (train, save, evaluate) for every initialiser, with the base model unchanged;
 - --resume after an interruption (a real SIGINT mid-epoch) ends with the same weights, optimizer
-  state and metrics as the uninterrupted run, with dropout on;
+  state and metrics as the uninterrupted run, with dropout on, with and without --group-by-length;
+- --group-by-length: length-sorted chunks of 50 steps of the same shuffle, with far less padding;
 - the best-epoch checkpoint is the one with the best dev metric; the learning-rate schedule;
 - a non-finite loss stops the run and keeps the last good checkpoint;
 - bad input: unknown task, batch size 0, an existing run directory, a resume with another
@@ -82,9 +83,10 @@ def test_every_initialiser_trains_saves_and_evaluates(init, setup, capsys):
     assert json.loads((run / "eval-best-dev.json").read_text())["metrics"]["accuracy"] == state["best"]["dev"]["accuracy"]
 
 
-def test_resume_after_an_interruption_equals_the_uninterrupted_run(setup, monkeypatch):
+@pytest.mark.parametrize("order", [(), ("--group-by-length",)], ids=["shuffle", "group-by-length"])
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(order, setup, monkeypatch):
     tmp_path, _ = setup
-    common = ("--epochs", "2", "--init", "alpha", "--lora-dropout", "0.1", "--save-every", "2")
+    common = ("--epochs", "2", "--init", "alpha", "--lora-dropout", "0.1", "--save-every", "2", *order)
     full = train.main(args(setup, "full", *common))
 
     calls = {"n": 0}
@@ -117,6 +119,22 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(setup, monkey
     strip = [[{k: v for k, v in json.loads(l).items()} for l in text.splitlines()] for text in lines]
     assert [r["step"] for r in strip[0]] == [r["step"] for r in strip[1]]
     assert [r.get("loss") for r in strip[0]] == [r.get("loss") for r in strip[1]]
+
+
+def test_group_by_length_sorts_chunks_of_50_steps_and_pads_less():
+    lengths = torch.randint(5, 60, (1000,), generator=torch.Generator().manual_seed(0))
+    plain = train.epoch_order(1000, 3, 1)
+    grouped = train.epoch_order(1000, 3, 1, lengths, per_step=4)
+    # the same examples, once each; each chunk of 50 steps holds the plain shuffle's examples, longest first
+    assert sorted(grouped.tolist()) == list(range(1000))
+    for a, b in zip(plain.split(200), grouped.split(200)):
+        assert sorted(a.tolist()) == sorted(b.tolist())
+        assert (lengths[b][:-1] >= lengths[b][1:]).all()
+    # padding: each step of 4 pads to its longest example
+    pad = {name: sum(int(lengths[s].max()) * len(s) - int(lengths[s].sum()) for s in order.split(4))
+           for name, order in (("plain", plain), ("grouped", grouped))}
+    assert pad["grouped"] < pad["plain"] / 10
+    assert torch.equal(train.epoch_order(1000, 3, 1, lengths, 4), grouped)  # a function of (seed, epoch): resumable
 
 
 def test_best_checkpoint_is_the_epoch_with_the_best_dev_metric(setup):
