@@ -66,8 +66,17 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         # y = x R^T + b + s * (dropout(x) A^T) B^T  (docs/method.md "Notation")
         y = F.linear(x, self.R, self.bias)               # (..., d_in) -> (..., d_out)
+        return y + self.low_rank(x)
+
+    def low_rank(self, x):
+        """s * (dropout(x) A^T) B^T: the trained term alone (model.py's fused q/k/v adds it to x R^T + b)."""
         h = F.linear(self.dropout(x), self.A)            # (..., d_in) -> (..., r)
-        return y + self.s * F.linear(h, self.B)          # (..., r) -> (..., d_out)
+        return self.s * F.linear(h, self.B)              # (..., r) -> (..., d_out)
+
+    @property
+    def frozen(self):
+        """(R, b): the frozen affine part, x R^T + b."""
+        return self.R, self.bias
 
     @torch.no_grad()
     def merge(self):

@@ -7,9 +7,13 @@ IniLoRA (inilora.py) adapts `query` and `value` of every layer (docs/method.md "
 `target_linears` is the one place that decides which nn.Linear layers a target name means.
 Everything task-specific sits in `model.head` (BERT: pooler + classifier, RoBERTa: dense + out_proj):
 loaded from a fine-tuned checkpoint, else initialised fresh from `head_seed`. Checkpoints load through
-one visible name map, with a shape check per copy and a final leftover/missing check (STYLE.md rule 5).
+one visible name map, with a shape check per copy and a final leftover/missing check.
 A model is "minilm" (the packaged all-MiniLM-L6-v2, the default), a local directory, or a Hub id; finding
 and reading its files is checkpoint.py's job.
+
+The fast path changes no output, only the work: q, k, v come from one fused product; a batch without
+padding gets no mask; the last block computes position 0 alone (the head reads nothing else); and dropout
+on the CPU draws its masks 4x cheaper than torch's (`dropout` below).
 
 Nothing here runs on its own: `python inilora.py --init inilora` loads a model, injects adapters and
 checks that its logits are unchanged.
@@ -97,6 +101,43 @@ def load_config(model_dir: Path) -> ModelConfig:
 
 
 # -----------------------------------------------------------------------------
+# dropout, with cheaper masks on the CPU
+
+DROP_BITS = 16  # a CPU dropout mask compares 16 random bits per element with a threshold
+
+
+def dropout(x, p, training):
+    """F.dropout(x, p, training) in distribution: each element kept with probability q, then scaled by 1 / q.
+    On the CPU, torch draws one Mersenne-Twister number per element for its mask, one thread, and that draw
+    costs several times the rest of dropout (a quarter of a MiniLM training step). Here one 64-bit draw
+    gives the 16 random bits of 4 elements: element kept if bits < q 2^16, q = round((1 - p) 2^16) / 2^16
+    (p = 0.1: q = 0.899994, not 0.9). Other devices take F.dropout (their generators are fast)."""
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    keep = round((1 - p) * 2**DROP_BITS)  # q 2^16
+    n = x.numel()
+    # 4 uniform int16 in [-2^15, 2^15) per draw, shifted to [0, 2^16) by comparing with keep - 2^15
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None).view(torch.int16)[:n].view(x.shape)
+    return x.masked_fill(bits >= keep - 2**(DROP_BITS - 1), 0.0).mul_(2**DROP_BITS / keep)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout through `dropout` above."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+# -----------------------------------------------------------------------------
 # the encoder
 
 
@@ -110,7 +151,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(config.max_position_embeddings, C)
         self.token_type = nn.Embedding(config.type_vocab_size, C)
         self.ln = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.drop = nn.Dropout(config.hidden_dropout)
+        self.drop = Dropout(config.hidden_dropout)
         self.arch, self.pad_id = config.arch, config.pad_token_id
 
     def forward(self, input_ids, token_type_ids):
@@ -137,17 +178,42 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(C, C)
         self.dropout_p = config.attention_dropout
 
-    def forward(self, x, key_mask):
+    def forward(self, x, key_mask, first_only=False):
+        """(B, T, C) -> (B, T, C); first_only: the output at position 0 alone, (B, 1, C), which still
+        attends to every position's keys and values."""
         B, T, C = x.shape
         nh, hs = self.nh, C // self.nh
-        q = self.query(x).view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        k = self.key(x).view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        v = self.value(x).view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs)) v, padded keys masked out: key_mask is (B, 1, 1, T), True = attend
-        dropout_p = self.dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
-        return self.out(y)  # (B, T, C)
+        layers = (self.query, self.key, self.value)
+        # q, k, v = x W^T + b of each layer, as ONE product with the stacked frozen weights [W_q; W_k; W_v]
+        # (3C, C) (one read of x, one larger GEMM); an adapted layer's W is its residual R = W0 - s B0 A0
+        W, b = zip(*(frozen_part(layer) for layer in layers))
+        qkv = F.linear(x, torch.cat(W), torch.cat(b))  # (B, T, C) -> (B, T, 3C)
+        # ... then each adapted layer adds its trained term: y = x R^T + b + s (x A^T) B^T (inilora.LoRALinear)
+        q, k, v = (y + layer.low_rank(x) if hasattr(layer, "low_rank") else y
+                   for y, layer in zip(qkv.split(C, dim=-1), layers))
+        q, k, v = (y.view(B, T, nh, hs).transpose(1, 2) for y in (q, k, v))  # (B, T, C) -> (B, nh, T, hs)
+        if first_only:
+            q = q[:, :, :1]  # (B, nh, 1, hs): one query, all T keys
+        # softmax(q k^T / sqrt(hs) + mask) v, padded keys masked out: key_mask is (B, 1, 1, T), True = attend;
+        # None when the batch has no padding (SDPA's unmasked path, as transformers does)
+        if self.training and self.dropout_p > 0 and x.device.type == "cpu":
+            # SDPA's CPU kernels do not fuse dropout (they fall back to these same steps): written out, so
+            # that the attention probabilities take the cheaper dropout above
+            scores = (q @ k.transpose(-2, -1)) / hs**0.5  # (B, nh, T_q, T)
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask, float("-inf"))
+            y = dropout(scores.softmax(dim=-1), self.dropout_p, True) @ v  # (B, nh, T_q, hs)
+        else:
+            dropout_p = self.dropout_p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)  # (B, nh, T_q, hs)
+        y = y.transpose(1, 2).reshape(B, q.shape[2], C)  # (B, nh, T_q, hs) -> (B, T_q, C)
+        return self.out(y)  # (B, T_q, C)
+
+
+def frozen_part(layer):
+    """(W, b): the frozen affine part of a q/k/v layer, its residual (R, b) if IniLoRA adapted it
+    (inilora.LoRALinear.frozen), else the nn.Linear's own weight and bias (trained in full fine-tuning)."""
+    return layer.frozen if hasattr(layer, "frozen") else (layer.weight, layer.bias)
 
 
 class MLP(nn.Module):
@@ -169,10 +235,12 @@ class Block(nn.Module):
         self.ln_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
         self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.drop = nn.Dropout(config.hidden_dropout)
+        self.drop = Dropout(config.hidden_dropout)
 
-    def forward(self, x, key_mask):
-        x = self.ln_attn(x + self.drop(self.attn(x, key_mask)))  # (B, T, C)
+    def forward(self, x, key_mask, first_only=False):
+        # first_only: position 0 alone from here on, (B, 1, C) (its attention still reads all T positions)
+        residual = x[:, :1] if first_only else x
+        x = self.ln_attn(residual + self.drop(self.attn(x, key_mask, first_only)))  # (B, T, C)
         x = self.ln_mlp(x + self.drop(self.mlp(x)))  # (B, T, C)
         return x
 
@@ -188,17 +256,20 @@ class Encoder(nn.Module):
         offset = config.pad_token_id + 1 if config.arch == "roberta" else 0
         self.max_length = config.max_position_embeddings - offset
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, first_only=False):
+        """The last hidden state (B, T, C); first_only: position 0's alone, (B, 1, C), the last block then
+        computing that one position (a classification head reads nothing else)."""
         T = input_ids.shape[1]
         if T > self.max_length:
             raise ValueError(f"the batch has {T} tokens per row but this model takes at most {self.max_length}. "
                              f"Truncate with Tokenizer.encode(..., max_length={self.max_length}).")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)  # (B, T)
-        key_mask = attention_mask.bool()[:, None, None, :]  # (B, T) -> (B, 1, 1, T)
+        # attention_mask None: no padding, so no mask (data.prepare.pad_batch's None)
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         x = self.embed(input_ids, token_type_ids)  # (B, T, C)
-        for layer in self.layers:
-            x = layer(x, key_mask)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, key_mask, first_only and i == len(self.layers) - 1)  # (B, T, C); the last maybe (B, 1, C)
         return x
 
 
@@ -213,7 +284,7 @@ class BertHead(nn.Module):
         super().__init__()
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.drop = nn.Dropout(config.hidden_dropout)
+        self.drop = Dropout(config.hidden_dropout)
 
     def forward(self, h):
         x = torch.tanh(self.pooler(h[:, 0]))  # (B, T, C) -> first token (B, C) -> (B, C)
@@ -227,7 +298,7 @@ class RobertaHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
-        self.drop = nn.Dropout(config.hidden_dropout)
+        self.drop = Dropout(config.hidden_dropout)
 
     def forward(self, h):
         x = torch.tanh(self.dense(self.drop(h[:, 0])))  # (B, T, C) -> first token (B, C) -> (B, C)
@@ -247,8 +318,9 @@ class SequenceClassifier(nn.Module):
         self.head = HEADS[config.arch](config)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        h = self.encoder(input_ids, attention_mask, token_type_ids)  # (B, T, C)
-        return self.head(h)  # (B, T, C) -> (B, K)
+        # the head reads position 0 ([CLS] / <s>) alone, so the last block computes only that position
+        h = self.encoder(input_ids, attention_mask, token_type_ids, first_only=True)  # (B, 1, C)
+        return self.head(h)  # (B, 1, C) -> (B, K)
 
 
 # -----------------------------------------------------------------------------

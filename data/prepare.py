@@ -235,7 +235,8 @@ def _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key):
 
 
 def pad_batch(examples_ids, type_ids, pad_id):
-    """Pads a batch to its longest example: (input_ids, token_type_ids, attention_mask), each (B, T)."""
+    """Pads a batch to its longest example: (input_ids, token_type_ids, attention_mask), each (B, T);
+    attention_mask is None when the examples are of one length (no padding: the encoder then needs no mask)."""
     if len(examples_ids) == 0 or len(examples_ids) != len(type_ids):
         raise ValueError(
             f"pad_batch got {len(examples_ids)} id sequences and {len(type_ids)} type id sequences; "
@@ -249,6 +250,8 @@ def pad_batch(examples_ids, type_ids, pad_id):
     pad = torch.nn.utils.rnn.pad_sequence
     input_ids = pad(list(examples_ids), batch_first=True, padding_value=pad_id)  # (B, T)
     token_type_ids = pad(list(type_ids), batch_first=True, padding_value=0)  # (B, T)
+    if bool((lengths == lengths[0]).all()):
+        return input_ids, token_type_ids, None
     # attention_mask[b, t] = 1 for the lengths[b] real tokens, 0 for padding
     attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()  # (B, T)
     return input_ids, token_type_ids, attention_mask

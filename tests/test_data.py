@@ -418,6 +418,8 @@ def test_pad_batch():
     assert token_type_ids[2].tolist() == [0, 0, 0, 1, 1] and token_type_ids[0].tolist() == [0] * 5
     assert attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert pad_batch(ids[:2], types[:2], pad_id=9)[0][1].tolist() == [101, 102, 9]  # longest in *this* batch
+    same = pad_batch([ids[0], ids[0]], [types[0], types[0]], pad_id=0)  # no padding: no mask
+    assert same[0].shape == (2, 3) and same[2] is None
     with pytest.raises(ValueError, match="2 id sequences and 1 type id"):
         pad_batch(ids[:2], types[:1], pad_id=0)
     with pytest.raises(ValueError, match="at least one example"):

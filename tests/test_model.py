@@ -5,6 +5,10 @@ Checks:
   last hidden states of BertModel / RobertaModel and logits of Bert/RobertaForSequenceClassification
   (num_labels 1 = regression, and 3), with padded batches of different lengths and BERT token types;
 - the same on the real packaged all-MiniLM-L6-v2 with tokenized sentences;
+- the fast path: the fused q/k/v product equals three separate products (outputs and gradients, every kind
+  of layer, adapter dropout on); CPU training's written-out attention equals SDPA's; the last block's
+  position 0 alone equals the full encoder's; a batch without padding gives the same outputs without a
+  mask; the CPU dropout keeps with probability q = round(0.9 * 2^16) / 2^16, scales by 1/q, reproducibly;
 - loading details: pytorch_model.bin through torch.load(weights_only=True), float16 checkpoints
   converted to the requested dtype, a fresh head seeded by head_seed and reported on stdout;
 - target_linears, and every error a user can hit (bad names, missing files, corrupt or mismatched
@@ -18,10 +22,12 @@ import huggingface_hub
 import huggingface_hub.constants
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+import inilora
 import model
 from model import load_config, load_model, resolve_model, target_linears
 
@@ -118,6 +124,107 @@ def test_minilm_matches_transformers(minilm_dir):
 
 # -----------------------------------------------------------------------------
 # loading details
+
+
+# -----------------------------------------------------------------------------
+# the fast path: one fused q/k/v product, and no mask for a batch without padding
+
+
+def unfused_attention(attn, x, key_mask):
+    """SelfAttention as three separate products q = query(x), k = key(x), v = value(x) (each layer's own forward)."""
+    B, T, C = x.shape
+    q, k, v = (layer(x).view(B, T, attn.nh, C // attn.nh).transpose(1, 2) for layer in (attn.query, attn.key, attn.value))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=attn.dropout_p if attn.training else 0.0)
+    return attn.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("init", ["none", "lora", "alpha", "pissa", "full"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fused_qkv_equals_three_separate_products(init, training, tiny_bert_dir, tmp_path):
+    """The fused product of the frozen weights (R for adapted layers) plus each adapter's s (x A^T) B^T gives
+    the outputs and gradients of query(x), key(x), value(x), with adapter and attention dropout in training."""
+    model, _, model_id = load_model(str(tiny_bert_dir))
+    if init != "none":
+        cfg = inilora.LoRAConfig(init=init, rank=4, dropout=0.1).validate()
+        inilora.inject(model, cfg, model_id, cache_dir=tmp_path)
+        inilora.mark_trainable(model, cfg, verbose=False)
+    attn = model.encoder.layers[0].attn.train(training)
+    attn.dropout_p = 0.0  # the attention-probability dropout: test_the_written_out_attention_... below
+    x = torch.randn(3, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    key_mask = (torch.arange(7)[None] < torch.tensor([7, 4, 2])[:, None])[:, None, None, :]  # (B, 1, 1, T)
+    outs, grads = [], []
+    for forward in (attn.forward, lambda x, m: unfused_attention(attn, x, m)):
+        attn.zero_grad()
+        torch.manual_seed(1)  # the same dropout draws, in the same order
+        y = forward(x, key_mask)
+        y.pow(2).sum().backward()
+        outs.append(y.detach())
+        grads.append({n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and (init == "none" or grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_the_written_out_attention_of_cpu_training_equals_sdpa(tiny_bert_dir, monkeypatch):
+    """Training with attention dropout on the CPU writes softmax(q k^T / sqrt(hs) + mask) v out (for the cheaper
+    dropout); with that dropout made the identity, it equals SDPA's attention, outputs and gradients."""
+    classifier, _, _ = load_model(str(tiny_bert_dir))
+    attn = classifier.encoder.layers[0].attn.train()
+    x = torch.randn(3, 7, classifier.config.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    key_mask = (torch.arange(7)[None] < torch.tensor([7, 4, 2])[:, None])[:, None, None, :]
+    outs = []
+    for written_out in (True, False):
+        attn.dropout_p = 0.1 if written_out else 0.0  # 0: SDPA
+        with monkeypatch.context() as m:
+            m.setattr(model, "dropout", lambda y, p, training: y)
+            for first_only in (False, True):
+                y = attn(x, key_mask, first_only)
+                outs.append((y.detach(), torch.autograd.grad(y.pow(2).sum(), x)[0]))
+    for (a, ga), (b, gb) in zip(outs[:2], outs[2:]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(outs[1][0], outs[0][0][:, :1], atol=1e-6, rtol=1e-5)  # first_only: position 0
+
+
+def test_cpu_dropout_keeps_each_element_with_probability_q_and_scales_by_1_over_q():
+    x = torch.ones(400_000, requires_grad=True)
+    keep = round(0.9 * 2**16)
+    q = keep / 2**16
+    torch.manual_seed(0)
+    y = model.dropout(x, 0.1, True)
+    kept = y != 0
+    n = x.numel()
+    assert abs(kept.float().mean().item() - q) < 4 * (q * (1 - q) / n) ** 0.5  # within 4 standard deviations
+    assert torch.equal(y[kept], torch.full_like(y[kept], 2**16 / keep))  # unbiased: E[y] = x
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() * (2**16 / keep))  # the gradient passes the same mask
+    # the four 16-bit chunks of each 64-bit draw are independent: neighbours kept together with probability q^2
+    pairs = (kept[0::4] & kept[1::4]).float().mean().item()
+    assert abs(pairs - q * q) < 4 * (q * q * (1 - q * q) / (n // 4)) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(model.dropout(x, 0.1, True), y)  # torch's seed makes it reproducible
+    assert not torch.equal(model.dropout(x, 0.1, True), y)
+    assert model.dropout(x, 0.1, False) is x and model.dropout(x, 0.0, True) is x  # eval, or p = 0: untouched
+
+
+def test_the_last_block_computes_position_0_alone_for_the_head(tiny_bert_dir, tiny_roberta_dir):
+    for path in (tiny_bert_dir, tiny_roberta_dir):
+        m, _, _ = load_model(str(path))
+        ids, mask, _ = padded_batch(m.config.vocab_size, m.config.pad_token_id, [9, 5, 2])
+        with torch.no_grad():
+            full = m.encoder(ids, mask)  # (B, T, C)
+            torch.testing.assert_close(m.encoder(ids, mask, first_only=True), full[:, :1], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(m(ids, mask), m.head(full), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch_dir", ["tiny_bert_dir", "tiny_roberta_dir"])
+def test_a_batch_without_padding_needs_no_mask(arch_dir, request):
+    model, _, _ = load_model(str(request.getfixturevalue(arch_dir)))
+    ids, mask, _ = padded_batch(model.config.vocab_size, model.config.pad_token_id, [9, 9, 9])
+    assert mask.all()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, None), model(ids, mask), atol=1e-6, rtol=1e-6)
 
 
 def test_bin_checkpoint_loads_through_weights_only(tiny_checkpoint, monkeypatch):
