@@ -41,8 +41,12 @@ from model import load_model
 # Legend: N examples in the split, B batch, T tokens (longest in the batch)
 
 
-@torch.no_grad()
-def predict(model, split, task, pad_id, batch_size=64, device="cpu"):
+EVAL_BATCH = 128     # examples per forward pass: no gradients are kept, so a larger batch than training's fits
+GENERATE_BATCH = 16  # prompts per generation batch (its KV cache grows with batch x tokens)
+
+
+@torch.inference_mode()
+def predict(model, split, task, pad_id, batch_size=EVAL_BATCH, device="cpu"):
     """(N,) predictions of `model` on `split` (from data.prepare.load_split), in the split's order:
     class ids = argmax of the logits, or the score logits[:, 0] for regression (num_labels = 1).
     The model must already be on `device`; it is left in eval mode (no dropout)."""
@@ -51,11 +55,16 @@ def predict(model, split, task, pad_id, batch_size=64, device="cpu"):
         raise ValueError(f"cannot evaluate {n} examples in batches of {batch_size}: "
                          "pass a non-empty split and a batch size of at least 1.")
     model.eval()
+    # batches of examples of similar length (longest first), so little padding; each prediction depends on
+    # its own example alone, so the order changes nothing but float rounding. `order` puts them back.
+    order = sorted(range(n), key=lambda j: -len(split["input_ids"][j]))
     preds = []
     for i in tqdm(range(0, n, batch_size), desc=f"evaluating {task.name}", unit="batch", leave=False):
-        ids, types, mask = pad_batch(split["input_ids"][i:i + batch_size],
-                                     split["token_type_ids"][i:i + batch_size], pad_id)  # (B, T) each
-        logits = model(ids.to(device), mask.to(device), types.to(device)).float()  # (B, num_labels)
+        idx = order[i:i + batch_size]
+        ids, types, mask = pad_batch([split["input_ids"][j] for j in idx],
+                                     [split["token_type_ids"][j] for j in idx], pad_id)  # (B, T) each
+        mask = None if mask is None else mask.to(device)  # None: no padding in this batch
+        logits = model(ids.to(device), mask, types.to(device)).float()  # (B, num_labels)
         if logits.shape != (len(ids), task.num_labels):
             raise ValueError(
                 f"the model returned logits of shape {tuple(logits.shape)} for a batch of {len(ids)}, but "
@@ -64,10 +73,12 @@ def predict(model, split, task, pad_id, batch_size=64, device="cpu"):
             )
         # classification: the class with the largest logit; regression: the one output is the score
         preds.append(logits[:, 0] if task.num_labels == 1 else logits.argmax(dim=-1))  # (B,)
-    return torch.cat(preds).cpu().numpy()  # (N,)
+    out = torch.empty(n, dtype=preds[0].dtype)
+    out[order] = torch.cat(preds).cpu()  # back to the split's order
+    return out.numpy()  # (N,)
 
 
-def evaluate(model, split, task, pad_id, batch_size=64, device="cpu"):
+def evaluate(model, split, task, pad_id, batch_size=EVAL_BATCH, device="cpu"):
     """{metric: value} for every metric of `task` (a data.prepare.TaskSpec), values in [0, 1] or [-1, 1]."""
     preds = predict(model, split, task, pad_id, batch_size, device)  # (N,)
     labels = split["labels"].cpu().numpy()  # (N,)
@@ -158,9 +169,9 @@ def score_split(model, tokenizer, task, split, max_length, data_dir, opts, devic
     """(metrics, number of examples) of `model` on one split; a generation task's records go to `predictions`."""
     data = load_split(task.name, split, tokenizer, max_length, data_dir)
     if task.kind != "generation":
-        return evaluate(model.to(device), data, task, tokenizer.pad_id, opts.get("batch_size") or 64, device), \
+        return evaluate(model.to(device), data, task, tokenizer.pad_id, opts.get("batch_size") or EVAL_BATCH, device), \
             len(data["labels"])
-    metrics, records = generation.score(model.to(device), tokenizer, data, task, opts.get("batch_size") or 16,
+    metrics, records = generation.score(model.to(device), tokenizer, data, task, opts.get("batch_size") or GENERATE_BATCH,
                                         opts.get("max_new_tokens", 256), opts.get("limit"), device)
     print(f"wrote {generation.write_predictions(predictions, records)}")
     return metrics, len(records)
@@ -352,7 +363,7 @@ def main(argv=None):
     p.add_argument("--glue-dir", "--data-dir", dest="glue_dir", default=None,
                    help="directory with the GLUE TSV files or the paper's math files; None: the run's")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="examples per forward pass (generation: prompts per batch); None: 64, generation 16")
+                   help="examples per forward pass (generation: prompts per batch); None: 128, generation 16")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: tokens generated per example at most")
     p.add_argument("--limit", type=int, default=None, help="generation tasks: score the first N examples only; None: all")

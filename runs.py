@@ -28,8 +28,9 @@ import inilora
 from common import ArtifactError, read_artifact, save_artifact, write_json
 
 STATE_FORMAT, STATE_VERSION = "inilora-train-state", 1  # a checkpoint's optimizer, RNG and position
-# settings a --resume may change: they do not change the result (checkpointing recomputes the same values)
-HARMLESS = {"log_every", "save_every", "grad_checkpointing"}
+# settings a --resume may change: they do not change the result (checkpointing recomputes the same values;
+# the evaluation batch changes dev scores by float rounding at most)
+HARMLESS = {"log_every", "save_every", "grad_checkpointing", "eval_batch_size"}
 
 # -----------------------------------------------------------------------------
 # checkpoints: written to a new directory, then last.json names it (atomic replace)

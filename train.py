@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -48,7 +49,7 @@ from common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
 from data.prepare import TASKS, load_split, pad_batch
 from data.sft import IGNORE_INDEX, sft_batch
 from decoder import DEFAULT_TARGETS as DECODER_TARGETS
-from evaluate import evaluate
+from evaluate import EVAL_BATCH, evaluate
 from evaluate import load_base as load_base_model
 from generation import score as evaluate_generation
 from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
@@ -79,6 +80,8 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     grad_checkpointing: bool = False
+    compile: bool = False          # torch.compile the model (opt-in: minutes of compiling, then faster steps)
+    eval_batch_size: int | None = None  # dev examples per forward pass; None: 128, generation --batch-size
     eval_limit: int = 0            # generation: score the first N dev examples after each epoch (0: all)
     max_new_tokens: int = 256      # generation: tokens generated per dev example at most
     log_every: int = 20            # steps between log lines
@@ -92,6 +95,8 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {list(SCHEDULES)}; pass --schedule linear "
                              "(the NLU protocol) or cosine (the LLM protocol).")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size={self.eval_batch_size!r} must be at least 1 (or None: the default).")
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be at least 1.")
@@ -152,7 +157,8 @@ def classification_batch(split, idx, pad_id, device):
     """(input_ids, attention_mask, token_type_ids, labels) of examples `idx`, padded to the longest."""
     ids, types, mask = pad_batch([split["input_ids"][j] for j in idx],
                                  [split["token_type_ids"][j] for j in idx], pad_id)  # (B, T) each
-    return ids.to(device), mask.to(device), types.to(device), split["labels"][idx].to(device)
+    mask = None if mask is None else mask.to(device)  # None: no padding
+    return ids.to(device), mask, types.to(device), split["labels"][idx].to(device)
 
 
 def classification_loss(model, batch, units):
@@ -207,10 +213,11 @@ def dev_scores(cfg, task, s, device):
     """(metrics, printed description of what was scored) on the dev split."""
     dev = s.splits["dev"]
     if task.kind != "generation":
-        return evaluate(s.model, dev, task, s.pad_id, cfg.batch_size, device), "dev"
+        return evaluate(s.model, dev, task, s.pad_id, cfg.eval_batch_size or EVAL_BATCH, device), "dev"
     n = len(dev["prompt_ids"])
     limit = min(cfg.eval_limit or n, n)
-    metrics, _ = evaluate_generation(s.model, s.tokenizer, dev, task, cfg.batch_size, cfg.max_new_tokens, limit,
+    metrics, _ = evaluate_generation(s.model, s.tokenizer, dev, task, cfg.eval_batch_size or cfg.batch_size,
+                                     cfg.max_new_tokens, limit,
                                      device, desc="generating dev")
     return metrics, "dev" if limit == n else f"dev subset {limit} of {n}"
 
@@ -241,6 +248,15 @@ def load_base(cfg, task):
     return load_base_model(cfg.model, task, head_seed=cfg.seed)
 
 
+def compile_model(model, device):
+    """torch.compile in place (nn.Module.compile): parameter names, and so adapters and checkpoints, unchanged.
+    Each new batch shape compiles anew until torch marks the length dynamic (the second shape)."""
+    if device.type == "cpu" and not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+        raise RuntimeError("--compile on the CPU needs a C++ compiler (torch.compile's inductor writes C++), and "
+                           "none is on PATH (cc, gcc, g++): install one (e.g. apt install g++), or leave out --compile.")
+    model.compile()
+
+
 def build(cfg, lcfg, device, ckpt=None, cache_dir=None):
     """Loads the model and the task's splits, injects the adapters (or loads checkpoint `ckpt`'s),
     and restores its optimizer state: every error a run can meet at its start happens here."""
@@ -261,12 +277,31 @@ def build(cfg, lcfg, device, ckpt=None, cache_dir=None):
     if cfg.grad_checkpointing:  # decoder.py: recompute each block in the backward pass instead of storing it
         model.gradient_checkpointing = True
     model.to(device)
+    if cfg.compile:
+        compile_model(model, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     state = restore_state(ckpt, model, opt, device) if ckpt is not None else {"step": 0, "best": None}
     extra = {"task": cfg.task, "num_labels": task.num_labels, "max_length": cfg.max_length,
              "trainable_params": trainable, "total_params": total_params}
     return Setup(model, tokenizer, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra)
+
+
+def settle(pending, step, steps_per_epoch, run):
+    """The losses of the steps up to `step` not yet read, as floats, and `pending` emptied: the loop's one host
+    sync, at log and save steps rather than every step. A non-finite loss raises TrainingDiverged naming its
+    step, before anything after it is saved (its update already reached the weights in memory, not on disk)."""
+    values = torch.stack(pending).tolist() if pending else []
+    pending.clear()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            bad = step - len(values) + 1 + i
+            kept = (f"the last good checkpoint is named in {run / 'last.json'}" if (run / "last.json").is_file()
+                    else "no checkpoint was written yet, so the run is removed")
+            raise TrainingDiverged(f"the loss is {value} at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}): "
+                                   f"training diverged. Nothing was saved after it; {kept}. Lower --lr, or "
+                                   "train in --dtype float32.")
+    return values
 
 
 def train(cfg, lcfg, run, device, s: Setup):
@@ -291,9 +326,10 @@ def train(cfg, lcfg, run, device, s: Setup):
             epoch, done = divmod(state["step"], steps_per_epoch)
             order = epoch_order(n, cfg.seed, epoch, lengths, per_step)[done * per_step:]
             model.train()
-            t0, losses = time.perf_counter(), []
+            t0, losses, pending = time.perf_counter(), [], []  # losses: floats since the last log line
             for start in range(0, len(order), per_step):
                 if stop.signum:  # it came during the last step or dev evaluation: save, then stop before this step
+                    losses += settle(pending, state["step"], steps_per_epoch, run)
                     save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
                     print(f"stopped at step {state['step']}/{total}, saved as {run / ('checkpoint-%d' % state['step'])}"
                           f"; continue with: python train.py --resume --out {shlex.quote(str(run))}", flush=True)
@@ -310,18 +346,16 @@ def train(cfg, lcfg, run, device, s: Setup):
                 for batch in micro:  # gradients add up over the micro-batches: one step of the whole batch
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
                         loss = kind.loss(model, batch, units)
-                    if not torch.isfinite(loss):
-                        kept = (f"the last good checkpoint is named in {run / 'last.json'}" if (run / "last.json").is_file()
-                                else "no checkpoint was written yet, so the run is removed")
-                        raise TrainingDiverged(f"the loss is {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}): "
-                                               f"training diverged. Nothing was saved after it; {kept}. Lower --lr, or "
-                                               "train in --dtype float32.")
                     loss.backward()
-                    step_loss += loss.item()
+                    step_loss = step_loss + loss.detach()  # stays on the device: no host sync per step
                 opt.step()
                 state["step"] += 1
-                losses.append(step_loss)
-                if state["step"] % cfg.log_every == 0 or state["step"] % steps_per_epoch == 0:
+                pending.append(step_loss)
+                end_of_epoch = state["step"] % steps_per_epoch == 0
+                saving = cfg.save_every and state["step"] % cfg.save_every == 0
+                if state["step"] % cfg.log_every == 0 or end_of_epoch or saving:
+                    losses += settle(pending, state["step"], steps_per_epoch, run)  # checked before any save
+                if state["step"] % cfg.log_every == 0 or end_of_epoch:
                     dt = (time.perf_counter() - t0) / len(losses)
                     record = {"step": state["step"], "epoch": epoch + 1, "loss": sum(losses) / len(losses), "lr": lr}
                     print(f"step {state['step']}/{total} | loss {record['loss']:.4f} | lr {lr:.1e} | "
@@ -329,7 +363,7 @@ def train(cfg, lcfg, run, device, s: Setup):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     t0, losses = time.perf_counter(), []
-                if cfg.save_every and state["step"] % cfg.save_every == 0:
+                if saving:
                     save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
             # end of an epoch: evaluate on dev, keep the best epoch (the paper's protocol) and the last
             if "dev" in s.splits:
@@ -387,6 +421,13 @@ def build_parser():
     p.add_argument("--dtype", default=d.dtype, help=f"one of {sorted(DTYPES)}")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="decoders: recompute each block in the backward pass (less memory, ~1/3 more compute)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: the first steps (and each new batch length, at first) compile, "
+                   "for a minute or more; then steps are faster. Results differ by float rounding only, dropout "
+                   "aside (compiled dropout draws other random numbers)")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help="dev examples per forward pass (no gradients: larger than training's fits); "
+                   "None: 128, generation tasks --batch-size")
     p.add_argument("--eval-limit", type=int, default=d.eval_limit,
                    help="generation tasks: score the first N dev examples after each epoch (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,

@@ -1,6 +1,6 @@
 """Checks evaluate.py beyond the metrics: the evaluation loop on a fake model whose logits are
-fixed per example (classification and regression, in order, dynamically padded, eval mode, no
-gradients), the --compare table on run directories written by hand (best epoch, mean ± std over
+fixed per example (classification and regression, longest first, dynamically padded, no mask
+without padding, eval mode, inference mode, predictions returned in the split's order), the --compare table on run directories written by hand (best epoch, mean ± std over
 seeds, row order, skipped runs — never started or in progress —, Markdown), and the command line's errors.
 
     python3 -m pytest tests/test_evaluate.py -q
@@ -34,9 +34,11 @@ class FixedLogits(nn.Module):
         self.calls = []
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        assert input_ids.shape == attention_mask.shape == token_type_ids.shape
-        self.calls.append((tuple(input_ids.shape), attention_mask.sum(1).tolist(), self.training,
-                           torch.is_grad_enabled()))
+        assert input_ids.shape == token_type_ids.shape
+        assert attention_mask is None or attention_mask.shape == input_ids.shape  # None: no padding
+        lengths = (attention_mask.sum(1) if attention_mask is not None else torch.full((len(input_ids),),
+                   input_ids.shape[1])).tolist()
+        self.calls.append((tuple(input_ids.shape), lengths, self.training, torch.is_inference_mode_enabled()))
         return self.table[input_ids[:, 0]]  # (B, num_labels)
 
 
@@ -57,9 +59,9 @@ def test_classification_predictions_and_metrics():
     # TP = 2, FP = 1, FN = 1, TN = 1: F1 = 2*2 / (2*2 + 1 + 1), accuracy 3/5
     assert out == {"f1": pytest.approx(4 / 6), "accuracy": pytest.approx(3 / 5)}
     assert list(out) == list(TASKS["mrpc"].metrics)
-    # in order, batches of 2, 2, 1, each padded to its own longest example, eval mode, no grad
-    assert model.calls == [((2, 3), [3, 1], False, False), ((2, 4), [4, 2], False, False),
-                           ((1, 2), [2], False, False)]
+    # longest first (lengths 3 1 4 2 2: examples 2 0 | 3 4 | 1), each batch padded to its own longest example,
+    # without a mask when it needs no padding, eval mode, inference mode; the predictions in the split's order
+    assert model.calls == [((2, 4), [4, 3], False, True), ((2, 2), [2, 2], False, True), ((1, 1), [1], False, True)]
     assert not model.training
     np.testing.assert_array_equal(predict(model, split, TASKS["mrpc"], PAD, batch_size=64), [1, 0, 1, 1, 0])
 

@@ -3,6 +3,7 @@
 - a tiny end-to-end run (train, save, evaluate) for every initialiser, with the base model unchanged;
 - --resume after an interruption (a real SIGINT mid-epoch) ends with the same weights, optimizer
   state and metrics as the uninterrupted run, with dropout on, with and without --group-by-length;
+- --compile: the same losses and adapter as the eager run, to float rounding;
 - --group-by-length: length-sorted chunks of 50 steps of the same shuffle, with far less padding;
 - the best-epoch checkpoint is the one with the best dev metric; the learning-rate schedule;
 - a non-finite loss stops the run and keeps the last good checkpoint;
@@ -135,6 +136,21 @@ def test_group_by_length_sorts_chunks_of_50_steps_and_pads_less():
            for name, order in (("plain", plain), ("grouped", grouped))}
     assert pad["grouped"] < pad["plain"] / 10
     assert torch.equal(train.epoch_order(1000, 3, 1, lengths, 4), grouped)  # a function of (seed, epoch): resumable
+
+
+def test_compile_gives_the_losses_and_adapter_of_the_eager_run(setup, tiny_checkpoint):
+    # without dropout: compiled dropout draws its own random numbers, so with it the runs differ by more
+    tmp_path, _ = setup
+    no_dropout = (tmp_path, tiny_checkpoint("BertModel", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    runs_ = {name: train.main(args(no_dropout, name, "--init", "pissa", *flags))
+             for name, flags in (("eager", ()), ("compiled", ("--compile",)))}
+    losses = [[json.loads(l).get("loss") for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in runs_]
+    assert_close(torch.tensor([x for x in losses[1] if x is not None]),
+                 torch.tensor([x for x in losses[0] if x is not None]), atol=1e-5, rtol=1e-5)
+    a, b = (inilora.read_adapter(tmp_path / name / "best" / "adapter.safetensors")[0] for name in runs_)
+    for key in a:
+        assert_close(b[key], a[key], atol=1e-5, rtol=1e-5, msg=key)
 
 
 def test_best_checkpoint_is_the_epoch_with_the_best_dev_metric(setup):
