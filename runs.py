@@ -36,15 +36,21 @@ HARMLESS = {"log_every", "save_every", "grad_checkpointing", "eval_batch_size"}
 # checkpoints: written to a new directory, then last.json names it (atomic replace)
 
 
-def save_checkpoint(run, model, opt, state, lcfg, model_id, fingerprint, extra):
+def rng_states():
+    """This process's RNG states (CPU; CUDA when there is one): what dropout draws from next."""
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+
+
+def save_checkpoint(run, model, opt, state, lcfg, model_id, fingerprint, extra, rngs):
+    """rngs: [rng_states() of rank 0, of rank 1, ...] (one process: [rng_states()]), stored as rng_cpu,
+    rng_cpu.rank1, ..."""
     ckpt = run / f"checkpoint-{state['step']}"
     tmp = run / f"{ckpt.name}.tmp"  # filled completely, then renamed: last.json never names a partial one
     shutil.rmtree(tmp, ignore_errors=True)
     inilora.save_adapter(model, tmp / "adapter.safetensors", lcfg, model_id, fingerprint, extra)
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {"rng_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["rng_cuda"] = torch.cuda.get_rng_state()
+    tensors = {f"rng_{kind}" + (f".rank{rank}" if rank else ""): value
+               for rank, states in enumerate(rngs) for kind, value in states.items()}
     for group in opt.param_groups:
         for p in group["params"]:
             for key, value in opt.state.get(p, {}).items():  # AdamW: step, exp_avg, exp_avg_sq
@@ -69,20 +75,23 @@ def last_checkpoint(run):
     return run / json.loads(pointer.read_text())["checkpoint"]
 
 
-def restore_state(ckpt, model, opt, device):
-    """Optimizer moments, RNG state and position of checkpoint `ckpt` (the adapter is loaded already)."""
+def restore_state(ckpt, model, opt, device, rank=0):
+    """Optimizer moments, RNG state (rank `rank`'s, under torchrun; left as seeded when the checkpoint has
+    none for it) and position of checkpoint `ckpt` (the adapter is loaded already)."""
     path = ckpt / "state.safetensors"
     tensors, meta = read_artifact(path, STATE_FORMAT, STATE_VERSION,
                                   "This checkpoint cannot be resumed: start a new run with another --out.")
     params = dict(model.named_parameters())
-    unknown = sorted({key.rsplit(".", 1)[0] for key in tensors} - params.keys() - {"rng_cpu", "rng_cuda"})
+    rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng_")]}
+    unknown = sorted({key.rsplit(".", 1)[0] for key in tensors} - params.keys())
     if unknown:
         raise ArtifactError(f"{str(path)!r} holds optimizer state for {unknown[:3]}, which this model does not "
                             "have: it belongs to another model. Start a new run with another --out.")
-    torch.set_rng_state(tensors.pop("rng_cpu"))
-    cuda_rng = tensors.pop("rng_cuda", None)
-    if cuda_rng is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda_rng)
+    suffix = f".rank{rank}" if rank else ""
+    if f"rng_cpu{suffix}" in rng:
+        torch.set_rng_state(rng[f"rng_cpu{suffix}"])
+    if f"rng_cuda{suffix}" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng[f"rng_cuda{suffix}"])
     for key, value in tensors.items():
         name, slot = key.rsplit(".", 1)
         opt.state[params[name]][slot] = value if slot == "step" else value.to(device)

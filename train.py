@@ -25,35 +25,42 @@ trains under autocast (float32 weights); --grad-checkpointing recomputes decoder
 
 Every check happens before the run directory exists (runs.py: directories, checkpoints, resume,
 signals); Ctrl-C saves a checkpoint and exits 130; `python train.py --resume --out DIR` continues.
+`torchrun --nproc_per_node N train.py ...` trains data-parallel (distributed.py): the same global batch of
+batch_size x grad_accum examples, shared by the N processes; a plain `python train.py` is one process.
 
 Run: python train.py --init beta-kaiming-uniform --epochs 3
          (writes runs/minilm-rotten-tomatoes-beta-kaiming-uniform-r8-seed0)
      python train.py --model smollm2 --task arithmetic --init inilora --epochs 1 --eval-limit 50
 """
 import argparse
+import contextlib
 import json
 import math
+import os
 import shlex
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+import distributed
 import inilora
 from common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
 from data.prepare import TASKS, load_split, pad_batch
 from data.sft import IGNORE_INDEX, sft_batch
 from decoder import DEFAULT_TARGETS as DECODER_TARGETS
-from evaluate import EVAL_BATCH, evaluate
+from evaluate import EVAL_BATCH, METRICS, predict
 from evaluate import load_base as load_base_model
 from generation import score as evaluate_generation
 from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
-                  peak_memory, remove_failed_start, restore_state, save_checkpoint, stored_configs)
+                  peak_memory, remove_failed_start, restore_state, rng_states, save_checkpoint, stored_configs)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bfloat16: autocast, float32 weights
 SCHEDULES = ("linear", "cosine")
@@ -197,29 +204,47 @@ def sft_loss(model, batch, units):
 @dataclass(frozen=True)
 class Kind:
     batch: Callable                # (split, example indices, pad_id, device) -> a micro-batch
-    units: Callable                # micro-batch -> what the loss is a mean over (examples or loss tokens)
+    count: Callable                # (split, example indices) -> what the loss is a mean over, from the data on
+                                   # the CPU (no device sync): examples, or response tokens predicted
     loss: Callable                 # (model, micro-batch, units of the step) -> the micro-batch's share of L
 
 
-def sft_units(batch):
-    return int((batch[-1][:, 1:] != IGNORE_INDEX).sum())  # response tokens predicted in the micro-batch
+def sft_count(split, idx):
+    # the tokens sft_batch gives a label, past position 0 (no token predicts it): response tokens, type 1
+    return sum(int(split["token_type_ids"][j][1:].sum()) for j in idx)
 
 
-CLASSIFY = Kind(classification_batch, lambda batch: len(batch[-1]), classification_loss)
-KINDS = {"classification": CLASSIFY, "regression": CLASSIFY, "generation": Kind(sft_batch_on, sft_units, sft_loss)}
+CLASSIFY = Kind(classification_batch, lambda split, idx: len(idx), classification_loss)
+KINDS = {"classification": CLASSIFY, "regression": CLASSIFY, "generation": Kind(sft_batch_on, sft_count, sft_loss)}
+
+
+def take(split, idx):
+    """The examples `idx` of a prepared split: its per-example lists and tensors indexed, the rest (counts of
+    a generation split's truncations) kept."""
+    return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] if torch.is_tensor(v) else v
+            for k, v in split.items()}
 
 
 def dev_scores(cfg, task, s, device):
-    """(metrics, printed description of what was scored) on the dev split."""
-    dev = s.splits["dev"]
+    """(metrics, printed description of what was scored) on the dev split; under torchrun each rank scores
+    its share and the predictions are gathered, so every rank gets the metrics of the whole split."""
+    dev, world = s.splits["dev"], s.world
     if task.kind != "generation":
-        return evaluate(s.model, dev, task, s.pad_id, cfg.eval_batch_size or EVAL_BATCH, device), "dev"
+        n = len(dev["labels"])
+        mine = distributed.share(list(range(n)), world)
+        preds = (predict(s.model, take(dev, mine), task, s.pad_id, cfg.eval_batch_size or EVAL_BATCH, device)
+                 if mine else np.empty(0))
+        preds = np.concatenate(distributed.gather(preds, world))  # (N,), in the split's order
+        return {name: METRICS[name](preds, dev["labels"].numpy()) for name in task.metrics}, "dev"
     n = len(dev["prompt_ids"])
     limit = min(cfg.eval_limit or n, n)
-    metrics, _ = evaluate_generation(s.model, s.tokenizer, dev, task, cfg.eval_batch_size or cfg.batch_size,
-                                     cfg.max_new_tokens, limit,
-                                     device, desc="generating dev")
-    return metrics, "dev" if limit == n else f"dev subset {limit} of {n}"
+    mine = distributed.share(list(range(limit)), world)
+    records = [r for part in distributed.gather(
+        evaluate_generation(s.model, s.tokenizer, take(dev, mine), task, cfg.eval_batch_size or cfg.batch_size,
+                            cfg.max_new_tokens, None, device, desc="generating dev")[1] if mine else [], world)
+        for r in part]
+    return {"exact_match": sum(r["correct"] for r in records) / limit}, ("dev" if limit == n else
+                                                                         f"dev subset {limit} of {n}")
 
 
 # -----------------------------------------------------------------------------
@@ -238,6 +263,7 @@ class Setup:
     opt: torch.optim.Optimizer
     state: dict                    # {"step", "best"}: what a checkpoint's sidecar holds
     extra: dict                    # stored in every adapter sidecar
+    world: distributed.World = distributed.World()  # torchrun's ranks (one process: rank 0 of 1)
 
 
 def load_base(cfg, task):
@@ -257,7 +283,7 @@ def compile_model(model, device):
     model.compile()
 
 
-def build(cfg, lcfg, device, ckpt=None, cache_dir=None):
+def build(cfg, lcfg, device, ckpt=None, cache_dir=None, world=distributed.World()):
     """Loads the model and the task's splits, injects the adapters (or loads checkpoint `ckpt`'s),
     and restores its optimizer state: every error a run can meet at its start happens here."""
     task = TASKS[cfg.task]
@@ -269,10 +295,14 @@ def build(cfg, lcfg, device, ckpt=None, cache_dir=None):
         raise ValueError(f"--max-length {cfg.max_length} leaves no response token in any of the {n} training "
                          f"examples of {cfg.task!r} (every prompt fills it): raise --max-length.")
     fingerprint = inilora.base_fingerprint(model, lcfg.targets)
+    if not world.main:
+        distributed.barrier(world)  # under torchrun, rank 0 injects first: an approximation is computed once
     if ckpt is not None:
         inilora.load_adapter(model, ckpt / "adapter.safetensors", model_id)
     else:
         inilora.inject(model, lcfg, model_id, cache_dir)  # checks the rank against every target's shape
+    if world.main:
+        distributed.barrier(world)
     trainable, total_params = inilora.mark_trainable(model, lcfg)  # decoders: A, B only (no head.*)
     if cfg.grad_checkpointing:  # decoder.py: recompute each block in the backward pass instead of storing it
         model.gradient_checkpointing = True
@@ -281,17 +311,18 @@ def build(cfg, lcfg, device, ckpt=None, cache_dir=None):
         compile_model(model, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    state = restore_state(ckpt, model, opt, device) if ckpt is not None else {"step": 0, "best": None}
+    state = restore_state(ckpt, model, opt, device, world.rank) if ckpt is not None else {"step": 0, "best": None}
     extra = {"task": cfg.task, "num_labels": task.num_labels, "max_length": cfg.max_length,
              "trainable_params": trainable, "total_params": total_params}
-    return Setup(model, tokenizer, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra)
+    return Setup(model, tokenizer, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra, world)
 
 
-def settle(pending, step, steps_per_epoch, run):
+def settle(pending, step, steps_per_epoch, run, world=distributed.World()):
     """The losses of the steps up to `step` not yet read, as floats, and `pending` emptied: the loop's one host
     sync, at log and save steps rather than every step. A non-finite loss raises TrainingDiverged naming its
     step, before anything after it is saved (its update already reached the weights in memory, not on disk)."""
-    values = torch.stack(pending).tolist() if pending else []
+    # under torchrun each rank holds its share of every step's loss: summed, the whole step's
+    values = distributed.sum_tensor(torch.stack(pending), world).tolist() if pending else []
     pending.clear()
     for i, value in enumerate(values):
         if not math.isfinite(value):
@@ -305,56 +336,72 @@ def settle(pending, step, steps_per_epoch, run):
 
 
 def train(cfg, lcfg, run, device, s: Setup):
-    """The loop. Returns the final state, with "signal" added when a signal stopped it."""
-    task, kind, model, opt, state = TASKS[cfg.task], KINDS[TASKS[cfg.task].kind], s.model, s.opt, s.state
+    """The loop. Returns the final state, with "signal" added when a signal stopped it. Under torchrun each
+    rank runs it on its share of every step (distributed.py); rank 0 alone writes."""
+    task, kind, model, opt, state, world = (TASKS[cfg.task], KINDS[TASKS[cfg.task].kind], s.model, s.opt, s.state,
+                                            s.world)
+    params = [p for p in model.parameters() if p.requires_grad]
     n = len(s.splits["train"]["input_ids"])
-    per_step = cfg.batch_size * cfg.grad_accum  # examples per optimizer step
+    per_step = cfg.batch_size * cfg.grad_accum  # examples per optimizer step (all ranks together)
     steps_per_epoch = math.ceil(n / per_step)
     total = cfg.epochs * steps_per_epoch
     lengths = torch.tensor([len(x) for x in s.splits["train"]["input_ids"]]) if cfg.group_by_length else None
     metrics_path = run / "metrics.jsonl"
-    if state["step"] > 0 and metrics_path.exists():  # drop what the interrupted run logged after its checkpoint
+    if world.main and state["step"] > 0 and metrics_path.exists():  # drop what was logged after the checkpoint
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
         metrics_path.write_text("".join(l + "\n" for l in kept))
+    state["world_size"] = world.size
     accum = f" ({cfg.grad_accum} micro-batches of {cfg.batch_size})" if cfg.grad_accum > 1 else ""
-    print(f"{n} training examples, {per_step} a step{accum}, {steps_per_epoch} steps/epoch, {total} steps; "
+    ranks = f", shared by {world.size} processes" if world.size > 1 else ""
+    print(f"{n} training examples, {per_step} a step{accum}{ranks}, {steps_per_epoch} steps/epoch, {total} steps; "
           f"run directory {run}")
     if "dev" not in s.splits:
         print(f"task {task.name!r} has no dev split: no evaluation after each epoch, best/ is the last epoch")
-    with metrics_path.open("a") as log, StopRequest("stopping after this step (a second Ctrl-C is not needed)") as stop:
+
+    def checkpoint():  # every rank's RNG state goes to rank 0, which alone writes
+        rngs = distributed.gather(rng_states(), world)
+        if world.main:
+            save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra, rngs)
+        distributed.barrier(world)
+
+    log_file = metrics_path if world.main else os.devnull
+    with open(log_file, "a") as log, StopRequest("stopping after this step (a second Ctrl-C is not needed)") as stop:
         while state["step"] < total:
             epoch, done = divmod(state["step"], steps_per_epoch)
             order = epoch_order(n, cfg.seed, epoch, lengths, per_step)[done * per_step:]
             model.train()
             t0, losses, pending = time.perf_counter(), [], []  # losses: floats since the last log line
             for start in range(0, len(order), per_step):
-                if stop.signum:  # it came during the last step or dev evaluation: save, then stop before this step
-                    losses += settle(pending, state["step"], steps_per_epoch, run)
-                    save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
+                # it came during the last step or dev evaluation (on any rank): save, then stop before this step
+                if distributed.any_rank(stop.signum, world, device):
+                    losses += settle(pending, state["step"], steps_per_epoch, run, world)
+                    checkpoint()
                     print(f"stopped at step {state['step']}/{total}, saved as {run / ('checkpoint-%d' % state['step'])}"
                           f"; continue with: python train.py --resume --out {shlex.quote(str(run))}", flush=True)
-                    return {**state, "signal": stop.signum}
+                    return {**state, "signal": stop.signum or signal.SIGINT}
                 lr = lr_at(state["step"], total, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                step_order = order[start:start + per_step]
-                micro = [kind.batch(s.splits["train"], step_order[i:i + cfg.batch_size].tolist(), s.pad_id, device)
-                         for i in range(0, len(step_order), cfg.batch_size)]
-                units = sum(kind.units(b) for b in micro)  # the step's examples or response tokens
+                step_order = order[start:start + per_step].tolist()
+                units = kind.count(s.splits["train"], step_order)  # the WHOLE step's examples or response tokens
+                mine = distributed.share(step_order, world)  # this rank's examples (all of them in one process)
+                micro = [kind.batch(s.splits["train"], mine[i:i + cfg.batch_size], s.pad_id, device)
+                         for i in range(0, len(mine), cfg.batch_size)]
                 opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=device)
                 for batch in micro:  # gradients add up over the micro-batches: one step of the whole batch
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
                         loss = kind.loss(model, batch, units)
                     loss.backward()
                     step_loss = step_loss + loss.detach()  # stays on the device: no host sync per step
+                distributed.sum_gradients(params, world)  # torchrun: sum over ranks = the whole batch's gradient
                 opt.step()
                 state["step"] += 1
                 pending.append(step_loss)
                 end_of_epoch = state["step"] % steps_per_epoch == 0
                 saving = cfg.save_every and state["step"] % cfg.save_every == 0
                 if state["step"] % cfg.log_every == 0 or end_of_epoch or saving:
-                    losses += settle(pending, state["step"], steps_per_epoch, run)  # checked before any save
+                    losses += settle(pending, state["step"], steps_per_epoch, run, world)  # checked before any save
                 if state["step"] % cfg.log_every == 0 or end_of_epoch:
                     dt = (time.perf_counter() - t0) / len(losses)
                     record = {"step": state["step"], "epoch": epoch + 1, "loss": sum(losses) / len(losses), "lr": lr}
@@ -364,7 +411,7 @@ def train(cfg, lcfg, run, device, s: Setup):
                     log.flush()
                     t0, losses = time.perf_counter(), []
                 if saving:
-                    save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
+                    checkpoint()
             # end of an epoch: evaluate on dev, keep the best epoch (the paper's protocol) and the last
             if "dev" in s.splits:
                 dev, what = dev_scores(cfg, task, s, device)
@@ -378,15 +425,19 @@ def train(cfg, lcfg, run, device, s: Setup):
                 dev, score, better = None, None, True  # no dev split: best/ is the last epoch
             if better:
                 state["best"] = {"epoch": epoch + 1, "step": state["step"], "score": score, "dev": dev}
-                inilora.save_adapter(model, run / "best" / "adapter.safetensors", lcfg, s.model_id, s.fingerprint,
-                                     {**s.extra, "epoch": epoch + 1, "dev": dev})
-            save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra)
-    mib, measure = peak_memory(device)
+                if world.main:
+                    inilora.save_adapter(model, run / "best" / "adapter.safetensors", lcfg, s.model_id, s.fingerprint,
+                                         {**s.extra, "epoch": epoch + 1, "dev": dev})
+            checkpoint()
+    mib, measure = max(distributed.gather(peak_memory(device), world))  # the largest rank's
     best = state["best"]
     scored = f"dev {task.metrics[0]} {best['score']:.4f}" if best["score"] is not None else "no dev split"
-    print(f"best epoch {best['epoch']}: {scored}; peak memory {mib:,.0f} MiB ({measure}, this process)")
-    write_json(run / "final.json", {"step": state["step"], "best": best, "device": str(device),
-                                    "peak_memory_mib": round(mib, 1), "peak_memory_measure": measure})
+    print(f"best epoch {best['epoch']}: {scored}; peak memory {mib:,.0f} MiB ({measure}, "
+          + (f"the largest of {world.size} processes)" if world.size > 1 else "this process)"))
+    if world.main:
+        write_json(run / "final.json", {"step": state["step"], "best": best, "device": str(device),
+                                        "world_size": world.size, "peak_memory_mib": round(mib, 1),
+                                        "peak_memory_measure": measure})
     return state
 
 
@@ -465,35 +516,49 @@ def configs_from_args(args):
 
 def main(argv=None):
     args = parse(argv)
+    world, ddp_device = distributed.init(args.device)  # torchrun: join the ranks; else one process
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(sys.stdout if world.main else quiet):
+            return run(args, argv, world, ddp_device)  # rank 0 alone prints
+    finally:
+        distributed.finish(world)
+
+
+def run(args, argv, world, ddp_device):
     ckpt = None
     if args.resume:
-        run = Path(args.out) if args.out else default_run_dir(*configs_from_args(args))
-        cfg, lcfg = stored_configs(run, argv, lambda stored: configs_from_args(parse(argv, stored)), TrainConfig())
-        ckpt = last_checkpoint(run)
+        run_dir = Path(args.out) if args.out else default_run_dir(*configs_from_args(args))
+        cfg, lcfg = stored_configs(run_dir, argv, lambda stored: configs_from_args(parse(argv, stored)), TrainConfig())
+        ckpt = last_checkpoint(run_dir)
     else:
         cfg, lcfg = configs_from_args(args)
-        run = Path(args.out) if args.out else default_run_dir(cfg, lcfg)
-        if check_new_run_dir(run):
-            print(f"{run} holds only the config.json of a run that never started: starting it afresh")
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg, lcfg)
+        if check_new_run_dir(run_dir):
+            print(f"{run_dir} holds only the config.json of a run that never started: starting it afresh")
     resolved = {"train": asdict(cfg), "lora": asdict(lcfg)}
     print(f"configuration: {json.dumps(resolved)}")
-    torch.manual_seed(cfg.seed)  # the one seed call: dropout (the rest use their own generators)
-    device, why = pick_device(args.device)
+    torch.manual_seed(cfg.seed + world.rank)  # the one seed call: dropout (the rest use their own generators)
+    device, why = (ddp_device, f"rank {world.rank} of {world.size}") if ddp_device else pick_device(args.device)
     print(f"device {device} ({why}), dtype {cfg.dtype}")
-    setup = build(cfg, lcfg, device, ckpt, args.cache_dir)
+    setup = build(cfg, lcfg, device, ckpt, args.cache_dir, world)
     if ckpt is not None:
         best = setup.state["best"]
-        print(f"resuming {run} from {ckpt.name} at step {setup.state['step']}" + (f" (best so far: epoch "
+        print(f"resuming {run_dir} from {ckpt.name} at step {setup.state['step']}" + (f" (best so far: epoch "
               f"{best['epoch']}, dev {best['score']:.4f})" if best and best["score"] is not None else ""))
-        return train(cfg, lcfg, run, device, setup)
-    made = [d for d in (run, *run.parents) if not d.exists()]  # what to remove if it fails at once
+        note = distributed.steps_note(world, setup.state.get("world_size"))
+        if note:
+            print(f"note: {note}")
+        return train(cfg, lcfg, run_dir, device, setup)
+    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # what to remove if it fails at once
+    distributed.barrier(world)  # every rank has checked the directory before rank 0 makes it
     try:
-        run.mkdir(parents=True, exist_ok=True)
-        write_json(run / "config.json", resolved)
-        return train(cfg, lcfg, run, device, setup)
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "config.json", resolved)
+        return train(cfg, lcfg, run_dir, device, setup)
     except BaseException:
-        if run.is_dir() and not (run / "last.json").exists():
-            remove_failed_start(run, made)
+        if world.main and run_dir.is_dir() and not (run_dir / "last.json").exists():
+            remove_failed_start(run_dir, made)
         raise
 
 

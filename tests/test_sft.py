@@ -90,7 +90,7 @@ def test_loss_is_the_token_mean_over_response_tokens(sft):
     model, tokenizer = lora_model(model_dir)
     split, batch = train_batch(model_dir, tokenizer)
     ids, mask, labels = batch
-    loss = train.sft_loss(model, batch, train.sft_units(batch))
+    loss = train.sft_loss(model, batch, units(batch))
     logp = torch.log_softmax(model(ids, mask).float(), dim=-1)  # (B, T, V)
     terms = []
     for b in range(len(ids)):
@@ -98,8 +98,14 @@ def test_loss_is_the_token_mean_over_response_tokens(sft):
         for t in range(1, len(types)):
             if types[t] == 1:
                 terms.append(-logp[b, t - 1, ids[b, t]])
-    assert len(terms) == train.sft_units(batch) == sum(int(t.sum()) for t in split["token_type_ids"][:8])
+    assert len(terms) == units(batch) == train.sft_count(split, range(8))
+    assert units(batch) == sum(int(t.sum()) for t in split["token_type_ids"][:8])  # no response at position 0
     assert_close(loss, torch.stack(terms).mean(), atol=1e-6, rtol=1e-6)
+
+
+def units(batch):
+    """The response tokens a micro-batch predicts: labels past position 0 that are not IGNORE_INDEX."""
+    return int((batch[-1][:, 1:] != train.IGNORE_INDEX).sum())
 
 
 def full_logits_loss(model, batch, units):
@@ -125,7 +131,7 @@ def test_response_only_loss_equals_the_full_logits_loss(sft, padding):
     losses, grads = [], []
     for loss_fn in (full_logits_loss, train.sft_loss):
         model.zero_grad()
-        loss = loss_fn(model, batch, train.sft_units(batch))
+        loss = loss_fn(model, batch, units(batch))
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -202,7 +208,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(sft):
             model.gradient_checkpointing = True  # what train.py sets for --grad-checkpointing
         _, batch = train_batch(model_dir, tokenizer)
         torch.manual_seed(0)  # the same dropout draws
-        train.sft_loss(model, batch, train.sft_units(batch)).backward()
+        train.sft_loss(model, batch, units(batch)).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8  # A, B of q_proj, v_proj in 2 layers
     for name in grads[0]:

@@ -362,12 +362,12 @@ def test_a_real_sigint_exits_130_and_the_printed_command_resumes_to_the_same_res
 
 # invariant: a signal during the dev evaluation stops the run at that epoch's end, before another step
 def test_a_signal_during_evaluation_stops_at_the_end_of_the_epoch(setup, monkeypatch):
-    real_evaluate = train.evaluate
+    real_predict = train.predict
 
-    def interrupted_evaluate(*a, **k):
+    def interrupted_predict(*a, **k):
         signal.raise_signal(signal.SIGINT)
-        return real_evaluate(*a, **k)
+        return real_predict(*a, **k)
 
-    monkeypatch.setattr(train, "evaluate", interrupted_evaluate)
+    monkeypatch.setattr(train, "predict", interrupted_predict)
     state = train.main(args(setup, "run", "--epochs", "2", "--init", "lora"))
     assert (state["step"], state["signal"], state["best"]["epoch"]) == (3, signal.SIGINT, 1)
