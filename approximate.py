@@ -26,12 +26,19 @@ The file reads in that order: 1) statistics, 2) start, 3) gradient, 4) Adam, 5) 
 command line, which keeps the result with approximation_cache.py (in --cache-dir, else
 $INILORA_CACHE, else ~/.cache/inilora) so that every later --init inilora run reads it.
 
+Under torchrun (`torchrun --nproc_per_node N approximate.py ...`) the ranks share the matrices, balanced by
+size; each starts its own from the draw one process would make, so the cache written (by rank 0) holds the
+same A, B as a single process's.
+
 Run:  python approximate.py --model minilm --rank 8 --steps 20000
+      torchrun --nproc_per_node 2 approximate.py --model minilm    (2 processes)
 """
 import argparse
+import contextlib
 import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +46,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distributed
 from common import pick_device, run_cli, sidecar_path
+from distributed import World
 
 # Shape legend: L stacked matrices of one shape, d_out rows (output features), d_in columns
 # (input features), r rank, P all entries of all A's and B's. A is (r, d_in), B is (d_out, r),
@@ -146,8 +155,8 @@ def weights_fingerprint(weights):
 
 
 def statistics(weights, names, r, optimum, svd_device):
-    """({name: row}, mu_bar, sigma_bar) in float64 on CPU (so CPU and CUDA start alike), before
-    the stacks exist (so the SVD work space never adds to their memory)."""
+    """{name: row} in float64 on CPU (so CPU and CUDA start alike), before the stacks exist (so the
+    SVD work space never adds to their memory)."""
     stats = {}
     for name in tqdm(names, desc="statistics" + (" and SVDs" if optimum else "")):
         W64 = weights[name].detach().to("cpu", torch.float64)
@@ -159,10 +168,13 @@ def statistics(weights, names, r, optimum, svd_device):
             S = torch.linalg.svdvals(W64.to(svd_device))  # (min(d_out, d_in),)
             row["optimal_mse"] = S[r:].square().sum().item() / W64.numel()
         stats[name] = row
-    # eq. 2
-    mu_bar = sum(row["mu"] for row in stats.values()) / len(names)
-    sigma_bar = sum(row["sigma"] for row in stats.values()) / len(names)
-    return stats, mu_bar, sigma_bar
+    return stats
+
+
+def pooled(stats):
+    """(mu_bar, sigma_bar) of eq. 2: the means of mu_i and sigma_i over every target, in `stats`' order."""
+    return (sum(row["mu"] for row in stats.values()) / len(stats),
+            sum(row["sigma"] for row in stats.values()) / len(stats))
 
 
 # -----------------------------------------------------------------------------
@@ -200,18 +212,20 @@ def make_stacks(weights, names, stats, r, device):
     return stacks, flat
 
 
-def draw_start(stacks, sigma_bar, r, seed):
-    """A0, B0 ~ N(0, sigma_bar^2): drawn on CPU from one generator in sorted-name order, A then B
-    per matrix, then copied to the device, so every device starts identically."""
+def draw_start(stacks, sigma_bar, r, seed, shapes):
+    """A0, B0 ~ N(0, sigma_bar^2): drawn on CPU from one generator in sorted-name order over ALL the
+    targets (`shapes`: {name: (d_out, d_in)}), A then B per matrix, and copied to the device for the
+    stacks' own matrices, so every device, and every rank of a sharded run, starts identically."""
     where = {name: (stack, l) for stack in stacks for l, name in enumerate(stack.names)}
     generator = torch.Generator().manual_seed(seed)
-    for name in sorted(where):
-        stack, l = where[name]
-        d_out, d_in = stack.W.shape[1:]
+    for name in sorted(shapes):
+        d_out, d_in = shapes[name]
         A0 = sigma_bar * torch.randn(r, d_in, generator=generator)  # (r, d_in)
         B0 = sigma_bar * torch.randn(d_out, r, generator=generator)  # (d_out, r)
-        stack.A[l].copy_(A0)
-        stack.B[l].copy_(B0)
+        if name in where:  # another rank's matrix: drawn all the same, to keep the generator in step
+            stack, l = where[name]
+            stack.A[l].copy_(A0)
+            stack.B[l].copy_(B0)
 
 
 # -----------------------------------------------------------------------------
@@ -274,7 +288,7 @@ def read_losses(stacks, curve, t, lr):
     return sum(losses)
 
 
-def optimise(stacks, flat, names, cfg):
+def optimise(stacks, flat, names, cfg, world=World()):
     """Minimises eq. 3 from the stacks' A0, B0; returns (steps run, loss curve). Every
     max(1, T // READINGS) steps, and after the last, the closed-form losses (float32) are read:
     a non-finite one stops the run, and with cfg.tol so does a total loss sum_i L_i that improved
@@ -286,7 +300,11 @@ def optimise(stacks, flat, names, cfg):
     bar = tqdm(total=cfg.steps, desc="approximating", unit="step", dynamic_ncols=True)
     for t in range(cfg.steps):
         if t % every == 0:
-            totals.append(read_losses(stacks, curve, t, cfg.lr))
+            # sum_i L_i over every target: a sharded run adds up the ranks' shares, so all stop together
+            total = read_losses(stacks, curve, t, cfg.lr)
+            if world.size > 1:  # a tensor on the stacks' device: NCCL reduces only GPU tensors
+                total = distributed.sum_tensor(torch.tensor([total], device=flat.theta.device), world).item()
+            totals.append(total)
             bar.set_postfix(loss=f"{totals[-1] / len(names):.4e}", lr=f"{lr:.2e}")
             bar.update(t - bar.n)
             if (cfg.tol is not None and len(totals) > window
@@ -323,29 +341,54 @@ def final_errors(weights, factors, stats, svd_device, optimum):
             row["ratio"] = row["mse"] / row["optimal_mse"] if row["optimal_mse"] > 0 else None
 
 
-def approximate(weights, cfg):
-    """Fits B A to every weight by eq. 3. Returns ({name: (A, B)} on CPU in float32, report)."""
+def assign(weights, names, world):
+    """This rank's targets: the largest first, each to the rank with the least work so far (entries), so
+    the ranks' shares are balanced by size; all of them in one process."""
+    load, mine = [0] * world.size, []
+    for name in sorted(names, key=lambda name: (-weights[name].numel(), name)):
+        rank = load.index(min(load))
+        load[rank] += weights[name].numel()
+        if rank == world.rank:
+            mine.append(name)
+    return [name for name in names if name in mine]
+
+
+def approximate(weights, cfg, world=World()):
+    """Fits B A to every weight by eq. 3. Returns ({name: (A, B)} on CPU in float32, report).
+    Under torchrun (distributed.py) each rank fits its share of the matrices, from the same start as one
+    process would, and every rank returns all of them."""
     names = validate(weights, cfg)
     device, reason = pick_device(cfg.device)
-    print(f"approximating {len(names)} matrices at rank {cfg.rank} on {device} ({reason}), float32")
+    mine = assign(weights, names, world)
+    share = f", {len(mine)} of them on rank {world.rank} of {world.size}" if world.size > 1 else ""
+    print(f"approximating {len(names)} matrices at rank {cfg.rank} on {device} ({reason}), float32{share}")
     start = time.perf_counter()
     svd_device = device if device.type == "cuda" else torch.device("cpu")  # no float64 on MPS
-    stats, mu_bar, sigma_bar = statistics(weights, names, cfg.rank, cfg.optimum, svd_device)  # 1)
-    stacks, flat = make_stacks(weights, names, stats, cfg.rank, device)  # 2)
-    draw_start(stacks, sigma_bar, cfg.rank, cfg.seed)
+    stats = statistics(weights, mine, cfg.rank, cfg.optimum, svd_device)  # 1), this rank's share ...
+    stats = {name: row for part in distributed.gather(stats, world) for name, row in part.items()}
+    stats = {name: stats[name] for name in names}  # ... then every target's, in one order on every rank
+    mu_bar, sigma_bar = pooled(stats)  # eq. 2
+    stacks, flat = make_stacks(weights, mine, stats, cfg.rank, device)  # 2)
+    draw_start(stacks, sigma_bar, cfg.rank, cfg.seed, {name: tuple(weights[name].shape) for name in names})
     loop_start = time.perf_counter()
-    steps_run, curve = optimise(stacks, flat, names, cfg)  # 3) and 4)
+    steps_run, curve = optimise(stacks, flat, mine, cfg, world)  # 3) and 4)
     loop_seconds = time.perf_counter() - loop_start
     factors = {name: (stack.A[l].to("cpu", copy=True), stack.B[l].to("cpu", copy=True))
                for stack in stacks for l, name in enumerate(stack.names)}
     del stacks, flat  # the report's float64 temporaries need not sit beside them
-    final_errors(weights, factors, stats, svd_device, cfg.optimum)  # 5)
+    mine_stats = {name: stats[name] for name in mine}
+    final_errors(weights, factors, mine_stats, svd_device, cfg.optimum)  # 5)
+    parts = distributed.gather((factors, mine_stats, curve["loss"]), world)  # every rank gets every matrix
+    factors = {name: f for part in parts for name, f in part[0].items()}
+    stats = {name: {**stats[name], **part[1][name]} for part in parts for name in part[1]}
+    curve["loss"] = {name: loss for part in parts for name, loss in part[2].items()}
     report = dict(
         device=str(device), device_reason=reason, mu_bar=mu_bar, sigma_bar=sigma_bar,
         steps_run=steps_run, stopped_early=steps_run < cfg.steps,
-        seconds=time.perf_counter() - start, seconds_loop=loop_seconds,
-        threads=torch.get_num_threads(), config=asdict(cfg), matrices=stats, curve=curve)
-    return factors, report
+        seconds=time.perf_counter() - start, seconds_loop=loop_seconds, threads=torch.get_num_threads(),
+        world_size=world.size, config=asdict(cfg), matrices={name: stats[name] for name in names},
+        curve=dict(steps=curve["steps"], loss={name: curve["loss"][name] for name in names}))
+    return {name: factors[name] for name in names}, report
 
 
 # -----------------------------------------------------------------------------
@@ -415,6 +458,17 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    world, device = distributed.init(args.device)  # torchrun: this rank's GPU, or the CPU; else (.., None)
+    if device is not None:
+        args.device = str(device)
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(sys.stdout if world.main else quiet):
+            return run(args, world)  # rank 0 alone prints
+    finally:
+        distributed.finish(world)
+
+
+def run(args, world):
     targets = None if args.targets is None else [t.strip() for t in args.targets.split(",") if t.strip()]
     if targets == []:
         raise ValueError(f"--targets {args.targets!r} names no layer; expected e.g. 'query,value' or 'q_proj,v_proj'.")
@@ -434,7 +488,7 @@ def main(argv=None):
     print(f"cache directory: {cache_dir} ({why})")
     model_id, weights, targets = target_weights(args.model, targets)
     print(f"targets: {','.join(targets)} ({len(weights)} matrices)")
-    _, report, path = cached_approximation(model_id, weights, cfg, cache_dir)
+    _, report, path = cached_approximation(model_id, weights, cfg, cache_dir, world)
     print(format_report(report))
     print(f"A, B and this report: {path} and {sidecar_path(path)}")
     return report

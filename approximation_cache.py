@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 import approximate
+import distributed
 from common import ArtifactError, check_tensors, read_artifact, save_artifact, sidecar_path
+from distributed import World
 
 ARTIFACT_KIND = "inilora-approximation"  # the cache's format name in its sidecar
 ARTIFACT_VERSION = 2  # bump when the cache's layout or meaning changes (1: its own sidecar code)
@@ -87,8 +89,9 @@ def load_or_approximate(model_id, weights, cfg, cache_dir=None):
     return cached_approximation(model_id, weights, cfg, cache_dir)[0]
 
 
-def cached_approximation(model_id, weights, cfg, cache_dir=None):
-    """load_or_approximate that also returns the report and the cache file's path."""
+def cached_approximation(model_id, weights, cfg, cache_dir=None, world=World()):
+    """load_or_approximate that also returns the report and the cache file's path. Under torchrun every
+    rank calls it: the ranks share the matrices (approximate.approximate) and rank 0 alone writes."""
     names = approximate.validate(weights, cfg)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     check_writable(cache_dir)
@@ -102,9 +105,11 @@ def cached_approximation(model_id, weights, cfg, cache_dir=None):
         print(f"cache hit: {path}")
         return factors, report, path
     print(f"{report}; approximating")
-    factors, report = approximate.approximate(weights, cfg)
-    save_artifact(path, {f"{name}.{k}": t for name, (A, B) in factors.items()
-                         for k, t in (("A", A), ("B", B))},
-                  dict(expected, report=report), ARTIFACT_KIND, ARTIFACT_VERSION)
+    factors, report = approximate.approximate(weights, cfg, world)
+    if world.main:
+        save_artifact(path, {f"{name}.{k}": t for name, (A, B) in factors.items()
+                             for k, t in (("A", A), ("B", B))},
+                      dict(expected, report=report), ARTIFACT_KIND, ARTIFACT_VERSION)
+    distributed.barrier(world)  # the file exists for every rank once this returns
     print(f"cached: {path}")
     return factors, report, path

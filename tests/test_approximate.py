@@ -9,16 +9,21 @@
   setting; a damaged, edited, non-finite, wrongly shaped or other-settings cache is reported in
   one line and recomputed; nothing written on a diverged run or an unwritable directory;
 - bad input: each a ValueError sentence naming the bad value and advice that fits it;
-- the command line: --help shows defaults, the run says where the cache is.
+- the command line: --help shows defaults, the run says where the cache is;
+- under torchrun (2 processes, gloo) the ranks share the matrices and rank 0 writes the cache one
+  process writes: the same key, A and B bit for bit, the same errors and loss curve.
 Run: python -m pytest tests/test_approximate.py -q
 """
 import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,9 +171,9 @@ class Counter:
         self.calls, self.original = 0, ap.approximate
         monkeypatch.setattr(ap, "approximate", self)
 
-    def __call__(self, weights, cfg):
+    def __call__(self, weights, cfg, *world):
         self.calls += 1
-        return self.original(weights, cfg)
+        return self.original(weights, cfg, *world)
 
 
 SMALL = ap.ApproxConfig(rank=4, steps=30, lr=5e-3, optimum=False)
@@ -466,3 +471,31 @@ def test_a_decoder_is_approximated_on_its_q_proj_and_v_proj(tiny_decoder, tmp_pa
     assert names == [f"layers.{i}.attn.{t}" for i in range(2) for t in ("q_proj", "v_proj")]
     assert {tuple(report["matrices"][n]["shape"]) for n in names} == {(32, 32), (16, 32)}
     assert "targets: q_proj,v_proj (4 matrices)" in capsys.readouterr().out
+
+
+# invariant: under torchrun the ranks share the matrices, and the cache rank 0 writes holds the A, B of one process
+def test_a_sharded_approximation_writes_the_cache_of_a_single_process(tiny_checkpoint, tmp_path):
+    import approximation_cache
+    from common import read_artifact
+
+    root = Path(__file__).resolve().parents[1]
+    model = str(tiny_checkpoint("BertModel"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["approximate.py", "--model", model, "--rank", "4", "--steps", "300", "--no-optimum"]
+    for launcher, cache in (([sys.executable], "one"), ([sys.executable, "-m", "torch.distributed.run",
+                                                           "--standalone", "--nproc_per_node", "2"], "two")):
+        done = subprocess.run([*launcher, *common, "--cache-dir", str(tmp_path / cache)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 of them on rank 0 of 2" in done.stdout  # 4 matrices of one size: 2 a rank
+    (one,), (two,) = (list((tmp_path / c).glob("*.safetensors")) for c in ("one", "two"))
+    assert one.name == two.name  # the same key: model, weights, settings
+    (a, meta_a), (b, meta_b) = (read_artifact(p, approximation_cache.ARTIFACT_KIND, approximation_cache.ARTIFACT_VERSION,
+                                              "") for p in (one, two))
+    assert a.keys() == b.keys() and len(a) == 8
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert meta_b["report"]["world_size"] == 2
+    for name, row in meta_a["report"]["matrices"].items():
+        assert meta_b["report"]["matrices"][name]["mse"] == row["mse"]
+    assert meta_a["report"]["curve"] == meta_b["report"]["curve"]
