@@ -157,12 +157,12 @@ def check_split(task, split):
                          f"{list(task.splits)}); {hint}.")
 
 
-def load_base(name, task, head_seed=0):
-    """(model, tokenizer, model_id): a causal LM (float32) for a generation task, else an encoder with a task
-    head (a head the checkpoint lacks starts from head_seed)."""
+def load_base(name, task, head_seed=0, dtype=torch.float32):
+    """(model, tokenizer, model_id) in `dtype`: a causal LM for a generation task, else an encoder with a
+    task head (a head the checkpoint lacks starts from head_seed)."""
     if task.kind == "generation":
-        return load_causal_lm(name)
-    return load_model(name, num_labels=task.num_labels, head_seed=head_seed)
+        return load_causal_lm(name, dtype)
+    return load_model(name, num_labels=task.num_labels, head_seed=head_seed, dtype=dtype)
 
 
 def score_split(model, tokenizer, task, split, max_length, data_dir, opts, device, predictions):

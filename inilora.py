@@ -45,21 +45,22 @@ ADAPTER_REMEDY = "Use the adapter and its sidecar exactly as save_adapter / trai
 
 
 class LoRALinear(nn.Module):
-    """y = x R^T + b + s * (dropout(x) A^T) B^T, with R = W0 - s B0 A0 frozen."""
+    """y = x R^T + b + s * (dropout(x) A^T) B^T, with R = W0 - s B0 A0 frozen.
+    R keeps W0's dtype (bfloat16 for a bf16 base); A, B, A0, B0 are float32 whatever the base's dtype."""
 
     def __init__(self, W0, bias, A0, B0, s, dropout=0.0):
         super().__init__()
         dtype = W0.dtype
         W0, A0, B0 = W0.float(), A0.float(), B0.float()
-        # R = W0 - s * B0 A0  (docs/method.md: the frozen residual; in float32)
+        # R = W0 - s * B0 A0  (docs/method.md: the frozen residual; in float32, then rounded ONCE to W0's dtype)
         R = W0 - s * (B0 @ A0)  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
         self.R = nn.Parameter(R.to(dtype), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.A = nn.Parameter(A0.to(dtype).clone())  # (r, d_in)
-        self.B = nn.Parameter(B0.to(dtype).clone())  # (d_out, r)
+        self.A = nn.Parameter(A0.clone())  # (r, d_in), float32
+        self.B = nn.Parameter(B0.clone())  # (d_out, r), float32
         # A0, B0 are kept (not trained) so the adapter converts to a plain LoRA, and reloads exactly
-        self.register_buffer("A0", A0.to(dtype).clone())
-        self.register_buffer("B0", B0.to(dtype).clone())
+        self.register_buffer("A0", A0.clone())
+        self.register_buffer("B0", B0.clone())
         self.s = s
         self.dropout = nn.Dropout(dropout)
 
@@ -69,9 +70,10 @@ class LoRALinear(nn.Module):
         return y + self.low_rank(x)
 
     def low_rank(self, x):
-        """s * (dropout(x) A^T) B^T: the trained term alone (model.py's fused q/k/v adds it to x R^T + b)."""
-        h = F.linear(self.dropout(x), self.A)            # (..., d_in) -> (..., r)
-        return self.s * F.linear(h, self.B)              # (..., r) -> (..., d_out)
+        """s * (dropout(x) A^T) B^T: the trained term alone (model.py's fused q/k/v adds it to x R^T + b),
+        computed in A's float32 (autocast may lower it) and returned in x's dtype."""
+        h = F.linear(self.dropout(x).to(self.A.dtype), self.A)  # (..., d_in) -> (..., r)
+        return (self.s * F.linear(h, self.B)).to(x.dtype)       # (..., r) -> (..., d_out)
 
     @property
     def frozen(self):
@@ -290,11 +292,38 @@ def inject(model, cfg, model_id, cache_dir=None):
         approx_cfg = ApproxConfig(rank=cfg.rank, steps=cfg.approx_steps, lr=cfg.approx_lr, seed=cfg.approx_seed)
         factors = load_or_approximate(model_id, weights, approx_cfg, cache_dir)
     g = torch.Generator().manual_seed(cfg.seed)
+    errors = {}
     for name in sorted(linears):  # a fixed order: the same draws on every run
         W0 = linears[name].weight.detach().float()
         A0, B0 = INITIALISERS[cfg.init](W0.cpu(), cfg, g, factors.get(name))
-        _adapt(model, name, linears[name], A0, B0, cfg)
+        dtype = linears[name].weight.dtype
+        layer = _adapt(model, name, linears[name], A0, B0, cfg)
+        if dtype != torch.float32:  # R was rounded: how far from W0 does the model start?
+            errors[name] = step0_error(layer, W0)
+    if errors:
+        report_rounding(cfg.init, dtype, errors)
     return fingerprint
+
+
+def step0_error(layer, W0):
+    """||(R + s B0 A0) - W0||_F / ||W0||_F: how far the weight the layer computes at step 0 is from W0 once R
+    is rounded to its dtype (0 up to float32 rounding when R is float32, exactly 0 when B0 = 0)."""
+    effective = layer.R.float() + layer.s * (layer.B0 @ layer.A0)  # (d_out, d_in), float32
+    return (torch.linalg.matrix_norm(effective - W0) / torch.linalg.matrix_norm(W0)).item()
+
+
+def report_rounding(init, dtype, errors):
+    """Prints the worst step-0 weight error of a low-precision base, and says plainly when it exceeds the
+    dtype's own precision (torch.finfo(dtype).eps: 2^-7 for bfloat16, 2^-10 for float16), i.e. when the
+    adapted model no longer computes the base model's function at step 0."""
+    name = max(errors, key=errors.get)
+    eps, dtype = torch.finfo(dtype).eps, str(dtype).removeprefix("torch.")
+    print(f"{dtype}: R = W0 - s B0 A0 is rounded to {dtype}; the step-0 weight R + s B0 A0 is off W0 by "
+          f"{errors[name]:.2e} (relative, worst of {len(errors)}: {name}); {dtype}'s precision is {eps:.2e}")
+    if errors[name] > eps:
+        print(f"warning: init {init!r} cannot keep the base model's function at step 0 in {dtype}: its s B0 A0 is "
+              f"much larger than W0, so rounding R loses {errors[name]:.2e} of W0 (more than {dtype}'s "
+              "precision). Train in --dtype float32 to keep it, or accept a different start.")
 
 
 def mark_trainable(model, cfg, verbose=True):

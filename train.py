@@ -21,7 +21,10 @@ t < W, then (progress p = (t - W) / (T - W))
     cosine  lr_t = lr * 0.5 * (1 + cos(pi * p))          (transformers' cosine schedule, the LLM scripts)
 
 --preset paper-llm is the paper's LLM protocol (PRESETS; flags beside it override it). --dtype bfloat16
-trains under autocast (float32 weights); --grad-checkpointing recomputes decoder blocks in backward.
+keeps the frozen weights and R = W0 - s B0 A0 (computed in float32, rounded once) in bfloat16 and trains
+under bf16 autocast, with the adapters, head and optimizer state in float32; the run says at its start
+how far rounding R moves the step-0 weights (inilora.report_rounding). --grad-checkpointing recomputes
+decoder blocks in backward.
 
 Every check happens before the run directory exists (runs.py: directories, checkpoints, resume,
 signals); Ctrl-C saves a checkpoint and exits 130; `python train.py --resume --out DIR` continues.
@@ -62,7 +65,9 @@ from generation import score as evaluate_generation
 from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
                   peak_memory, remove_failed_start, restore_state, rng_states, save_checkpoint, stored_configs)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # bfloat16: autocast, float32 weights
+# bfloat16: the frozen weights (and R) in bfloat16, bf16 autocast; what trains (adapters, head, full fine-tuning's
+# weights) and its optimizer state in float32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULES = ("linear", "cosine")
 DEFAULT_MODELS = {"generation": "smollm2"}  # --model left out: the packaged decoder, else the packaged encoder
 # the paper's LLM protocol (Section 4.2, the authors' MetaMath-style scripts); train and LoRA flags by dest
@@ -271,7 +276,7 @@ def load_base(cfg, task):
     if task.kind == "generation" and cfg.model == "minilm":
         raise ValueError(f"task {task.name!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
                          "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
-    return load_base_model(cfg.model, task, head_seed=cfg.seed)
+    return load_base_model(cfg.model, task, head_seed=cfg.seed, dtype=DTYPES[cfg.dtype])
 
 
 def compile_model(model, device):
@@ -304,6 +309,9 @@ def build(cfg, lcfg, device, ckpt=None, cache_dir=None, world=distributed.World(
     if world.main:
         distributed.barrier(world)
     trainable, total_params = inilora.mark_trainable(model, lcfg)  # decoders: A, B only (no head.*)
+    for p in model.parameters():  # what trains is float32, whatever the frozen weights' dtype
+        if p.requires_grad:
+            p.data = p.data.float()
     if cfg.grad_checkpointing:  # decoder.py: recompute each block in the backward pass instead of storing it
         model.gradient_checkpointing = True
     model.to(device)
@@ -414,7 +422,8 @@ def train(cfg, lcfg, run, device, s: Setup):
                     checkpoint()
             # end of an epoch: evaluate on dev, keep the best epoch (the paper's protocol) and the last
             if "dev" in s.splits:
-                dev, what = dev_scores(cfg, task, s, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                    dev, what = dev_scores(cfg, task, s, device)
                 print(f"epoch {epoch + 1}/{cfg.epochs} | {what} " + " | ".join(f"{k} {v:.4f}" for k, v in dev.items()))
                 record = {"step": state["step"], "epoch": epoch + 1, "dev": dev}
                 log.write(json.dumps(record if what == "dev" else {**record, "dev_subset": what}) + "\n")

@@ -9,13 +9,17 @@
 - adapters cannot be misread: an edited sidecar (rank, lora_alpha), tensors whose shapes the
   configuration does not describe and non-finite tensors are refused, and a refused adapter
   leaves the model untouched; new layers take the training mode of their model;
+- a bfloat16 base: R rounded once from float32, adapters float32, the output in x's dtype; the step-0
+  weight error is measured, 0 for lora, and reported as losing the function for alpha;
 - the command line: one flag per declared option, defaults in --help, targets defaulting per family;
 - bad input: rank, unknown initialiser or target, adapters twice, adapter for another base,
   damaged files, head of another size.
 """
 import argparse
+import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -541,3 +545,29 @@ def test_command_line_shows_defaults_and_keeps_the_outputs_with_dropout(capsys):
     inilora.main(["--init", "pissa", "--lora-dropout", "0.1"])
     difference = float(capsys.readouterr().out.rsplit("max |difference| at step 0:", 1)[1])
     assert difference < 1e-5
+
+
+# invariant: in a low-precision base, R = W0 - s B0 A0 is computed in float32 and rounded once to W0's dtype,
+# the adapters stay float32, and the layer's output keeps x's dtype
+def test_a_bfloat16_base_keeps_R_in_bfloat16_and_the_adapters_in_float32():
+    g = torch.Generator().manual_seed(0)
+    W0 = (0.02 * torch.randn(64, 48, generator=g)).to(torch.bfloat16)
+    A0, B0 = torch.randn(4, 48, generator=g), torch.randn(64, 4, generator=g)
+    layer = LoRALinear(W0, None, A0, B0, s=2.0)
+    assert layer.R.dtype == torch.bfloat16 and layer.A.dtype == layer.B.dtype == layer.A0.dtype == torch.float32
+    assert torch.equal(layer.R, (W0.float() - 2.0 * B0 @ A0).to(torch.bfloat16))  # rounded once, from float32
+    x = torch.randn(3, 48, generator=g).to(torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
+
+
+# invariant: the step-0 weight error is 0 when B0 = 0 (R = W0 exactly), and a start with s B0 A0 >> W0 (alpha)
+# is reported, with its figure, as unable to keep the function in bfloat16
+def test_rounding_R_is_measured_and_a_start_that_loses_W0_is_reported(capsys):
+    model = toy().to(torch.bfloat16)
+    for init, warned in (("lora", False), ("pissa", False), ("alpha", True)):
+        inilora.inject(copy.deepcopy(model), config(init), "toy")
+        out = capsys.readouterr().out
+        figure = float(re.search(r"off W0 by ([0-9.e+-]+)", out).group(1))
+        assert (figure == 0) == (init == "lora")
+        assert ("cannot keep the base model's function at step 0 in bfloat16" in out) == warned
+        assert (figure > torch.finfo(torch.bfloat16).eps) == warned

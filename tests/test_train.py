@@ -4,6 +4,7 @@
 - --resume after an interruption (a real SIGINT mid-epoch) ends with the same weights, optimizer
   state and metrics as the uninterrupted run, with dropout on, with and without --group-by-length;
 - --compile: the same losses and adapter as the eager run, to float rounding;
+- --dtype bfloat16: frozen weights and R in bfloat16, A, B, the head and the optimizer state in float32;
 - --group-by-length: length-sorted chunks of 50 steps of the same shuffle, with far less padding;
 - the best-epoch checkpoint is the one with the best dev metric; the learning-rate schedule;
 - a non-finite loss stops the run and keeps the last good checkpoint;
@@ -371,3 +372,27 @@ def test_a_signal_during_evaluation_stops_at_the_end_of_the_epoch(setup, monkeyp
     monkeypatch.setattr(train, "predict", interrupted_predict)
     state = train.main(args(setup, "run", "--epochs", "2", "--init", "lora"))
     assert (state["step"], state["signal"], state["best"]["epoch"]) == (3, signal.SIGINT, 1)
+
+
+# invariant: --dtype bfloat16 keeps the frozen weights and R in bfloat16, and what trains (A, B, the head) and
+# its optimizer state in float32
+def test_bfloat16_training_keeps_frozen_weights_low_and_trained_ones_float32(setup, monkeypatch):
+    seen = {}
+    real_train = train.train
+
+    def spy(cfg, lcfg, run, device, s):
+        seen.update({n: (p.dtype, p.requires_grad) for n, p in s.model.named_parameters()})
+        return real_train(cfg, lcfg, run, device, s)
+
+    monkeypatch.setattr(train, "train", spy)
+    state = train.main(args(setup, "bf16", "--init", "pissa", "--dtype", "bfloat16"))
+    assert state["step"] == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in
+                                      map(json.loads, (setup[0] / "bf16" / "metrics.jsonl").read_text().splitlines())
+                                      if "loss" in r)
+    assert seen["encoder.layers.0.attn.query.R"] == (torch.bfloat16, False)
+    assert seen["encoder.layers.0.attn.key.weight"] == (torch.bfloat16, False)
+    trained = {n: d for n, (d, grad) in seen.items() if grad}
+    assert trained and set(trained.values()) == {torch.float32} and "encoder.layers.0.attn.query.A" in trained
+    state_file = read_artifact(setup[0] / "bf16" / "checkpoint-3" / "state.safetensors", runs.STATE_FORMAT,
+                               runs.STATE_VERSION, "")[0]
+    assert {t.dtype for k, t in state_file.items() if k.endswith("exp_avg")} == {torch.float32}
