@@ -475,8 +475,8 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example at most")
     p.add_argument("--group-by-length", action="store_true",
-                   help="steps of examples of similar length, shuffled in chunks of 50 steps (less padding, "
-                   "faster; off keeps the plain shuffle of published numbers)")
+                   help="steps of examples of similar length: the shuffle cut into chunks of 50 steps, each "
+                   "sorted by length (less padding, faster; off keeps the plain shuffle of published numbers)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of data order, head, dropout and adapters")
     p.add_argument("--dtype", default=d.dtype, help=f"one of {sorted(DTYPES)}")
     p.add_argument("--grad-checkpointing", action="store_true",
