@@ -3,8 +3,8 @@
 The model is built on the meta device (no weight is read or downloaded), the adapters are put on it as
 inilora.inject would, and every term is counted from that model (trainable = what mark_trainable marks):
 
-    parameters  = sum over tensors numel * itemsize    frozen weights and R in --dtype, A, B, the head in float32;
-                                                       A0, B0 buffers in --dtype
+    parameters  = sum over tensors numel * itemsize    frozen weights and R in --dtype; A, B, the head and the
+                                                       A0, B0 buffers in float32 (inilora.LoRALinear, train.py)
     gradients   = 4 * trainable                        float32, trainable parameters only
     optimizer   = 2 * 4 * trainable                    AdamW's exp_avg and exp_avg_sq (its `step` is a scalar)
     activations = bytes autograd saves for backward in one micro-batch of B x T tokens, forward + loss
@@ -121,7 +121,7 @@ def add_adapters(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> nn.Mo
             B0 = torch.empty(d_out, cfg.rank, device="meta")  # (d_out, r)
             model.set_submodule(name, LoRALinear(linear.weight, linear.bias, A0, B0, cfg.scale, cfg.dropout))
     mark_trainable(model, cfg, verbose=False)
-    for p in model.parameters():  # A, B and the head train in float32 (the issue's --dtype bfloat16)
+    for p in model.parameters():  # what trains is float32 whatever --dtype is (train.build)
         if p.requires_grad:
             p.data = p.data.float()
     return model
@@ -142,15 +142,16 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for key in [k for k in self.live if k.expired()]:  # freed since the last op
-            self.now -= self.live.pop(key)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 key = StorageWeakRef(t.untyped_storage())
                 if key not in self.live and key not in self.ignore:
                     self.live[key] = t.untyped_storage().nbytes()
                     self.now += self.live[key]
-        self.peak = max(self.peak, self.now)
+        if self.now > self.peak:  # `now` still counts what was freed since the last look: drop that first
+            for key in [k for k in self.live if k.expired()]:
+                self.now -= self.live.pop(key)
+            self.peak = max(self.peak, self.now)
         return out
 
 
