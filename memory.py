@@ -7,27 +7,30 @@ inilora.inject would, and every term is counted from that model (trainable = wha
                                                        A0, B0 buffers in float32 (inilora.LoRALinear, train.py)
     gradients   = 4 * trainable                        float32, trainable parameters only
     optimizer   = 2 * 4 * trainable                    AdamW's exp_avg and exp_avg_sq (its `step` is a scalar)
-    activations = bytes autograd saves for backward in one micro-batch of B x T tokens, forward + loss
-                  (counted by running the real model on fake tensors: shapes only, no memory, no compute)
-    checkpointed activations (decoders, --grad-checkpointing) = L block inputs (B, T, C) + the activations
-                  of the largest block (recomputed in backward, one block at a time) + what lies outside blocks
+    activations = the most bytes of tensors alive at once in one forward + loss + backward of a B x T
+                  micro-batch beyond weights and gradients (what autograd saves, temporaries, gradients of
+                  activations), counted by running the real model on fake tensors: shapes only, no memory
+    checkpointed  (decoders, --grad-checkpointing) the same with decoder.py recomputing each block: L block
+                  inputs (B, T, C) kept, one block's activations at a time in backward
 
     CUDA peak (torch.cuda.max_memory_allocated) = parameters + gradients + optimizer + activations
     CPU peak  (the process's ru_maxrss)         = runtime + data + mapped + parameters
                                                   + max(loading, gradients + optimizer + activations)
 
-On the CPU `runtime` is the resident set of this very process (Python, torch and the project's modules,
-read with resource.getrusage when the estimate is made), `data` the prepared token ids when they can be
-sized cheaply, `mapped` a GGUF file's pages (its reader maps the file for the whole run), and `loading`
-what reading the checkpoint holds beside the model for a moment: an encoder's state dict read whole, or
-one dequantised float32 GGUF tensor (twice: dequantised, then copied).
+On the CPU `runtime` is this very process's resident set (Python, torch, the project's modules, torch's
+meta-device machinery; resource.getrusage at the estimate), `data` what the tokenizer and prepared splits
+hold once loaded (the growth of the resident set while this process loads them), `mapped` a GGUF file's
+pages (its reader maps the file for the whole run), and `loading` what reading the checkpoint holds beside
+the model for a moment: an encoder's state dict, or one float32 GGUF tensor dequantised, then copied.
+glibc's malloc raises its mmap threshold (up to 32 MiB) after the first large free, so freed activations
+then stay in its heap: a long CPU run's ru_maxrss exceeded these totals by 50-80% (MiniLM, SmolLM2), and
+matched them within 6% with the threshold fixed (MALLOC_MMAP_THRESHOLD_=65536, or fix_malloc_threshold()).
 
     python memory.py --model smollm2 --task arithmetic --batch-size 8 --max-length 128 --init lora --rank 8
     python memory.py --model path/to/Llama-2-7b/config.json --batch-size 1 --max-length 512 --dtype bfloat16
 """
 import argparse
 import copy
-import json
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -43,7 +46,7 @@ from torch.utils._pytree import tree_leaves
 
 import decoder
 import model as encoder
-from checkpoint import PACKAGED, SMOLLM2, gguf_config, open_gguf, read_json, resolve_model
+from checkpoint import PACKAGED, gguf_config, open_gguf, read_json, resolve_model
 from common import DTYPES, parse_dtype, run_cli
 from inilora import DEFAULT_TARGETS as ENCODER_TARGETS
 from inilora import INIT_NAMES, LoRAConfig, LoRALinear, mark_trainable
@@ -54,7 +57,7 @@ MiB, GiB = 2**20, 2**30
 FLOAT32 = 4  # bytes: gradients and AdamW's moments are float32 whatever --dtype is
 
 # -----------------------------------------------------------------------------
-# the configuration: a packaged name, a config.json, a directory holding one, or a Hub id (config.json only
+# the configuration: a packaged name, a config.json, a directory holding one, or a Hub id (config.json only)
 
 
 def read_config(name: str) -> tuple[dict, str]:
@@ -73,7 +76,8 @@ def read_config(name: str) -> tuple[dict, str]:
             reader, meta = open_gguf(path)
             return gguf_config(reader, meta, str(path)), str(path)
         return read_json(path), str(path)
-    return read_json(Path(hub_config(name))), name
+    path = Path(hub_config(name))
+    return read_json(path), str(path)
 
 
 def hub_config(repo_id: str) -> str:
@@ -225,7 +229,7 @@ class Estimate:
     activations_checkpointed: int | None  # decoders only
     runtime: int = 0  # CPU: this process's resident set
     loading: int = 0  # CPU: held beside the model while its checkpoint is read
-    data: int = 0  # CPU: the prepared token ids
+    data: int = 0  # CPU: the tokenizer and the prepared splits in memory
     mapped: int = 0  # CPU: checkpoint file pages mapped for the whole run (a GGUF file)
     notes: list = field(default_factory=list)
 
@@ -256,12 +260,12 @@ def estimate(model_name: str, init: str = "lora", rank: int = 8, targets=None, b
              data_bytes: int = 0, num_labels: int = 2, runtime: int | None = None) -> Estimate:
     """The memory of training `model_name` on micro-batches of batch_size x max_length tokens (max_length: the
     longest batch), `loss_tokens` of them predicted per micro-batch (decoders; None: all B (T - 1)).
-    runtime: the CPU runtime term in bytes; None: this process's resident set now."""
+    runtime: the CPU runtime term in bytes; None: runtime_now()."""
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"device_type={device_type!r} is not 'cpu' or 'cuda'; pass --device cpu or --device cuda.")
     if batch_size < 1 or max_length < 2:
         raise ValueError(f"batch_size={batch_size}, max_length={max_length}: expected at least 1 and 2.")
-    runtime = resident_set() if runtime is None else runtime  # before the estimate reads or builds anything
+    runtime = runtime_now() if runtime is None else runtime  # before a GGUF's metadata is read
     torch_dtype = parse_dtype(dtype)
     raw, source = read_config(model_name)
     kind = model_kind(raw, source)
@@ -300,6 +304,35 @@ def resident_set() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
+def runtime_now() -> int:
+    """The runtime term: this process's resident set once torch's meta-device machinery is loaded (the run
+    builds its model on the meta device too; the first nn.Embedding there loads ~70 MB of it)."""
+    with torch.device("meta"):
+        nn.Embedding(2, 2), nn.LayerNorm(2), nn.Linear(2, 2)
+    return resident_set()
+
+
+def fix_malloc_threshold(nbytes: int = 65536) -> bool:
+    """glibc: allocations of `nbytes` or more get their own mapping, returned to the system when freed (what
+    MALLOC_MMAP_THRESHOLD_ does), so the peak resident set is the peak of live tensors. Costs page faults on
+    every large allocation. Returns False where there is no glibc (macOS, musl): nothing changes."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_MMAP_THRESHOLD = -3  # malloc.h
+        return sys.platform.startswith("linux") and bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
+def resident_now() -> int:
+    """Bytes: this process's resident set now (Linux: /proc/self/statm; elsewhere the peak so far)."""
+    statm = Path("/proc/self/statm")
+    return int(statm.read_text().split()[1]) * resource.getpagesize() if statm.exists() else resident_set()
+
+
 # -----------------------------------------------------------------------------
 # the printout
 
@@ -325,16 +358,20 @@ def report(e: Estimate) -> list[str]:
         lines.append(f"    checkpointed   {size(e.activations_checkpointed)} (--grad-checkpointing: block inputs + "
                      "one block recomputed at a time)")
     if e.device_type == "cpu":
-        lines += [f"  runtime          {size(e.runtime)} (this process's resident set: Python, torch, modules; "
-                  "measured by resource.getrusage now)",
+        lines += [f"  runtime          {size(e.runtime)} (this process's resident set: Python, torch, modules, a "
+                  "meta-device build; measured by resource.getrusage now)",
                   f"  loading          {size(e.loading)} ({e.notes[0].removeprefix('loading: ')}; "
                   "the peak counts it or training, whichever is larger)",
                   *([f"  mapped           {size(e.mapped)} (the GGUF file's pages, mapped while its reader lives)"]
                     if e.mapped else []),
-                  f"  data             {size(e.data)} (prepared token ids)" if e.data else
+                  f"  data             {size(e.data)} (tokenizer and prepared splits: what this process's "
+                  "resident set grew by, loading them)" if e.data else
                   "  data             not sized (pass --task with a model whose tokenizer is local)"]
     measure = "peak resident set, ru_maxrss" if e.device_type == "cpu" else "torch.cuda.max_memory_allocated"
     lines.append(f"  total            {size(e.total())} ({measure})")
+    if e.device_type == "cpu":
+        lines.append("  (glibc's malloc keeps freed activations for reuse: a long CPU run's ru_maxrss can exceed this "
+                     "total by 50-80% unless its mmap threshold is fixed, e.g. MALLOC_MMAP_THRESHOLD_=65536)")
     if e.activations_checkpointed is not None:
         lines.append(f"  total, --grad-checkpointing  {size(e.total(True))}")
     return lines
@@ -363,9 +400,9 @@ def local_tokenizer(model_name: str):
 
 
 def data_shape(model_name: str, task: str, batch_size: int, max_length: int, data_dir=None):
-    """(T, N, bytes) of the task's prepared data: T the longest training sequence (the longest batch pads to
-    it), N the most loss tokens one micro-batch can hold (the batch_size largest counts; a generation task's
-    response tokens), bytes the token-id tensors of the train and dev splits. None if it cannot be sized."""
+    """(T, N) of the task's prepared data: T the longest training sequence (the longest batch pads to it),
+    N the most loss tokens one micro-batch can hold (the batch_size largest counts; a generation task's
+    response tokens). None if it cannot be sized (no local tokenizer)."""
     from data.prepare import TASKS, load_split
 
     tokenizer = local_tokenizer(model_name)
@@ -379,9 +416,7 @@ def data_shape(model_name: str, task: str, batch_size: int, max_length: int, dat
         N = sum(counts[:batch_size])
     else:
         N = batch_size
-    nbytes = sum(t.numel() * t.element_size() for split in splits for v in split.values()
-                 for t in (v if isinstance(v, list) else [v]) if torch.is_tensor(t))
-    return T, N, nbytes
+    return T, N
 
 
 def dry_run_lines(model_name: str, task: str | None, init: str = "lora", rank: int = 8, targets=None,
@@ -389,7 +424,7 @@ def dry_run_lines(model_name: str, task: str | None, init: str = "lora", rank: i
                   grad_checkpointing: bool = False, device_type: str = "cpu", data_dir=None) -> list[str]:
     """What train.py --dry-run prints: the estimate for these flags, the data sized when the task is given and
     the model's tokenizer is local (else the batch is B x max_length tokens, all of them loss tokens)."""
-    runtime = resident_set()  # before the data is read
+    runtime, before = runtime_now(), resident_now()  # before the data is read
     T, N, nbytes, num_labels = max_length, None, 0, 2
     sized = "batches of --max-length tokens, every position a loss token (an upper bound)"
     if task is not None:
@@ -399,14 +434,16 @@ def dry_run_lines(model_name: str, task: str | None, init: str = "lora", rank: i
             raise ValueError(f"task {task!r} is not one of {sorted(TASKS)}; pass one of those, or leave --task out.")
         num_labels = TASKS[task].num_labels if TASKS[task].kind != "generation" else 2
         if shape := data_shape(model_name, task, batch_size, max_length, data_dir):
-            T, N, nbytes = shape
+            T, N = shape
+            nbytes = resident_now() - before  # what the tokenizer and the splits hold (their transients are gone)
             sized = f"the prepared {task} data: longest sequence {T} tokens, at most {N} loss tokens a micro-batch"
     e = estimate(model_name, init, rank, targets, batch_size, T, dtype, device_type, N, nbytes, num_labels, runtime)
     lines = report(e) + [f"  sized from {sized}"]
     if grad_checkpointing and e.activations_checkpointed is None:
         lines.append("  (--grad-checkpointing applies to decoders only: the encoder's total is the one above)")
     chosen = e.total(grad_checkpointing)
-    return lines + [f"  this run: {size(chosen)} ({'with' if grad_checkpointing else 'without'} gradient checkpointing)"]
+    how = "with" if grad_checkpointing else "without"
+    return lines + [f"  this run: {size(chosen)} ({how} gradient checkpointing)"]
 
 
 def main(argv=None):
