@@ -33,7 +33,7 @@ import argparse
 import copy
 import resource
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -231,7 +231,7 @@ class Estimate:
     loading: int = 0  # CPU: held beside the model while its checkpoint is read
     data: int = 0  # CPU: the tokenizer and the prepared splits in memory
     mapped: int = 0  # CPU: checkpoint file pages mapped for the whole run (a GGUF file)
-    notes: list = field(default_factory=list)
+    loading_what: str = ""
 
     def total(self, checkpointing: bool = False) -> int:
         acts = self.activations_checkpointed if checkpointing and self.activations_checkpointed else self.activations
@@ -272,17 +272,13 @@ def estimate(model_name: str, init: str = "lora", rank: int = 8, targets=None, b
     default_targets = decoder.DEFAULT_TARGETS["llama"] if kind == "decoder" else ENCODER_TARGETS
     cfg = LoRAConfig(init=init, rank=rank, targets=tuple(targets or default_targets)).validate()
     model = add_adapters(meta_model(raw, source, num_labels), cfg, torch_dtype)
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()  # a tied matrix once
-    parameters = {}
-    for t in tensors:
-        name = str(t.dtype).removeprefix("torch.")
-        parameters[name] = parameters.get(name, 0) + t.numel() * t.element_size()
+    parameters = {}  # dtype name -> bytes, a tied matrix once
+    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+        parameters[str(t.dtype)[6:]] = parameters.get(str(t.dtype)[6:], 0) + t.numel() * t.element_size()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     B, T = batch_size, max_length
-    N = B * (T - 1) if loss_tokens is None else min(loss_tokens, B * (T - 1))
-    if kind == "encoder":
-        N = B
+    N = B if kind == "encoder" else B * (T - 1) if loss_tokens is None else min(loss_tokens, B * (T - 1))
     autocast = torch_dtype if torch_dtype != torch.float32 else None
     loading, mapped, loading_what = loading_bytes(raw, source, model)
     acts = activations(model, B, T, N, autocast)
@@ -292,9 +288,7 @@ def estimate(model_name: str, init: str = "lora", rank: int = 8, targets=None, b
                  gradients=gradients, optimizer=2 * FLOAT32 * trainable, activations=acts["peak"] - gradients,
                  saved=acts["saved"], activations_checkpointed=checkpointed and checkpointed["peak"] - gradients)
     if device_type == "cpu":
-        e.runtime = runtime
-        e.loading, e.mapped, e.data = loading, mapped, data_bytes
-        e.notes.append(f"loading: {loading_what}")
+        e.runtime, e.loading, e.mapped, e.data, e.loading_what = runtime, loading, mapped, data_bytes, loading_what
     return e
 
 
@@ -360,7 +354,7 @@ def report(e: Estimate) -> list[str]:
     if e.device_type == "cpu":
         lines += [f"  runtime          {size(e.runtime)} (this process's resident set: Python, torch, modules, a "
                   "meta-device build; measured by resource.getrusage now)",
-                  f"  loading          {size(e.loading)} ({e.notes[0].removeprefix('loading: ')}; "
+                  f"  loading          {size(e.loading)} ({e.loading_what}; "
                   "the peak counts it or training, whichever is larger)",
                   *([f"  mapped           {size(e.mapped)} (the GGUF file's pages, mapped while its reader lives)"]
                     if e.mapped else []),
@@ -432,18 +426,15 @@ def dry_run_lines(model_name: str, task: str | None, init: str = "lora", rank: i
 
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not one of {sorted(TASKS)}; pass one of those, or leave --task out.")
-        num_labels = TASKS[task].num_labels if TASKS[task].kind != "generation" else 2
+        num_labels = TASKS[task].num_labels  # an encoder's head (a decoder has none)
         if shape := data_shape(model_name, task, batch_size, max_length, data_dir):
             T, N = shape
             nbytes = resident_now() - before  # what the tokenizer and the splits hold (their transients are gone)
             sized = f"the prepared {task} data: longest sequence {T} tokens, at most {N} loss tokens a micro-batch"
     e = estimate(model_name, init, rank, targets, batch_size, T, dtype, device_type, N, nbytes, num_labels, runtime)
-    lines = report(e) + [f"  sized from {sized}"]
-    if grad_checkpointing and e.activations_checkpointed is None:
-        lines.append("  (--grad-checkpointing applies to decoders only: the encoder's total is the one above)")
-    chosen = e.total(grad_checkpointing)
-    how = "with" if grad_checkpointing else "without"
-    return lines + [f"  this run: {size(chosen)} ({how} gradient checkpointing)"]
+    how = "with" if grad_checkpointing and e.activations_checkpointed else "without"
+    return report(e) + [f"  sized from {sized}", f"  this run: {size(e.total(grad_checkpointing))} ({how} gradient "
+                                                  "checkpointing)"]
 
 
 def main(argv=None):
