@@ -12,6 +12,8 @@ inilora.inject would, and every term is counted from that model (trainable = wha
                   activations), counted by running the real model on fake tensors: shapes only, no memory
     checkpointed  (decoders, --grad-checkpointing) the same with decoder.py recomputing each block: L block
                   inputs (B, T, C) kept, one block's activations at a time in backward
+The fake run takes the CPU code paths: for CUDA, SDPA's CPU flash kernel saves what the CUDA one does, while
+an encoder's written-out CPU attention (dropout on the probabilities) counts more than CUDA's fused kernel.
 
     CUDA peak (torch.cuda.max_memory_allocated) = parameters + gradients + optimizer + activations
     CPU peak  (the process's ru_maxrss)         = runtime + data + mapped + parameters
@@ -237,7 +239,7 @@ class Estimate:
         acts = self.activations_checkpointed if checkpointing and self.activations_checkpointed else self.activations
         training = self.gradients + self.optimizer + acts
         resident = self.runtime + self.data + self.mapped + sum(self.parameters.values())
-        return resident + (max(self.loading, training) if self.device_type == "cpu" else training)
+        return resident + (max(self.loading, training) if self.device_type != "cuda" else training)
 
 
 def loading_bytes(raw: dict, source: str, model: nn.Module) -> tuple[int, int, str]:
@@ -261,8 +263,8 @@ def estimate(model_name: str, init: str = "lora", rank: int = 8, targets=None, b
     """The memory of training `model_name` on micro-batches of batch_size x max_length tokens (max_length: the
     longest batch), `loss_tokens` of them predicted per micro-batch (decoders; None: all B (T - 1)).
     runtime: the CPU runtime term in bytes; None: runtime_now()."""
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"device_type={device_type!r} is not 'cpu' or 'cuda'; pass --device cpu or --device cuda.")
+    if device_type not in ("cpu", "cuda", "mps"):  # mps: runs.peak_memory measures the resident set, as on the CPU
+        raise ValueError(f"device_type={device_type!r} is not 'cpu', 'cuda' or 'mps'; pass e.g. --device cpu.")
     if batch_size < 1 or max_length < 2:
         raise ValueError(f"batch_size={batch_size}, max_length={max_length}: expected at least 1 and 2.")
     runtime = runtime_now() if runtime is None else runtime  # before a GGUF's metadata is read
@@ -287,7 +289,7 @@ def estimate(model_name: str, init: str = "lora", rank: int = 8, targets=None, b
     e = Estimate(model_name, source, kind, (B, T, N), device_type, total_params, trainable, parameters,
                  gradients=gradients, optimizer=2 * FLOAT32 * trainable, activations=acts["peak"] - gradients,
                  saved=acts["saved"], activations_checkpointed=checkpointed and checkpointed["peak"] - gradients)
-    if device_type == "cpu":
+    if device_type != "cuda":
         e.runtime, e.loading, e.mapped, e.data, e.loading_what = runtime, loading, mapped, data_bytes, loading_what
     return e
 
@@ -351,7 +353,7 @@ def report(e: Estimate) -> list[str]:
     if e.activations_checkpointed is not None:
         lines.append(f"    checkpointed   {size(e.activations_checkpointed)} (--grad-checkpointing: block inputs + "
                      "one block recomputed at a time)")
-    if e.device_type == "cpu":
+    if e.device_type != "cuda":
         lines += [f"  runtime          {size(e.runtime)} (this process's resident set: Python, torch, modules, a "
                   "meta-device build; measured by resource.getrusage now)",
                   f"  loading          {size(e.loading)} ({e.loading_what}; "
@@ -361,9 +363,9 @@ def report(e: Estimate) -> list[str]:
                   f"  data             {size(e.data)} (tokenizer and prepared splits: what this process's "
                   "resident set grew by, loading them)" if e.data else
                   "  data             not sized (pass --task with a model whose tokenizer is local)"]
-    measure = "peak resident set, ru_maxrss" if e.device_type == "cpu" else "torch.cuda.max_memory_allocated"
+    measure = "peak resident set, ru_maxrss" if e.device_type != "cuda" else "torch.cuda.max_memory_allocated"
     lines.append(f"  total            {size(e.total())} ({measure})")
-    if e.device_type == "cpu":
+    if e.device_type != "cuda":
         lines.append("  (glibc's malloc keeps freed activations for reuse: a long CPU run's ru_maxrss can exceed this "
                      "total by 50-80% unless its mmap threshold is fixed, e.g. MALLOC_MMAP_THRESHOLD_=65536)")
     if e.activations_checkpointed is not None:
@@ -415,10 +417,12 @@ def data_shape(model_name: str, task: str, batch_size: int, max_length: int, dat
 
 def dry_run_lines(model_name: str, task: str | None, init: str = "lora", rank: int = 8, targets=None,
                   batch_size: int = 8, max_length: int = 128, dtype: str = "float32",
-                  grad_checkpointing: bool = False, device_type: str = "cpu", data_dir=None) -> list[str]:
+                  grad_checkpointing: bool = False, device_type: str = "cpu", data_dir=None,
+                  runtime: int | None = None) -> list[str]:
     """What train.py --dry-run prints: the estimate for these flags, the data sized when the task is given and
-    the model's tokenizer is local (else the batch is B x max_length tokens, all of them loss tokens)."""
-    runtime, before = runtime_now(), resident_now()  # before the data is read
+    the model's tokenizer is local (else the batch is B x max_length tokens, all of them loss tokens).
+    runtime: bytes, runtime_now() as a run measured it at its start (at its end this process holds more)."""
+    runtime, before = runtime or runtime_now(), resident_now()  # before the data is read
     T, N, nbytes, num_labels = max_length, None, 0, 2
     sized = "batches of --max-length tokens, every position a loss token (an upper bound)"
     if task is not None:
@@ -454,7 +458,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", help=f"one of {sorted(DTYPES)}: frozen weights in it, "
                    "adapters and optimizer state in float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="decoders: the run recomputes blocks")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu: peak resident set; cuda: "
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="cpu, mps: peak resident set; cuda: "
                    "torch.cuda.max_memory_allocated")
     args = p.parse_args(argv)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None

@@ -178,7 +178,7 @@ def test_bad_task_and_device_name_what_is_allowed(tiny_decoder):
     with pytest.raises(ValueError, match="is not one of"):
         memory.dry_run_lines(path, "no-such-task")
     with pytest.raises(ValueError, match="--device cpu"):
-        memory.estimate(path, device_type="tpu")
+        memory.estimate(path, device_type="tpu")  # cpu, cuda or mps
 
 
 def test_report_prints_every_term_and_both_totals(tiny_decoder):
