@@ -415,13 +415,18 @@ def data_shape(model_name: str, task: str, batch_size: int, max_length: int, dat
     return T, N
 
 
-def dry_run_lines(model_name: str, task: str | None, init: str = "lora", rank: int = 8, targets=None,
-                  batch_size: int = 8, max_length: int = 128, dtype: str = "float32",
-                  grad_checkpointing: bool = False, device_type: str = "cpu", data_dir=None,
-                  runtime: int | None = None) -> list[str]:
-    """What train.py --dry-run prints: the estimate for these flags, the data sized when the task is given and
-    the model's tokenizer is local (else the batch is B x max_length tokens, all of them loss tokens).
-    runtime: bytes, runtime_now() as a run measured it at its start (at its end this process holds more)."""
+def dry_run_lines(*args, **kwargs) -> list[str]:
+    """What train.py --dry-run prints (dry_run's lines)."""
+    return dry_run(*args, **kwargs)[0]
+
+
+def dry_run(model_name: str, task: str | None, init: str = "lora", rank: int = 8, targets=None,
+            batch_size: int = 8, max_length: int = 128, dtype: str = "float32",
+            grad_checkpointing: bool = False, device_type: str = "cpu", data_dir=None,
+            runtime: int | None = None) -> tuple[list[str], int]:
+    """(lines, this run's estimated peak in bytes): the estimate for these flags, the data sized when the task
+    is given and the model's tokenizer is local (else the batch is B x max_length tokens, all of them loss
+    tokens). runtime: bytes, runtime_now() as a run measured it at its start (at its end it holds more)."""
     runtime, before = runtime or runtime_now(), resident_now()  # before the data is read
     T, N, nbytes, num_labels = max_length, None, 0, 2
     sized = "batches of --max-length tokens, every position a loss token (an upper bound)"
@@ -437,8 +442,8 @@ def dry_run_lines(model_name: str, task: str | None, init: str = "lora", rank: i
             sized = f"the prepared {task} data: longest sequence {T} tokens, at most {N} loss tokens a micro-batch"
     e = estimate(model_name, init, rank, targets, batch_size, T, dtype, device_type, N, nbytes, num_labels, runtime)
     how = "with" if grad_checkpointing and e.activations_checkpointed else "without"
-    return report(e) + [f"  sized from {sized}", f"  this run: {size(e.total(grad_checkpointing))} ({how} gradient "
-                                                  "checkpointing)"]
+    total = e.total(grad_checkpointing)
+    return report(e) + [f"  sized from {sized}", f"  this run: {size(total)} ({how} gradient checkpointing)"], total
 
 
 def main(argv=None):

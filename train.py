@@ -2,7 +2,7 @@
 
 Only A, B (and an encoder's task head) train, AdamW over those parameters, evaluation on dev
 after every epoch, and the best epoch's dev score is the result (paper Section 4.2). The task's
-kind picks the model, the batches, the loss and the evaluation (KINDS below), never the loop:
+kind picks the model, the batches, the loss and the evaluation (kinds.py), never the loop:
 
   classification / regression (BERT/RoBERTa, model.py): cross-entropy (MSE for STS-B) over the
       examples of a step; dev metrics from data.prepare.TASKS.
@@ -47,21 +47,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import distributed
 import inilora
+import memory
 from common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
-from data.prepare import TASKS, load_split, pad_batch
-from data.sft import IGNORE_INDEX, sft_batch
+from data.prepare import TASKS, load_split
 from decoder import DEFAULT_TARGETS as DECODER_TARGETS
-from evaluate import EVAL_BATCH, METRICS, predict
 from evaluate import load_base as load_base_model
-from generation import score as evaluate_generation
+from kinds import KINDS, dev_scores
 from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
                   peak_memory, remove_failed_start, restore_state, rng_states, save_checkpoint, stored_configs)
 
@@ -152,107 +148,6 @@ def epoch_order(n, seed, epoch, lengths=None, per_step=1):
 
 
 # -----------------------------------------------------------------------------
-# what the task's kind decides: batches, loss units, loss, dev evaluation
-# A step's loss is the sum of its micro-batches' shares: share = (loss of the micro-batch's units) / (units
-# of the whole step), units being examples (classification) or response tokens (generation).
-# Legend: B examples in a micro-batch, T tokens (the longest in it), V vocabulary.
-
-
-def loss_fn(logits, labels):
-    # cross-entropy for classes; mean squared error for regression (num_labels = 1, STS-B)
-    if logits.shape[-1] == 1:
-        return F.mse_loss(logits[:, 0].float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
-
-
-def classification_batch(split, idx, pad_id, device):
-    """(input_ids, attention_mask, token_type_ids, labels) of examples `idx`, padded to the longest."""
-    ids, types, mask = pad_batch([split["input_ids"][j] for j in idx],
-                                 [split["token_type_ids"][j] for j in idx], pad_id)  # (B, T) each
-    mask = None if mask is None else mask.to(device)  # None: no padding
-    return ids.to(device), mask, types.to(device), split["labels"][idx].to(device)
-
-
-def classification_loss(model, batch, units):
-    ids, mask, types, labels = batch
-    logits = model(ids, mask, types)  # (B, num_labels)
-    # the mean over the micro-batch's B examples, weighted by B / (examples in the step): exactly 1 without
-    # accumulation, so the loss and its gradients are those of a plain batch
-    return loss_fn(logits, labels) * (len(labels) / units)
-
-
-def token_loss(logits, targets):
-    # sum_n CE(logits_n, x_n) over the N loss tokens: logits (N, V) at positions t - 1, targets x_t (N,)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-def sft_batch_on(split, idx, pad_id, device):
-    """(input_ids, attention_mask, labels) of training sequences `idx`, right-padded (data.sft.sft_batch)."""
-    ids, mask, labels = sft_batch([split["input_ids"][j] for j in idx], [split["token_type_ids"][j] for j in idx],
-                                  pad_id)  # (B, T) each
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
-def sft_loss(model, batch, units):
-    ids, mask, labels = batch
-    # right padding needs no mask (SDPA's fast causal path): real tokens never attend to the padding after
-    # them, their positions are 0..T-1 either way, and no loss token is padding; other padding keeps its mask
-    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
-    h = model.hidden_states(ids, None if right_padded else mask)  # (B, T, C)
-    # logits at t - 1 predict token t: lm_head only where m_t = 1, (N, V) instead of (B, T, V)
-    predicts = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-    logits = model.lm_head(h[:, :-1][predicts])  # (N, C) -> (N, V)
-    # L = sum over the micro-batch's response tokens of CE / (response tokens of the whole step)
-    return token_loss(logits, labels[:, 1:][predicts]) / units
-
-
-@dataclass(frozen=True)
-class Kind:
-    batch: Callable                # (split, example indices, pad_id, device) -> a micro-batch
-    count: Callable                # (split, example indices) -> what the loss is a mean over, from the data on
-                                   # the CPU (no device sync): examples, or response tokens predicted
-    loss: Callable                 # (model, micro-batch, units of the step) -> the micro-batch's share of L
-
-
-def sft_count(split, idx):
-    # the tokens sft_batch gives a label, past position 0 (no token predicts it): response tokens, type 1
-    return sum(int(split["token_type_ids"][j][1:].sum()) for j in idx)
-
-
-CLASSIFY = Kind(classification_batch, lambda split, idx: len(idx), classification_loss)
-KINDS = {"classification": CLASSIFY, "regression": CLASSIFY, "generation": Kind(sft_batch_on, sft_count, sft_loss)}
-
-
-def take(split, idx):
-    """The examples `idx` of a prepared split: its per-example lists and tensors indexed, the rest (counts of
-    a generation split's truncations) kept."""
-    return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] if torch.is_tensor(v) else v
-            for k, v in split.items()}
-
-
-def dev_scores(cfg, task, s, device):
-    """(metrics, printed description of what was scored) on the dev split; under torchrun each rank scores
-    its share and the predictions are gathered, so every rank gets the metrics of the whole split."""
-    dev, world = s.splits["dev"], s.world
-    if task.kind != "generation":
-        n = len(dev["labels"])
-        mine = distributed.share(list(range(n)), world)
-        preds = (predict(s.model, take(dev, mine), task, s.pad_id, cfg.eval_batch_size or EVAL_BATCH, device)
-                 if mine else np.empty(0))
-        preds = np.concatenate(distributed.gather(preds, world))  # (N,), in the split's order
-        return {name: METRICS[name](preds, dev["labels"].numpy()) for name in task.metrics}, "dev"
-    n = len(dev["prompt_ids"])
-    limit = min(cfg.eval_limit or n, n)
-    mine = distributed.share(list(range(limit)), world)
-    records = [r for part in distributed.gather(
-        evaluate_generation(s.model, s.tokenizer, take(dev, mine), task, cfg.eval_batch_size or cfg.batch_size,
-                            cfg.max_new_tokens, None, device, desc="generating dev")[1] if mine else [], world)
-        for r in part]
-    return {"exact_match": sum(r["correct"] for r in records) / limit}, ("dev" if limit == n else
-                                                                         f"dev subset {limit} of {n}")
-
-
-# -----------------------------------------------------------------------------
 # set-up (every check, before the run directory exists) and the training loop
 
 
@@ -269,6 +164,7 @@ class Setup:
     state: dict                    # {"step", "best"}: what a checkpoint's sidecar holds
     extra: dict                    # stored in every adapter sidecar
     world: distributed.World = distributed.World()  # torchrun's ranks (one process: rank 0 of 1)
+    runtime: int | None = None     # memory.runtime_now() at the start: the estimate printed at the end uses it
 
 
 def load_base(cfg, task):
@@ -277,6 +173,12 @@ def load_base(cfg, task):
         raise ValueError(f"task {task.name!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
                          "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
     return load_base_model(cfg.model, task, head_seed=cfg.seed, dtype=DTYPES[cfg.dtype])
+
+
+def estimate(cfg, lcfg, device, runtime=None):
+    """(lines, bytes): memory.py's estimate of this run's peak (its --dry-run)."""
+    return memory.dry_run(cfg.model, cfg.task, lcfg.init, lcfg.rank, lcfg.targets, cfg.batch_size, cfg.max_length,
+                          cfg.dtype, cfg.grad_checkpointing, device.type, cfg.glue_dir, runtime=runtime)
 
 
 def compile_model(model, device):
@@ -444,9 +346,13 @@ def train(cfg, lcfg, run, device, s: Setup):
     print(f"best epoch {best['epoch']}: {scored}; peak memory {mib:,.0f} MiB ({measure}, "
           + (f"the largest of {world.size} processes)" if world.size > 1 else "this process)"))
     if world.main:
+        estimated = estimate(cfg, lcfg, device, s.runtime)[1] / 2**20
+        print(f"memory.py's estimate for this run: {estimated:,.0f} MiB (measured / estimated {mib / estimated:.2f}"
+              + ("; on the CPU glibc keeps freed activations in its heap, see memory.py" if device.type == "cpu"
+                 else "") + ")")
         write_json(run / "final.json", {"step": state["step"], "best": best, "device": str(device),
                                         "world_size": world.size, "peak_memory_mib": round(mib, 1),
-                                        "peak_memory_measure": measure})
+                                        "peak_memory_measure": measure, "estimated_peak_mib": round(estimated, 1)})
     return state
 
 
@@ -496,6 +402,9 @@ def build_parser():
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: each epoch)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (None: the first available)")
     p.add_argument("--out", default=None, help="run directory (None: runs/MODEL-TASK-INIT-rRANK-seedSEED)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory estimate (memory.py: the model on the meta device, no weight read) and "
+                   "exit: nothing is trained or written")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the configuration stored there")
     inilora.add_lora_args(p)
@@ -534,6 +443,12 @@ def main(argv=None):
 
 
 def run(args, argv, world, ddp_device):
+    runtime = memory.runtime_now()  # the estimate's runtime term: this process before any model or data
+    if args.dry_run:
+        cfg, lcfg = configs_from_args(args)
+        print(f"configuration: {json.dumps({'train': asdict(cfg), 'lora': asdict(lcfg)})}")
+        print("\n".join(estimate(cfg, lcfg, pick_device(args.device)[0], runtime)[0]))
+        return {}
     ckpt = None
     if args.resume:
         run_dir = Path(args.out) if args.out else default_run_dir(*configs_from_args(args))
@@ -550,6 +465,7 @@ def run(args, argv, world, ddp_device):
     device, why = (ddp_device, f"rank {world.rank} of {world.size}") if ddp_device else pick_device(args.device)
     print(f"device {device} ({why}), dtype {cfg.dtype}")
     setup = build(cfg, lcfg, device, ckpt, args.cache_dir, world)
+    setup.runtime = runtime
     if ckpt is not None:
         best = setup.state["best"]
         print(f"resuming {run_dir} from {ckpt.name} at step {setup.state['step']}" + (f" (best so far: epoch "

@@ -37,6 +37,7 @@ sys.path.append(str(BENCH))
 import torch
 
 import inilora
+import kinds
 import train
 from checkpoint import packaged_path
 from common import pick_device, run_cli
@@ -62,7 +63,7 @@ def encoder_batch(args, tokenizer, vocab_size):
     if args.pad == "real":
         split = load_split("rotten-tomatoes", "train", tokenizer, 512)
         idx = train.epoch_order(len(split["labels"]), 0, 0)[:B].tolist()  # train.py's first step, seed 0
-        return (*train.classification_batch(split, idx, tokenizer.pad_id, "cpu")[:3], split["labels"][idx])
+        return (*kinds.classification_batch(split, idx, tokenizer.pad_id, "cpu")[:3], split["labels"][idx])
     lengths = [T] * B if args.pad == "none" else torch.randint(T // 4, T + 1, (B,), generator=g).tolist()
     lengths[0] = T  # padded to --seq-len
     rows = [torch.randint(1000, vocab_size, (n,), generator=g) for n in lengths]
@@ -94,7 +95,7 @@ def bench_encoder(args, device):
 
         def step(forward=forward, opt=opt):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-                loss = train.loss_fn(forward(), labels)
+                loss = kinds.loss_fn(forward(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -138,7 +139,7 @@ def bench_decoder(args, device):
                                                    target_modules=["q_proj", "v_proj"]))
     if args.task:  # a real batch: train.py's first micro-batch of the task
         split = load_split(args.task, "train", tokenizer, 512)
-        ids, mask, labels = train.sft_batch_on(split, list(range(args.batch_size)), tokenizer.pad_id, device)
+        ids, mask, labels = kinds.sft_batch_on(split, list(range(args.batch_size)), tokenizer.pad_id, device)
         print(f"task {args.task}: batch {tuple(ids.shape)}, {int(mask.sum())} real tokens")
     else:
         ids, mask, labels = sft_batch(model.config.vocab_size, args, device)
@@ -152,7 +153,7 @@ def bench_decoder(args, device):
         def step(m=m, opt=opt, name=name):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
                 if name == "ours":
-                    loss = train.sft_loss(m, (ids, mask, labels), units)
+                    loss = kinds.sft_loss(m, (ids, mask, labels), units)
                 else:  # transformers' mean over the labels that are not -100: the same token mean
                     loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)

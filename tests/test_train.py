@@ -5,6 +5,7 @@
   state and metrics as the uninterrupted run, with dropout on, with and without --group-by-length;
 - --compile: the same losses and adapter as the eager run, to float rounding;
 - --dtype bfloat16: frozen weights and R in bfloat16, A, B, the head and the optimizer state in float32;
+- --dry-run prints memory.py's estimate and writes nothing; a run stores its estimate beside its peak;
 - --group-by-length: length-sorted chunks of 50 steps of the same shuffle, with far less padding;
 - the best-epoch checkpoint is the one with the best dev metric; the learning-rate schedule;
 - a non-finite loss stops the run and keeps the last good checkpoint;
@@ -33,6 +34,7 @@ import data.prepare
 import evaluate
 import inilora
 import runs
+import kinds
 import train
 from common import read_artifact
 
@@ -92,7 +94,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(order, setup,
     full = train.main(args(setup, "full", *common))
 
     calls = {"n": 0}
-    real_loss = train.loss_fn
+    real_loss = kinds.loss_fn
 
     def interrupted_loss(logits, labels):  # Ctrl-C arrives during step 4 (mid-epoch 2)
         calls["n"] += 1
@@ -100,10 +102,10 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(order, setup,
             signal.raise_signal(signal.SIGINT)
         return real_loss(logits, labels)
 
-    monkeypatch.setattr(train, "loss_fn", interrupted_loss)
+    monkeypatch.setattr(kinds, "loss_fn", interrupted_loss)
     stopped = train.main(args(setup, "resumed", *common))
     assert stopped["step"] == 4 and stopped["signal"] == signal.SIGINT
-    monkeypatch.setattr(train, "loss_fn", real_loss)
+    monkeypatch.setattr(kinds, "loss_fn", real_loss)
     resumed = train.main(args(setup, "resumed", *common, "--resume"))
     assert resumed == full
 
@@ -174,7 +176,7 @@ def test_learning_rate_warms_up_then_decays_linearly_to_zero():
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
     tmp_path, _ = setup
-    real_loss = train.loss_fn
+    real_loss = kinds.loss_fn
     calls = {"n": 0}
 
     def diverging_loss(logits, labels):
@@ -182,7 +184,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeyp
         loss = real_loss(logits, labels)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train, "loss_fn", diverging_loss)
+    monkeypatch.setattr(kinds, "loss_fn", diverging_loss)
     with pytest.raises(train.TrainingDiverged, match="the loss is nan at step 3.*Lower --lr"):
         train.main(args(setup, "run", "--save-every", "1", "--init", "lora"))
     run = tmp_path / "run"
@@ -212,7 +214,7 @@ def test_a_resume_stopped_before_any_step_keeps_the_checkpoint(setup, monkeypatc
     tmp_path, _ = setup
     common = ("--epochs", "2", "--init", "lora", "--save-every", "2")
     calls = {"n": 0}
-    real_loss = train.loss_fn
+    real_loss = kinds.loss_fn
 
     def interrupted_loss(logits, labels):  # Ctrl-C during step 2, then again during the resumed step 3
         calls["n"] += 1
@@ -220,7 +222,7 @@ def test_a_resume_stopped_before_any_step_keeps_the_checkpoint(setup, monkeypatc
             signal.raise_signal(signal.SIGINT)
         return real_loss(logits, labels)
 
-    monkeypatch.setattr(train, "loss_fn", interrupted_loss)
+    monkeypatch.setattr(kinds, "loss_fn", interrupted_loss)
     assert train.main(args(setup, "run", *common))["step"] == 2
     assert train.main(args(setup, "run", *common, "--resume"))["step"] == 3
     run = tmp_path / "run"
@@ -258,8 +260,8 @@ def test_a_failed_start_leaves_nothing_behind(setup):
 # invariant: a run that fails before its first checkpoint removes what it made, and only that
 def test_a_run_that_fails_before_its_first_checkpoint_removes_what_it_made(setup, monkeypatch):
     tmp_path, _ = setup
-    real_loss = train.loss_fn
-    monkeypatch.setattr(train, "loss_fn", lambda logits, labels: real_loss(logits, labels) * float("nan"))
+    real_loss = kinds.loss_fn
+    monkeypatch.setattr(kinds, "loss_fn", lambda logits, labels: real_loss(logits, labels) * float("nan"))
     with pytest.raises(train.TrainingDiverged, match="at step 1.*no checkpoint was written yet.*Lower --lr"):
         train.main(args(setup, "new/run", "--init", "lora"))
     assert not (tmp_path / "new").exists()
@@ -267,7 +269,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_removes_what_it_made(setup
     with pytest.raises(train.TrainingDiverged):
         train.main(args(setup, "kept", "--init", "lora"))
     assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
-    monkeypatch.setattr(train, "loss_fn", real_loss)
+    monkeypatch.setattr(kinds, "loss_fn", real_loss)
     old = tmp_path / "old"  # an older train.py's failed start left config.json alone: it no longer blocks
     old.mkdir()
     (old / "config.json").write_text(json.dumps({"train": {"lr": 1.0}, "lora": {}}))
@@ -281,7 +283,7 @@ def test_resume_with_out_alone_continues_the_stored_run(setup, monkeypatch, caps
     tmp_path, _ = setup
     common = ("--epochs", "2", "--init", "beta-kaiming-normal", "--lora-dropout", "0.1")
     full = train.main(args(setup, "full", *common))
-    real_loss = train.loss_fn
+    real_loss = kinds.loss_fn
     calls = {"n": 0}
 
     def interrupted_loss(logits, labels):  # Ctrl-C during step 2
@@ -290,12 +292,12 @@ def test_resume_with_out_alone_continues_the_stored_run(setup, monkeypatch, caps
             signal.raise_signal(signal.SIGINT)
         return real_loss(logits, labels)
 
-    monkeypatch.setattr(train, "loss_fn", interrupted_loss)
+    monkeypatch.setattr(kinds, "loss_fn", interrupted_loss)
     run = tmp_path / "run"
     capsys.readouterr()
     assert train.main(args(setup, "run", *common))["step"] == 2
     assert f"continue with: python train.py --resume --out {shlex.quote(str(run))}" in capsys.readouterr().out
-    monkeypatch.setattr(train, "loss_fn", real_loss)
+    monkeypatch.setattr(kinds, "loss_fn", real_loss)
     assert train.main(["--resume", "--out", str(run)]) == full
     assert "resuming " + str(run) + " from checkpoint-2 at step 2" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"lora.rank: 2 -> 4 \(--rank\).*Leave out --rank"):
@@ -310,7 +312,7 @@ def test_resume_with_out_alone_continues_the_stored_run(setup, monkeypatch, caps
 # invariant: SIGTERM, like Ctrl-C, saves a checkpoint at the next step and exits non-zero (128 + 15)
 def test_sigterm_saves_a_checkpoint_and_exits_143(setup, monkeypatch):
     tmp_path, _ = setup
-    real_loss = train.loss_fn
+    real_loss = kinds.loss_fn
     calls = {"n": 0}
 
     def terminated_loss(logits, labels):
@@ -319,7 +321,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup, monkeypatch):
             signal.raise_signal(signal.SIGTERM)
         return real_loss(logits, labels)
 
-    monkeypatch.setattr(train, "loss_fn", terminated_loss)
+    monkeypatch.setattr(kinds, "loss_fn", terminated_loss)
     monkeypatch.setattr(sys, "argv", ["train.py", *args(setup, "run", "--init", "lora")])
     with pytest.raises(SystemExit) as stopped:
         train.cli()
@@ -363,13 +365,13 @@ def test_a_real_sigint_exits_130_and_the_printed_command_resumes_to_the_same_res
 
 # invariant: a signal during the dev evaluation stops the run at that epoch's end, before another step
 def test_a_signal_during_evaluation_stops_at_the_end_of_the_epoch(setup, monkeypatch):
-    real_predict = train.predict
+    real_predict = kinds.predict
 
     def interrupted_predict(*a, **k):
         signal.raise_signal(signal.SIGINT)
         return real_predict(*a, **k)
 
-    monkeypatch.setattr(train, "predict", interrupted_predict)
+    monkeypatch.setattr(kinds, "predict", interrupted_predict)
     state = train.main(args(setup, "run", "--epochs", "2", "--init", "lora"))
     assert (state["step"], state["signal"], state["best"]["epoch"]) == (3, signal.SIGINT, 1)
 
@@ -396,3 +398,16 @@ def test_bfloat16_training_keeps_frozen_weights_low_and_trained_ones_float32(set
     state_file = read_artifact(setup[0] / "bf16" / "checkpoint-3" / "state.safetensors", runs.STATE_FORMAT,
                                runs.STATE_VERSION, "")[0]
     assert {t.dtype for k, t in state_file.items() if k.endswith("exp_avg")} == {torch.float32}
+
+
+# invariant: --dry-run prints the memory estimate and writes nothing; a real run stores the estimate beside
+# the peak it measured
+def test_dry_run_writes_nothing_and_a_run_reports_its_estimate(setup, capsys):
+    tmp_path, _ = setup
+    assert train.main(args(setup, "dry", "--dry-run", "--init", "pissa")) == {}
+    out = capsys.readouterr().out
+    assert "memory estimate for" in out and "this run:" in out and not (tmp_path / "dry").exists()
+    train.main(args(setup, "real", "--init", "pissa"))
+    final = json.loads((tmp_path / "real" / "final.json").read_text())
+    assert final["estimated_peak_mib"] > 0 and final["peak_memory_mib"] > 0
+    assert "memory.py's estimate for this run" in capsys.readouterr().out
