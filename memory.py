@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 import decoder
 import model as encoder
-from checkpoint import PACKAGED, gguf_config, open_gguf, read_json, resolve_model
+from checkpoint import HUB_ID, PACKAGED, gguf_config, open_gguf, read_json, resolve_model
 from common import DTYPES, parse_dtype, run_cli
 from inilora import DEFAULT_TARGETS as ENCODER_TARGETS
 from inilora import INIT_NAMES, LoRAConfig, LoRALinear, mark_trainable
@@ -78,6 +78,8 @@ def read_config(name: str) -> tuple[dict, str]:
             reader, meta = open_gguf(path)
             return gguf_config(reader, meta, str(path)), str(path)
         return read_json(path), str(path)
+    if path.exists() or not HUB_ID.fullmatch(name):  # as checkpoint.resolve_model: no network for a bad path
+        resolve_model(name)  # raises the sentence train.py's loading would
     path = Path(hub_config(name))
     return read_json(path), str(path)
 

@@ -164,7 +164,7 @@ class Setup:
     state: dict                    # {"step", "best"}: what a checkpoint's sidecar holds
     extra: dict                    # stored in every adapter sidecar
     world: distributed.World = distributed.World()  # torchrun's ranks (one process: rank 0 of 1)
-    runtime: int | None = None     # memory.runtime_now() at the start: the estimate printed at the end uses it
+    estimated: float | None = None  # memory.py's estimate of the peak, MiB, made at the start (rank 0)
 
 
 def load_base(cfg, task):
@@ -346,13 +346,12 @@ def train(cfg, lcfg, run, device, s: Setup):
     print(f"best epoch {best['epoch']}: {scored}; peak memory {mib:,.0f} MiB ({measure}, "
           + (f"the largest of {world.size} processes)" if world.size > 1 else "this process)"))
     if world.main:
-        estimated = estimate(cfg, lcfg, device, s.runtime)[1] / 2**20
-        print(f"memory.py's estimate for this run: {estimated:,.0f} MiB (measured / estimated {mib / estimated:.2f}"
+        print(f"memory.py's estimate for this run: {s.estimated:,.0f} MiB (measured / estimated {mib / s.estimated:.2f}"
               + ("; on the CPU glibc keeps freed activations in its heap, see memory.py" if device.type == "cpu"
                  else "") + ")")
         write_json(run / "final.json", {"step": state["step"], "best": best, "device": str(device),
                                         "world_size": world.size, "peak_memory_mib": round(mib, 1),
-                                        "peak_memory_measure": measure, "estimated_peak_mib": round(estimated, 1)})
+                                        "peak_memory_measure": measure, "estimated_peak_mib": round(s.estimated, 1)})
     return state
 
 
@@ -464,8 +463,13 @@ def run(args, argv, world, ddp_device):
     torch.manual_seed(cfg.seed + world.rank)  # the one seed call: dropout (the rest use their own generators)
     device, why = (ddp_device, f"rank {world.rank} of {world.size}") if ddp_device else pick_device(args.device)
     print(f"device {device} ({why}), dtype {cfg.dtype}")
+    # the estimate before anything loads (its data term is what loading the data adds); checked against the
+    # measured peak at the end
+    estimated = estimate(cfg, lcfg, device, runtime)[1] / 2**20 if world.main else None
+    if world.main:
+        print(f"memory estimate {estimated:,.0f} MiB (python train.py ... --dry-run lists its terms)")
     setup = build(cfg, lcfg, device, ckpt, args.cache_dir, world)
-    setup.runtime = runtime
+    setup.estimated = estimated
     if ckpt is not None:
         best = setup.state["best"]
         print(f"resuming {run_dir} from {ckpt.name} at step {setup.state['step']}" + (f" (best so far: epoch "
