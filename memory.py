@@ -400,7 +400,7 @@ def local_tokenizer(model_name: str):
 def data_shape(model_name: str, task: str, batch_size: int, max_length: int, data_dir=None):
     """(T, N) of the task's prepared data: T the longest training sequence (the longest batch pads to it),
     N the most loss tokens one micro-batch can hold (the batch_size largest counts; a generation task's
-    response tokens). None if it cannot be sized (no local tokenizer)."""
+    response tokens). None if it cannot be sized (no local tokenizer, or no training sequence)."""
     from data.prepare import TASKS, load_split
 
     tokenizer = local_tokenizer(model_name)
@@ -408,6 +408,8 @@ def data_shape(model_name: str, task: str, batch_size: int, max_length: int, dat
         return None
     splits = [load_split(task, s, tokenizer, max_length, data_dir) for s in ("train", "dev") if s in TASKS[task].splits]
     train = splits[0]
+    if not train["input_ids"]:  # nothing to train on (every response truncated away): train.py says so
+        return None
     T = max(len(ids) for ids in train["input_ids"])
     if TASKS[task].kind == "generation":  # token_type_ids 1 = a loss token; position 0 predicts nothing
         counts = sorted((int(types[1:].sum()) for types in train["token_type_ids"]), reverse=True)
