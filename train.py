@@ -114,6 +114,9 @@ class TrainConfig:
                              "weight_decay >= 0, save_every >= 0.")
         if self.eval_limit < 0:
             raise ValueError(f"eval_limit={self.eval_limit} is negative; pass 0 (the whole dev split) or a count.")
+        if TASKS[self.task].kind == "generation" and self.model == "minilm":
+            raise ValueError(f"task {self.task!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
+                             "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
         if self.grad_checkpointing and TASKS[self.task].kind != "generation":
             raise ValueError(f"--grad-checkpointing recomputes decoder blocks, but task {self.task!r} trains an "
                              "encoder; leave the flag out, or pick a generation task.")
@@ -167,14 +170,6 @@ class Setup:
     estimated: float | None = None  # memory.py's estimate of the peak, MiB, made at the start (rank 0)
 
 
-def load_base(cfg, task):
-    """(model, tokenizer, model_id): a causal LM (float32) for generation tasks, else an encoder with a head."""
-    if task.kind == "generation" and cfg.model == "minilm":
-        raise ValueError(f"task {task.name!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
-                         "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
-    return load_base_model(cfg.model, task, head_seed=cfg.seed, dtype=DTYPES[cfg.dtype])
-
-
 def estimate(cfg, lcfg, device, runtime=None):
     """(lines, bytes): memory.py's estimate of this run's peak (its --dry-run)."""
     return memory.dry_run(cfg.model, cfg.task, lcfg.init, lcfg.rank, lcfg.targets, cfg.batch_size, cfg.max_length,
@@ -194,7 +189,8 @@ def build(cfg, lcfg, device, ckpt=None, cache_dir=None, world=distributed.World(
     """Loads the model and the task's splits, injects the adapters (or loads checkpoint `ckpt`'s),
     and restores its optimizer state: every error a run can meet at its start happens here."""
     task = TASKS[cfg.task]
-    model, tokenizer, model_id = load_base(cfg, task)
+    # a causal LM for generation tasks, else an encoder with a head; in --dtype (what trains is made float32 below)
+    model, tokenizer, model_id = load_base_model(cfg.model, task, head_seed=cfg.seed, dtype=DTYPES[cfg.dtype])
     splits = {s: load_split(cfg.task, s, tokenizer, cfg.max_length, cfg.glue_dir)
               for s in ("train", "dev") if s in task.splits or s == "train"}
     if task.kind == "generation" and not splits["train"]["input_ids"]:
