@@ -10,7 +10,6 @@
 """
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,18 +19,9 @@ from pathlib import Path
 import pytest
 
 import sweep
+from test_train import sst2_lines  # the tiny SST-2 the training tests use
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def sst2_lines(n, seed):
-    rng = random.Random(seed)
-    lines = ["sentence\tlabel"]
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        word = rng.choice(["good", "great", "fun"] if label else ["bad", "terrible", "boring"])
-        lines.append(f"the movie is very {word} .\t{label}")
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
