@@ -75,8 +75,13 @@ def score(model, tokenizer, split, task, batch_size=16, max_new_tokens=256, limi
             records.append({"question": split["questions"][i + j], "generation": text,
                             "extracted": task.extract_answer(text), "gold": gold,
                             "correct": exact_match(text, gold, task.answer_format)})
+    return metrics_of(records), records
+
+
+def metrics_of(records):
+    """{"exact_match": ...} of scored records (score's, or several ranks' gathered under torchrun)."""
     # exact_match = (1/N) sum_i [extract(generation_i) == gold_i]
-    return {"exact_match": sum(r["correct"] for r in records) / n}, records
+    return {"exact_match": sum(r["correct"] for r in records) / len(records)}
 
 
 def write_predictions(path, records):

@@ -20,6 +20,7 @@ import distributed
 from data.prepare import pad_batch
 from data.sft import IGNORE_INDEX, sft_batch
 from evaluate import EVAL_BATCH, METRICS, predict
+from generation import metrics_of as generation_metrics
 from generation import score as evaluate_generation
 
 # Legend: B examples in a micro-batch, T tokens (the longest in it), V vocabulary.
@@ -111,9 +112,8 @@ def dev_scores(cfg, task, s, device):
     n = len(dev["prompt_ids"])
     limit = min(cfg.eval_limit or n, n)
     mine = distributed.share(list(range(limit)), world)
-    records = [r for part in distributed.gather(
-        evaluate_generation(s.model, s.tokenizer, take(dev, mine), task, cfg.eval_batch_size or cfg.batch_size,
-                            cfg.max_new_tokens, None, device, desc="generating dev")[1] if mine else [], world)
-        for r in part]
-    return {"exact_match": sum(r["correct"] for r in records) / limit}, ("dev" if limit == n else
-                                                                         f"dev subset {limit} of {n}")
+    batch = cfg.eval_batch_size or cfg.batch_size
+    mine = evaluate_generation(s.model, s.tokenizer, take(dev, mine), task, batch, cfg.max_new_tokens, None, device,
+                               desc="generating dev")[1] if mine else []
+    records = [r for part in distributed.gather(mine, world) for r in part]  # every rank's, in order
+    return generation_metrics(records), "dev" if limit == n else f"dev subset {limit} of {n}"

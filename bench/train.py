@@ -24,7 +24,6 @@ Run: python bench/train.py --batch-size 32 --seq-len 48 --pad none --steps 20
      python bench/train.py --decoder --task arithmetic --batch-size 8 --steps 10
 """
 import argparse
-import resource
 import sys
 from pathlib import Path
 
@@ -45,15 +44,10 @@ from data.prepare import load_split, pad_batch
 from data.sft import IGNORE_INDEX
 from decoder import load_causal_lm
 from model import load_model
+from runs import peak_memory
 from sidebyside import interleaved, reference_encoder, require_references, trainable
 
 PADS = ("none", "random", "real")
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def encoder_batch(args, tokenizer, vocab_size):
@@ -114,7 +108,7 @@ def report(steps, first, args, device):
         print(f"{name:>17} | {1000 * t:8.1f} ms/step | {args.batch_size / t:7.1f} samples/s")
     print(f"ours / transformers+peft: {sec['ours'] / sec['transformers+peft']:.2f} of its time "
           f"({sec['transformers+peft'] / sec['ours']:.2f}x faster); peak memory of the process "
-          f"{peak_memory_mb(device):,.0f} MiB (both models)")
+          f"{peak_memory(device)[0]:,.0f} MiB (both models)")
 
 
 def sft_batch(vocab_size, args, device):
