@@ -16,6 +16,7 @@ The fake run takes the CPU code paths: for CUDA, SDPA's CPU flash kernel saves w
 an encoder's written-out CPU attention (dropout on the probabilities) counts more than CUDA's fused kernel.
 
     CUDA peak (torch.cuda.max_memory_allocated) = parameters + gradients + optimizer + activations
+    CPU tensor peak (runs.TensorPeak)           = the same sum
     CPU peak  (the process's ru_maxrss)         = runtime + data + mapped + parameters
                                                   + max(loading, gradients + optimizer + activations)
 
@@ -25,8 +26,10 @@ hold once loaded (the growth of the resident set while this process loads them),
 pages (its reader maps the file for the whole run), and `loading` what reading the checkpoint holds beside
 the model for a moment: an encoder's state dict, or one float32 GGUF tensor dequantised, then copied.
 glibc's malloc raises its mmap threshold (up to 32 MiB) after the first large free, so freed activations
-then stay in its heap: a long CPU run's ru_maxrss exceeded these totals by 50-80% (MiniLM, SmolLM2), and
-matched them within 6% with the threshold fixed (MALLOC_MMAP_THRESHOLD_=65536, or fix_malloc_threshold()).
+then stay in its heap, cut up by batches of other lengths: a whole CPU run's ru_maxrss exceeded these totals
+by 40-90% (MiniLM, SmolLM2) while its tensor peak (runs.TensorPeak) matched the tensor terms within 3%; with
+the threshold fixed (MALLOC_MMAP_THRESHOLD_=65536: each large block mapped, and returned when freed) ru_maxrss
+matched the total within 6%, at the price of fresh pages for every activation (a MiniLM epoch: 1.7x as long).
 
     python memory.py --model smollm2 --task arithmetic --batch-size 8 --max-length 128 --init lora --rank 8
     python memory.py --model path/to/Llama-2-7b/config.json --batch-size 1 --max-length 512 --dtype bfloat16
@@ -237,11 +240,20 @@ class Estimate:
     mapped: int = 0  # CPU: checkpoint file pages mapped for the whole run (a GGUF file)
     loading_what: str = ""
 
-    def total(self, checkpointing: bool = False) -> int:
+    def training(self, checkpointing: bool = False) -> int:
+        """Gradients + optimizer + activations: what a training step adds to the weights."""
         acts = self.activations_checkpointed if checkpointing and self.activations_checkpointed else self.activations
-        training = self.gradients + self.optimizer + acts
+        return self.gradients + self.optimizer + acts
+
+    def tensors(self, checkpointing: bool = False) -> int:
+        """The peak of tensor memory: the CUDA total; on the CPU what runs.TensorPeak measures."""
+        return sum(self.parameters.values()) + self.training(checkpointing)
+
+    def total(self, checkpointing: bool = False) -> int:
+        if self.device_type == "cuda":
+            return self.tensors(checkpointing)
         resident = self.runtime + self.data + self.mapped + sum(self.parameters.values())
-        return resident + (max(self.loading, training) if self.device_type != "cuda" else training)
+        return resident + max(self.loading, self.training(checkpointing))
 
 
 def loading_bytes(raw: dict, source: str, model: nn.Module) -> tuple[int, int, str]:
@@ -310,21 +322,6 @@ def runtime_now() -> int:
     return resident_set()
 
 
-def fix_malloc_threshold(nbytes: int = 65536) -> bool:
-    """glibc: allocations of `nbytes` or more get their own mapping, returned to the system when freed (what
-    MALLOC_MMAP_THRESHOLD_ does), so the peak resident set is the peak of live tensors. Costs page faults on
-    every large allocation. Returns False where there is no glibc (macOS, musl): nothing changes."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_MMAP_THRESHOLD = -3  # malloc.h
-        return sys.platform.startswith("linux") and bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
-        return False
-
-
 def resident_now() -> int:
     """Bytes: this process's resident set now (Linux: /proc/self/statm; elsewhere the peak so far)."""
     statm = Path("/proc/self/statm")
@@ -368,8 +365,10 @@ def report(e: Estimate) -> list[str]:
     measure = "peak resident set, ru_maxrss" if e.device_type != "cuda" else "torch.cuda.max_memory_allocated"
     lines.append(f"  total            {size(e.total())} ({measure})")
     if e.device_type != "cuda":
-        lines.append("  (glibc's malloc keeps freed activations for reuse: a long CPU run's ru_maxrss can exceed this "
-                     "total by 50-80% unless its mmap threshold is fixed, e.g. MALLOC_MMAP_THRESHOLD_=65536)")
+        lines += [f"  tensors          {size(e.tensors())} (weights + gradients + optimizer + activations: the peak "
+                  "of tensor memory, which a run measures in the step of its longest example, runs.TensorPeak)",
+                  "  (glibc's malloc keeps freed activations for reuse: a whole run's ru_maxrss has measured 1.4-1.9x "
+                  "the total, unless its mmap threshold is fixed, e.g. MALLOC_MMAP_THRESHOLD_=65536)"]
     if e.activations_checkpointed is not None:
         lines.append(f"  total, --grad-checkpointing  {size(e.total(True))}")
     return lines
@@ -427,10 +426,11 @@ def dry_run_lines(*args, **kwargs) -> list[str]:
 def dry_run(model_name: str, task: str | None, init: str = "lora", rank: int = 8, targets=None,
             batch_size: int = 8, max_length: int = 128, dtype: str = "float32",
             grad_checkpointing: bool = False, device_type: str = "cpu", data_dir=None,
-            runtime: int | None = None) -> tuple[list[str], int]:
-    """(lines, this run's estimated peak in bytes): the estimate for these flags, the data sized when the task
-    is given and the model's tokenizer is local (else the batch is B x max_length tokens, all of them loss
-    tokens). runtime: bytes, runtime_now() as a run measured it at its start (at its end it holds more)."""
+            runtime: int | None = None) -> tuple[list[str], int, int]:
+    """(lines, this run's estimated peak, the peak of its tensors alone; bytes): the estimate for these flags,
+    the data sized when the task is given and the model's tokenizer is local (else the batch is B x max_length
+    tokens, all of them loss tokens). runtime: bytes, runtime_now() as a run measured it at its start (at its
+    end it holds more)."""
     runtime, before = runtime or runtime_now(), resident_now()  # before the data is read
     T, N, nbytes, num_labels = max_length, None, 0, 2
     sized = "batches of --max-length tokens, every position a loss token (an upper bound)"
@@ -447,7 +447,8 @@ def dry_run(model_name: str, task: str | None, init: str = "lora", rank: int = 8
     e = estimate(model_name, init, rank, targets, batch_size, T, dtype, device_type, N, nbytes, num_labels, runtime)
     how = "with" if grad_checkpointing and e.activations_checkpointed else "without"
     total = e.total(grad_checkpointing)
-    return report(e) + [f"  sized from {sized}", f"  this run: {size(total)} ({how} gradient checkpointing)"], total
+    lines = report(e) + [f"  sized from {sized}", f"  this run: {size(total)} ({how} gradient checkpointing)"]
+    return lines, total, e.tensors(grad_checkpointing)
 
 
 def main(argv=None):

@@ -8,12 +8,16 @@ the same result, bit for bit. A checkpoint is written to checkpoint-STEP.tmp and
 then does last.json name it: last.json never names a partial checkpoint.
 
 `stored_configs` reads a run's config.json back for --resume, and refuses a flag given beside it that
-disagrees with the stored value. Ctrl-C or SIGTERM inside `StopRequest` only sets a flag; the training loop saves a checkpoint at its
-next step and exits 130 (143).
+disagrees with the stored value. Ctrl-C or SIGTERM inside `StopRequest` only sets a flag; the training loop
+saves a checkpoint at its next step and exits 130 (143). At the end a run reports its memory
+(`memory_report`): the peak it measured (`peak_memory`; on the CPU also the tensor peak of one step,
+`TensorPeak`) beside memory.py's estimate.
 
     python train.py --resume --out runs/smollm2-arithmetic-lora-r8-seed0   (continues a run)
 """
+import contextlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -219,3 +223,90 @@ def peak_memory(device):
     import resource  # POSIX: ru_maxrss is in KiB on Linux, in bytes on macOS
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "peak resident set size of the process (ru_maxrss)"
+
+
+
+def memory_report(peaks, estimated, tokens, device) -> tuple[list[str], dict]:
+    """(lines, final.json's fields): the measured peak beside memory.py's estimate made at the start.
+    peaks: [((MiB, measure), tensor bytes or None, its step), ...] of every rank (peak_memory, TensorPeak);
+    estimated: (the peak, the tensors' peak) in MiB, None off rank 0; tokens: the longest example's."""
+    (mib, measure), _, _ = max(peaks, key=lambda p: p[0][0])  # the largest rank's
+    ranks = f"the largest of {len(peaks)} processes" if len(peaks) > 1 else "this process"
+    lines, fields = [f"peak memory {mib:,.0f} MiB ({measure}, {ranks})"], {
+        "peak_memory_mib": round(mib, 1), "peak_memory_measure": measure}
+    if estimated is None:
+        return lines, fields
+    glibc = "; glibc's malloc keeps freed activations in its heap, see memory.py" if device.type != "cuda" else ""
+    lines.append(f"memory.py's estimate for this run: {estimated[0]:,.0f} MiB (measured / estimated "
+                 f"{mib / estimated[0]:.2f}{glibc})")
+    fields["estimated_peak_mib"] = round(estimated[0], 1)
+    measured = [(nbytes / 2**20, step) for _, nbytes, step in peaks if nbytes is not None]
+    if measured:  # the CPU: tensors alone, in the step of the longest example (TensorPeak)
+        tensors, step = max(measured)
+        lines.append(f"tensor memory at most {tensors:,.0f} MiB in step {step} (the longest example, {tokens} "
+                     f"tokens; TensorPeak); memory.py's estimate of it {estimated[1]:,.0f} MiB (measured / "
+                     f"estimated {tensors / estimated[1]:.2f})")
+        fields.update(tensor_peak_mib=round(tensors, 1), tensor_peak_step=step,
+                      estimated_tensor_peak_mib=round(estimated[1], 1))
+    return lines, fields
+
+
+class TensorPeak:
+    """The CPU's counterpart of torch.cuda.max_memory_allocated, measured over the training step that holds
+    `example` (train.py passes the longest: the step memory.py sizes its estimate for):
+
+        peak = bytes of the model's parameters and buffers and the optimizer's state when the step starts
+               + the most bytes of the tensors allocated during the step alive at once
+
+    The second term comes from c10's CPU allocator itself: torch.profiler with profile_memory reports each
+    allocation and each free of a block allocated while it records ("[memory]" events, +/- bytes), so their
+    running sum is what the step holds beyond what it started with. It leaves out what glibc's malloc keeps
+    after a free, which the resident set (peak_memory) includes. One step is recorded; the others run as
+    usual. On CUDA peak_memory is already this measure; off the CPU nothing is recorded."""
+
+    def __init__(self, example: int, tokens: int, device):
+        self.example, self.tokens, self.on = example, tokens, device.type == "cpu"
+        self.bytes = self.step = None  # once measured
+
+    def watching(self, examples, model, opt, step):
+        """A context for the step's work (its batches, forward, backward, optimizer step): records it when
+        the step holds the example and nothing was measured yet, else does nothing."""
+        if not self.on or self.bytes is not None or self.example not in examples:
+            return contextlib.nullcontext()
+        return self.record(model, opt, step)
+
+    @contextlib.contextmanager
+    def record(self, model, opt, step):
+        from torch.profiler import ProfilerActivity, profile
+
+        alive = [*model.parameters(), *model.buffers(),
+                 *(t for state in opt.state.values() for t in state.values() if torch.is_tensor(t))]
+        start = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with quiet_stderr():  # kineto prints a line when recording starts and one when it stops
+            prof.start()
+        try:
+            yield
+        finally:
+            with quiet_stderr():
+                prof.stop()
+        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        now = most = 0
+        for _, nbytes in sorted(events, key=lambda e: e[0]):  # stable: same-instant events keep their order
+            now += nbytes
+            most = max(most, now)
+        self.bytes, self.step = start + most, step
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """File descriptor 2 goes to /dev/null inside (what C++ libraries print there), back after."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)

@@ -58,8 +58,9 @@ from data.prepare import TASKS, load_split
 from decoder import DEFAULT_TARGETS as DECODER_TARGETS
 from evaluate import load_base as load_base_model
 from kinds import KINDS, dev_scores
-from runs import (StopRequest, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
-                  peak_memory, remove_failed_start, restore_state, rng_states, save_checkpoint, stored_configs)
+from runs import (StopRequest, TensorPeak, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
+                  memory_report, peak_memory, remove_failed_start, restore_state, rng_states, save_checkpoint,
+                  stored_configs)
 
 # bfloat16: the frozen weights (and R) in bfloat16, bf16 autocast; what trains (adapters, head, full fine-tuning's
 # weights) and its optimizer state in float32
@@ -167,11 +168,11 @@ class Setup:
     state: dict                    # {"step", "best"}: what a checkpoint's sidecar holds
     extra: dict                    # stored in every adapter sidecar
     world: distributed.World = distributed.World()  # torchrun's ranks (one process: rank 0 of 1)
-    estimated: float | None = None  # memory.py's estimate of the peak, MiB, made at the start (rank 0)
+    estimated: tuple | None = None  # memory.py's estimate of (the peak, the tensors' peak), MiB, at the start
 
 
 def estimate(cfg, lcfg, device, runtime=None):
-    """(lines, bytes): memory.py's estimate of this run's peak (its --dry-run)."""
+    """(lines, the peak, the tensors' peak; bytes): memory.py's estimate of this run (its --dry-run)."""
     return memory.dry_run(cfg.model, cfg.task, lcfg.init, lcfg.rank, lcfg.targets, cfg.batch_size, cfg.max_length,
                           cfg.dtype, cfg.grad_checkpointing, device.type, cfg.glue_dir, runtime=runtime)
 
@@ -251,7 +252,9 @@ def train(cfg, lcfg, run, device, s: Setup):
     per_step = cfg.batch_size * cfg.grad_accum  # examples per optimizer step (all ranks together)
     steps_per_epoch = math.ceil(n / per_step)
     total = cfg.epochs * steps_per_epoch
-    lengths = torch.tensor([len(x) for x in s.splits["train"]["input_ids"]]) if cfg.group_by_length else None
+    tokens = torch.tensor([len(x) for x in s.splits["train"]["input_ids"]])
+    lengths = tokens if cfg.group_by_length else None
+    watch = TensorPeak(int(tokens.argmax()), int(tokens.max()), device)  # the step memory.py sizes its estimate for
     metrics_path = run / "metrics.jsonl"
     if world.main and state["step"] > 0 and metrics_path.exists():  # drop what was logged after the checkpoint
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
@@ -291,17 +294,18 @@ def train(cfg, lcfg, run, device, s: Setup):
                 step_order = order[start:start + per_step].tolist()
                 units = kind.count(s.splits["train"], step_order)  # the WHOLE step's examples or response tokens
                 mine = distributed.share(step_order, world)  # this rank's examples (all of them in one process)
-                micro = [kind.batch(s.splits["train"], mine[i:i + cfg.batch_size], s.pad_id, device)
-                         for i in range(0, len(mine), cfg.batch_size)]
                 opt.zero_grad(set_to_none=True)
-                step_loss = torch.zeros((), device=device)
-                for batch in micro:  # gradients add up over the micro-batches: one step of the whole batch
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-                        loss = kind.loss(model, batch, units)
-                    loss.backward()
-                    step_loss = step_loss + loss.detach()  # stays on the device: no host sync per step
-                distributed.sum_gradients(params, world)  # torchrun: sum over ranks = the whole batch's gradient
-                opt.step()
+                with watch.watching(mine, model, opt, state["step"] + 1):  # the CPU's tensor peak, in one step
+                    micro = [kind.batch(s.splits["train"], mine[i:i + cfg.batch_size], s.pad_id, device)
+                             for i in range(0, len(mine), cfg.batch_size)]
+                    step_loss = torch.zeros((), device=device)
+                    for batch in micro:  # gradients add up over the micro-batches: one step of the whole batch
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                            loss = kind.loss(model, batch, units)
+                        loss.backward()
+                        step_loss = step_loss + loss.detach()  # stays on the device: no host sync per step
+                    distributed.sum_gradients(params, world)  # torchrun: the sum over ranks, the whole batch's
+                    opt.step()
                 state["step"] += 1
                 pending.append(step_loss)
                 end_of_epoch = state["step"] % steps_per_epoch == 0
@@ -336,18 +340,14 @@ def train(cfg, lcfg, run, device, s: Setup):
                     inilora.save_adapter(model, run / "best" / "adapter.safetensors", lcfg, s.model_id, s.fingerprint,
                                          {**s.extra, "epoch": epoch + 1, "dev": dev})
             checkpoint()
-    mib, measure = max(distributed.gather(peak_memory(device), world))  # the largest rank's
+    peaks = distributed.gather((peak_memory(device), watch.bytes, watch.step), world)  # every rank's
+    lines, memory_fields = memory_report(peaks, s.estimated, watch.tokens, device)
     best = state["best"]
     scored = f"dev {task.metrics[0]} {best['score']:.4f}" if best["score"] is not None else "no dev split"
-    print(f"best epoch {best['epoch']}: {scored}; peak memory {mib:,.0f} MiB ({measure}, "
-          + (f"the largest of {world.size} processes)" if world.size > 1 else "this process)"))
+    print(f"best epoch {best['epoch']}: {scored}; " + "\n".join(lines))
     if world.main:
-        print(f"memory.py's estimate for this run: {s.estimated:,.0f} MiB (measured / estimated {mib / s.estimated:.2f}"
-              + ("; on the CPU glibc keeps freed activations in its heap, see memory.py" if device.type == "cpu"
-                 else "") + ")")
         write_json(run / "final.json", {"step": state["step"], "best": best, "device": str(device),
-                                        "world_size": world.size, "peak_memory_mib": round(mib, 1),
-                                        "peak_memory_measure": measure, "estimated_peak_mib": round(s.estimated, 1)})
+                                        "world_size": world.size, **memory_fields})
     return state
 
 
@@ -461,9 +461,9 @@ def run(args, argv, world, ddp_device):
     print(f"device {device} ({why}), dtype {cfg.dtype}")
     # the estimate before anything loads (its data term is what loading the data adds); checked against the
     # measured peak at the end
-    estimated = estimate(cfg, lcfg, device, runtime)[1] / 2**20 if world.main else None
+    estimated = tuple(n / 2**20 for n in estimate(cfg, lcfg, device, runtime)[1:]) if world.main else None
     if world.main:
-        print(f"memory estimate {estimated:,.0f} MiB (python train.py ... --dry-run lists its terms)")
+        print(f"memory estimate {estimated[0]:,.0f} MiB (python train.py ... --dry-run lists its terms)")
     setup = build(cfg, lcfg, device, ckpt, args.cache_dir, world)
     setup.estimated = estimated
     if ckpt is not None:

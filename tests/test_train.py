@@ -401,13 +401,27 @@ def test_bfloat16_training_keeps_frozen_weights_low_and_trained_ones_float32(set
 
 
 # invariant: --dry-run prints the memory estimate and writes nothing; a real run stores the estimate beside
-# the peak it measured
-def test_dry_run_writes_nothing_and_a_run_reports_its_estimate(setup, capsys):
+# the peak it measured, and on the CPU the tensor peak of the step holding the longest example beside the
+# estimate of it
+def test_dry_run_writes_nothing_and_a_run_reports_its_estimate(setup, capsys, monkeypatch):
     tmp_path, _ = setup
     assert train.main(args(setup, "dry", "--dry-run", "--init", "pissa")) == {}
     out = capsys.readouterr().out
     assert "memory estimate for" in out and "this run:" in out and not (tmp_path / "dry").exists()
+    seen, real_train = {}, train.train
+
+    def spy(cfg, lcfg, run, device, s):
+        seen["lengths"] = [len(x) for x in s.splits["train"]["input_ids"]]
+        return real_train(cfg, lcfg, run, device, s)
+
+    monkeypatch.setattr(train, "train", spy)
     train.main(args(setup, "real", "--init", "pissa"))
     final = json.loads((tmp_path / "real" / "final.json").read_text())
     assert final["estimated_peak_mib"] > 0 and final["peak_memory_mib"] > 0
-    assert "memory.py's estimate for this run" in capsys.readouterr().out
+    assert final["tensor_peak_mib"] > 0 and final["estimated_tensor_peak_mib"] > 0
+    lengths = seen["lengths"]
+    order = train.epoch_order(len(lengths), 0, 0).tolist()  # seed 0, epoch 0: the plain shuffle
+    longest = max(range(len(lengths)), key=lengths.__getitem__)  # the first of the longest, as torch.argmax
+    assert order.index(longest) // 8 + 1 == final["tensor_peak_step"]  # 8 examples a step
+    out = capsys.readouterr().out
+    assert "memory.py's estimate for this run" in out and "memory.py's estimate of it" in out
