@@ -1,7 +1,7 @@
 """Data parallelism: `torchrun --nproc_per_node 2 train.py` on this CPU (gloo), against one process.
 
-- 2 processes with global batch 8 give the losses, dev scores and adapter of 1 process with batch 8
-  (within float32 sum order; the tiny BERT has no dropout, whose draws differ per rank by design);
+- 2 processes with global batch 32 (16 each) give the losses, dev scores and adapter of 1 process with
+  batch 32 (within float32 sum order; the tiny BERT has no dropout, whose draws differ per rank by design);
 - the shares of a step: contiguous, sizes differ by at most one, every example once;
 - a 2-process run stopped by a real SIGINT (the whole process group, as Ctrl-C in a terminal) exits 130,
   and `torchrun ... train.py --resume --out DIR` ends bit-identical to the uninterrupted 2-process run;
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def setup(tmp_path, tiny_checkpoint):
     glue = tmp_path / "glue" / "SST-2"
     glue.mkdir(parents=True)
-    (glue / "train.tsv").write_text(sst2_lines(40, 0))
+    (glue / "train.tsv").write_text(sst2_lines(160, 0))  # 5 steps of 32 an epoch
     (glue / "dev.tsv").write_text(sst2_lines(15, 1))  # 15: the two ranks score 7 and 8
     model = tiny_checkpoint("BertModel", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return tmp_path, model
@@ -41,7 +41,7 @@ def command(setup, out, procs, *extra):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
                 if procs > 1 else [sys.executable])
     return [*launcher, "train.py", "--model", str(model), "--task", "sst2", "--glue-dir", str(tmp_path / "glue"),
-            "--batch-size", "8", "--rank", "2", "--lr", "1e-2", "--log-every", "1", "--init", "pissa",
+            "--batch-size", "32", "--rank", "2", "--lr", "1e-2", "--log-every", "1", "--init", "pissa",
             "--cache-dir", str(tmp_path / "approx"), "--out", str(tmp_path / out), *extra]
 
 
