@@ -27,7 +27,7 @@ pages (its reader maps the file for the whole run), and `loading` what reading t
 the model for a moment: an encoder's state dict, or one float32 GGUF tensor dequantised, then copied.
 glibc's malloc raises its mmap threshold (up to 32 MiB) after the first large free, so freed activations
 then stay in its heap, cut up by batches of other lengths: a whole CPU run's ru_maxrss exceeded these totals
-by 40-90% (MiniLM, SmolLM2) while its tensor peak (runs.TensorPeak) matched the tensor terms within 3%; with
+by 40-140% (MiniLM, SmolLM2) while its tensor peak (runs.TensorPeak) matched the tensor terms within 3%; with
 the threshold fixed (MALLOC_MMAP_THRESHOLD_=65536: each large block mapped, and returned when freed) ru_maxrss
 matched the total within 6%, at the price of fresh pages for every activation (a MiniLM epoch: 1.7x as long).
 
@@ -367,7 +367,7 @@ def report(e: Estimate) -> list[str]:
     if e.device_type != "cuda":
         lines += [f"  tensors          {size(e.tensors())} (weights + gradients + optimizer + activations: the peak "
                   "of tensor memory, which a run measures in the step of its longest example, runs.TensorPeak)",
-                  "  (glibc's malloc keeps freed activations for reuse: a whole run's ru_maxrss has measured 1.4-1.9x "
+                  "  (glibc's malloc keeps freed activations for reuse: a whole run's ru_maxrss has measured 1.4-2.4x "
                   "the total, unless its mmap threshold is fixed, e.g. MALLOC_MMAP_THRESHOLD_=65536)"]
     if e.activations_checkpointed is not None:
         lines.append(f"  total, --grad-checkpointing  {size(e.total(True))}")
