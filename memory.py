@@ -37,7 +37,6 @@ matched the total within 6%, at the price of fresh pages for every activation (a
 import argparse
 import copy
 import resource
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from checkpoint import HUB_ID, PACKAGED, gguf_config, open_gguf, read_json, reso
 from common import DTYPES, parse_dtype, run_cli
 from inilora import DEFAULT_TARGETS as ENCODER_TARGETS
 from inilora import INIT_NAMES, LoRAConfig, LoRALinear, mark_trainable
+from runs import peak_resident
 
 # Shapes in comments: B batch, T tokens, C hidden size, V vocabulary, N loss tokens, L layers.
 
@@ -308,24 +308,18 @@ def estimate(model_name: str, init: str = "lora", rank: int = 8, targets=None, b
     return e
 
 
-def resident_set() -> int:
-    """Bytes: the peak resident set of this process so far (Python, torch and the imported modules)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
 def runtime_now() -> int:
     """The runtime term: this process's resident set once torch's meta-device machinery is loaded (the run
     builds its model on the meta device too; the first nn.Embedding there loads ~70 MB of it)."""
     with torch.device("meta"):
         nn.Embedding(2, 2), nn.LayerNorm(2), nn.Linear(2, 2)
-    return resident_set()
+    return peak_resident()
 
 
 def resident_now() -> int:
     """Bytes: this process's resident set now (Linux: /proc/self/statm; elsewhere the peak so far)."""
     statm = Path("/proc/self/statm")
-    return int(statm.read_text().split()[1]) * resource.getpagesize() if statm.exists() else resident_set()
+    return int(statm.read_text().split()[1]) * resource.getpagesize() if statm.exists() else peak_resident()
 
 
 # -----------------------------------------------------------------------------

@@ -220,10 +220,15 @@ def peak_memory(device):
     """(MiB, what was measured): the peak of CUDA tensor memory, else the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    import resource  # POSIX: ru_maxrss is in KiB on Linux, in bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10), "peak resident set size of the process (ru_maxrss)"
+    return peak_resident() / 2**20, "peak resident set size of the process (ru_maxrss)"
 
+
+def peak_resident() -> int:
+    """Bytes: the peak resident set of this process so far (POSIX ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def memory_report(peaks, estimated, tokens, device) -> tuple[list[str], dict]:
@@ -264,8 +269,8 @@ class TensorPeak:
     after a free, which the resident set (peak_memory) includes. One step is recorded; the others run as
     usual. On CUDA peak_memory is already this measure; off the CPU nothing is recorded."""
 
-    def __init__(self, example: int, tokens: int, device):
-        self.example, self.tokens, self.on = example, tokens, device.type == "cpu"
+    def __init__(self, example: int, device):
+        self.example, self.on = example, device.type == "cpu"
         self.bytes = self.step = None  # once measured
 
     def watching(self, examples, model, opt, step):

@@ -254,7 +254,7 @@ def train(cfg, lcfg, run, device, s: Setup):
     total = cfg.epochs * steps_per_epoch
     tokens = torch.tensor([len(x) for x in s.splits["train"]["input_ids"]])
     lengths = tokens if cfg.group_by_length else None
-    watch = TensorPeak(int(tokens.argmax()), int(tokens.max()), device)  # the step memory.py sizes its estimate for
+    watch = TensorPeak(int(tokens.argmax()), device)  # the longest example's step: what memory.py sizes
     metrics_path = run / "metrics.jsonl"
     if world.main and state["step"] > 0 and metrics_path.exists():  # drop what was logged after the checkpoint
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
@@ -341,7 +341,7 @@ def train(cfg, lcfg, run, device, s: Setup):
                                          {**s.extra, "epoch": epoch + 1, "dev": dev})
             checkpoint()
     peaks = distributed.gather((peak_memory(device), watch.bytes, watch.step), world)  # every rank's
-    lines, memory_fields = memory_report(peaks, s.estimated, watch.tokens, device)
+    lines, memory_fields = memory_report(peaks, s.estimated, int(tokens.max()), device)
     best = state["best"]
     scored = f"dev {task.metrics[0]} {best['score']:.4f}" if best["score"] is not None else "no dev split"
     print(f"best epoch {best['epoch']}: {scored}; " + "\n".join(lines))

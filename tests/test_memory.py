@@ -173,7 +173,7 @@ def test_encoder_activations_equal_the_real_run(tiny_checkpoint):
 def test_tensor_peak_counts_the_allocations_of_its_step():
     model = torch.nn.Linear(1000, 1000)  # 1,001,000 float32: 4,004,000 bytes
     opt = torch.optim.AdamW(model.parameters())
-    peak = TensorPeak(example=7, tokens=64, device=torch.device("cpu"))
+    peak = TensorPeak(example=7, device=torch.device("cpu"))
     with peak.watching([1, 2], model, opt, step=1):  # not the example's step: nothing recorded
         torch.empty(10**6)
     assert peak.bytes is None
@@ -188,7 +188,7 @@ def test_tensor_peak_counts_the_allocations_of_its_step():
         torch.empty(10**7)
     assert peak.step == 2
     # on CUDA torch.cuda.max_memory_allocated is the measure: nothing is recorded
-    assert isinstance(TensorPeak(7, 64, torch.device("cuda")).watching([7], model, opt, 1), contextlib.nullcontext)
+    assert isinstance(TensorPeak(7, torch.device("cuda")).watching([7], model, opt, 1), contextlib.nullcontext)
 
 
 def one_step_peak(model, cfg, loss):
@@ -196,7 +196,7 @@ def one_step_peak(model, cfg, loss):
     inilora.mark_trainable(model, cfg, verbose=False)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    peak = TensorPeak(0, 0, torch.device("cpu"))
+    peak = TensorPeak(0, torch.device("cpu"))
     with peak.watching([0], model, opt, step=1):
         loss().backward()
         opt.step()
