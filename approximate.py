@@ -35,7 +35,6 @@ Run:  python approximate.py --model minilm --rank 8 --steps 20000
 """
 import argparse
 import contextlib
-import hashlib
 import math
 import os
 import sys
@@ -46,9 +45,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import distributed
-from common import pick_device, run_cli, sidecar_path
-from distributed import World
+from lib import distributed
+from lib.artifacts import sidecar_path
+from lib.common import pick_device, run_cli
+from lib.distributed import World
 
 # Shape legend: L stacked matrices of one shape, d_out rows (output features), d_in columns
 # (input features), r rank, P all entries of all A's and B's. A is (r, d_in), B is (d_out, r),
@@ -140,14 +140,6 @@ def validate(weights, cfg):
     return sorted(weights)
 
 
-def weights_fingerprint(weights):
-    """Short sha256 over the sorted names, shapes and float32 bytes of the weights."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        W = weights[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(W.shape)};".encode())
-        h.update(W.numpy())
-    return h.hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
@@ -355,7 +347,7 @@ def assign(weights, names, world):
 
 def approximate(weights, cfg, world=World()):
     """Fits B A to every weight by eq. 3. Returns ({name: (A, B)} on CPU in float32, report).
-    Under torchrun (distributed.py) each rank fits its share of the matrices, from the same start as one
+    Under torchrun (lib/distributed.py) each rank fits its share of the matrices, from the same start as one
     process would, and every rank returns all of them."""
     names = validate(weights, cfg)
     device, reason = pick_device(cfg.device)

@@ -3,7 +3,7 @@
 `cached_approximation(model_id, weights, cfg)` returns the A, B of approximate.py's eq. 1-3 from
 the cache when the model, a fingerprint of its target weights, the target names and every setting
 that changes A, B all match; otherwise it runs `approximate.approximate` and stores the result.
-The cache is one artifact of common.py per setting:
+The cache is one artifact of lib/artifacts.py per setting:
 
     <cache_dir>/<model>-r<rank>-<key>.safetensors   A (r, d_in), B (d_out, r) of every target, float32
     <cache_dir>/<model>-r<rank>-<key>.json          the settings and the approximation's report
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import approximate
-import distributed
-from common import ArtifactError, check_tensors, read_artifact, save_artifact, sidecar_path
-from distributed import World
+from lib import distributed
+from lib.artifacts import ArtifactError, check_tensors, read_artifact, save_artifact, sidecar_path, weights_fingerprint
+from lib.distributed import World
 
 ARTIFACT_KIND = "inilora-approximation"  # the cache's format name in its sidecar
 ARTIFACT_VERSION = 2  # bump when the cache's layout or meaning changes (1: its own sidecar code)
@@ -95,7 +95,7 @@ def cached_approximation(model_id, weights, cfg, cache_dir=None, world=World()):
     names = approximate.validate(weights, cfg)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     check_writable(cache_dir)
-    fingerprint = approximate.weights_fingerprint(weights)
+    fingerprint = weights_fingerprint(weights)
     path = cache_path(cache_dir, model_id, fingerprint, cfg)
     expected = dict(model_id=model_id, weights_fingerprint=fingerprint, targets=names,
                     settings=cfg.settings())

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from checkpoint import (SMOLLM2, gguf_config, iter_checkpoint, iter_gguf_as_hf, load_weights, open_gguf, read_json,
                         resolve_model)
-from common import parse_dtype, run_cli
+from lib.common import parse_dtype, run_cli
 from data.tokenizer import ChatTokenizer
 
 # Shapes in comments: B batch, T new tokens, S tokens attended to (cache + new), C hidden size, nh query

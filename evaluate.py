@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import generation
 import inilora
-from common import pick_device, run_cli, write_json
+from lib.common import pick_device, run_cli, write_json
 from data.prepare import TASKS, load_split, pad_batch
 from decoder import load_causal_lm
 from metrics import METRICS, accuracy, f1, matthews, pearson, spearman  # noqa: F401 (re-exported)

@@ -27,7 +27,7 @@ import torch
 import inilora
 from approximate import ApproxConfig, target_weights
 from approximation_cache import cached_approximation
-from common import run_cli, write_atomic
+from lib.common import run_cli, write_atomic
 from data.prepare import TASKS
 from evaluate import best_dev
 

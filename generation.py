@@ -22,7 +22,7 @@ import json
 import torch
 from tqdm import tqdm
 
-from common import write_atomic
+from lib.common import write_atomic
 from data.sft import ANSWER_IS, exact_match
 from decoder import generate
 

@@ -15,7 +15,7 @@ MiLoRA baselines. After training, the total change to the base model is
 
 so an adapter saved with A0, B0 loads exactly on the original, unmodified base model (peft_io.py
 writes that rank-2r LoRA, for this project and for Hugging Face PEFT).
-Adapters are artifacts of common.py: their checksum covers the configuration in the sidecar,
+Adapters are artifacts of lib/artifacts.py: their checksum covers the configuration in the sidecar,
 and every tensor's shape is checked against its rank and targets before the model is touched.
 
 Run: python inilora.py --model minilm --init pissa   (or --model smollm2: a decoder's q_proj, v_proj)
@@ -29,9 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from approximate import ApproxConfig, weights_fingerprint
+from approximate import ApproxConfig
+from lib.artifacts import weights_fingerprint
 from approximation_cache import load_or_approximate
-from common import check_tensors, read_artifact, run_cli, save_artifact
+from lib.artifacts import check_tensors, read_artifact, save_artifact
+from lib.common import run_cli
 from model import load_model, target_linears
 
 # Shapes: ... any leading dims (batch, tokens), d_in / d_out the layer's sizes, r the rank.
@@ -341,7 +343,7 @@ def mark_trainable(model, cfg, verbose=True):
 
 
 # -----------------------------------------------------------------------------
-# adapter checkpoints: a common.py artifact (safetensors + sidecar, one checksum over both)
+# adapter checkpoints: a lib/artifacts.py artifact (safetensors + sidecar, one checksum over both)
 
 
 def adapter_tensors(model, cfg):

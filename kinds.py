@@ -4,7 +4,7 @@ dev evaluation after each epoch. The loop (train.py) is the same for every kind.
 A step's loss is the sum of its micro-batches' shares: share = (loss of the micro-batch's units) / (units of
 the whole step), units being examples (classification, regression) or response tokens predicted
 (generation: supervised fine-tuning of a causal LM), so gradient accumulation, and data parallelism under
-torchrun (distributed.py), give the gradient of one big batch.
+torchrun (lib/distributed.py), give the gradient of one big batch.
 
     classification  L = mean over the step's examples of CE(logits_b, y_b)      (MSE for regression)
     generation      L = (1/N) sum over the step's N response tokens x_t of CE(logits_{t-1}, x_t)
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import distributed
+from lib import distributed
 from data.prepare import pad_batch
 from data.sft import IGNORE_INDEX, sft_batch
 from evaluate import EVAL_BATCH, METRICS, predict

@@ -51,10 +51,10 @@ from torch.utils._pytree import tree_leaves
 import decoder
 import model as encoder
 from checkpoint import HUB_ID, PACKAGED, gguf_config, open_gguf, read_json, resolve_model
-from common import DTYPES, parse_dtype, run_cli
+from lib.common import DTYPES, parse_dtype, run_cli
 from inilora import DEFAULT_TARGETS as ENCODER_TARGETS
 from inilora import INIT_NAMES, LoRAConfig, LoRALinear, mark_trainable
-from runs import peak_resident
+from lib.runs import peak_resident
 
 # Shapes in comments: B batch, T tokens, C hidden size, V vocabulary, N loss tokens, L layers.
 

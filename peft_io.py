@@ -37,7 +37,8 @@ import decoder
 import inilora
 import model as encoder
 from checkpoint import MINILM, SMOLLM2, gguf_config, open_gguf, read_json, resolve_model
-from common import check_tensors, run_cli, save_artifact, write_atomic, write_json
+from lib.artifacts import check_tensors, save_artifact
+from lib.common import run_cli, write_atomic, write_json
 from data.prepare import TASKS
 from evaluate import find_adapter
 

@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import EXIT_INTERRUPTED, run_cli, write_atomic
-from runs import StopRequest
+from lib.common import EXIT_INTERRUPTED, run_cli, write_atomic
+from lib.runs import StopRequest
 
 ROOT = Path(__file__).resolve().parent  # train.py, evaluate.py and figures.py live here
 AXES = ("approx-steps", "alpha-std", "rank", "task")

@@ -26,9 +26,9 @@ under bf16 autocast, with the adapters, head and optimizer state in float32; the
 how far rounding R moves the step-0 weights (inilora.report_rounding). --grad-checkpointing recomputes
 decoder blocks in backward.
 
-Every check happens before the run directory exists (runs.py: directories, checkpoints, resume,
+Every check happens before the run directory exists (lib/runs.py: directories, checkpoints, resume,
 signals); Ctrl-C saves a checkpoint and exits 130; `python train.py --resume --out DIR` continues.
-`torchrun --nproc_per_node N train.py ...` trains data-parallel (distributed.py): the same global batch of
+`torchrun --nproc_per_node N train.py ...` trains data-parallel (lib/distributed.py): the same global batch of
 batch_size x grad_accum examples, shared by the N processes; a plain `python train.py` is one process.
 
 Run: python train.py --init beta-kaiming-uniform --epochs 3
@@ -50,15 +50,15 @@ from pathlib import Path
 
 import torch
 
-import distributed
+from lib import distributed
 import inilora
 import memory
-from common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
+from lib.common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
 from data.prepare import TASKS, load_split
 from decoder import DEFAULT_TARGETS as DECODER_TARGETS
 from evaluate import load_base as load_base_model
 from kinds import KINDS, dev_scores
-from runs import (StopRequest, TensorPeak, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
+from lib.runs import (StopRequest, TensorPeak, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
                   memory_report, peak_memory, remove_failed_start, restore_state, rng_states, save_checkpoint,
                   stored_configs)
 
@@ -244,7 +244,7 @@ def settle(pending, step, steps_per_epoch, run, world=distributed.World()):
 
 def train(cfg, lcfg, run, device, s: Setup):
     """The loop. Returns the final state, with "signal" added when a signal stopped it. Under torchrun each
-    rank runs it on its share of every step (distributed.py); rank 0 alone writes."""
+    rank runs it on its share of every step (lib/distributed.py); rank 0 alone writes."""
     task, kind, model, opt, state, world = (TASKS[cfg.task], KINDS[TASKS[cfg.task].kind], s.model, s.opt, s.state,
                                             s.world)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 import approximate as ap
-from common import pick_device, run_cli
+from lib.common import pick_device, run_cli
 
 # Shape legend: d_out rows, d_in columns, r rank.
 

@@ -30,7 +30,7 @@ import torch
 import inilora
 import kinds
 import train
-from common import pick_device, run_cli
+from lib.common import pick_device, run_cli
 from data.prepare import TASKS, load_split, pad_batch
 from evaluate import EVAL_BATCH, evaluate
 from model import load_model

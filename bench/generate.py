@@ -20,7 +20,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository's mo
 import torch
 
 from checkpoint import packaged_path
-from common import run_cli
+from lib.common import run_cli
 from decoder import generate, load_causal_lm
 
 QUESTIONS = ["What is 12 + 30?", "Name a colour.", "Write a haiku about the sea.", "What is the capital of France?",

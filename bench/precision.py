@@ -31,7 +31,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository's mo
 import torch
 
 import inilora
-from common import DTYPES, run_cli
+from lib.common import DTYPES, run_cli
 from data.prepare import TASKS, load_split, pad_batch
 from decoder import load_causal_lm
 from model import load_model, target_linears

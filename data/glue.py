@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from common import write_atomic
+from lib.common import write_atomic
 from data.task import Examples, Task, bad_label, malformed
 
 SPLITS = ("train", "dev")  # the GLUE splits with public labels

@@ -17,7 +17,7 @@ Adding a task is one new file defining a Task and one entry in TASKS below; noth
 knows any task by name.
 
 `load_split` is what train.py and evaluate.py call: it returns unpadded token ids per
-example and caches them under data/cache/ (git-ignored) as an artifact of common.py
+example and caches them under data/cache/ (git-ignored) as an artifact of lib/artifacts.py
 (safetensors plus a JSON sidecar whose checksum covers both), keyed by task, label kind, split,
 tokenizer fingerprint, max length and the source file's path, size and mtime. A cache that
 is missing, damaged, edited or stale is rebuilt, with the reason printed in one line.
@@ -36,14 +36,15 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     # run as `python data/prepare.py`: Python put data/ on the path, not the repository root
-    # that holds the `data` package, common.py and model.py; add the root so the imports below work
+    # that holds the `data`, `lib` and `models` packages; add the root so the imports below work
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from tqdm import tqdm
 
 from checkpoint import MINILM, resolve_model
-from common import check_tensors, read_artifact, run_cli, save_artifact
+from lib.artifacts import check_tensors, read_artifact, save_artifact
+from lib.common import run_cli
 from data import sft
 from data.arithmetic import ARITHMETIC
 from data.competition_math import COMPETITION_MATH
@@ -80,7 +81,7 @@ def read_examples(task, split, data_dir=None) -> Examples:
 
 
 # -----------------------------------------------------------------------------
-# cache: a common.py artifact holding the token ids flattened, with offsets
+# cache: a lib/artifacts.py artifact holding the token ids flattened, with offsets
 
 CACHE_KIND = "inilora-data"
 CACHE_VERSION = 2  # bump when reading, splitting or tokenizing changes: old caches are rebuilt

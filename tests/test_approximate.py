@@ -32,7 +32,7 @@ from safetensors.torch import save as safetensors_save
 
 import approximate as ap
 import approximation_cache as ac
-import common
+from lib import artifacts as common
 
 
 @pytest.fixture(autouse=True)
@@ -345,11 +345,11 @@ def test_default_cache_dir_follows_inilora_cache(tmp_path, monkeypatch):
 
 def test_weights_fingerprint():
     weights = random_weights()
-    fp = ap.weights_fingerprint(weights)
-    assert fp == ap.weights_fingerprint(dict(reversed(weights.items())))  # order-free
-    assert fp == ap.weights_fingerprint({k: v.double() for k, v in weights.items()})  # float32 bytes
-    assert fp != ap.weights_fingerprint({**weights, "s.0": weights["s.0"] * 1.001})
-    assert fp != ap.weights_fingerprint({"renamed" if k == "s.0" else k: v for k, v in weights.items()})
+    fp = common.weights_fingerprint(weights)
+    assert fp == common.weights_fingerprint(dict(reversed(weights.items())))  # order-free
+    assert fp == common.weights_fingerprint({k: v.double() for k, v in weights.items()})  # float32 bytes
+    assert fp != common.weights_fingerprint({**weights, "s.0": weights["s.0"] * 1.001})
+    assert fp != common.weights_fingerprint({"renamed" if k == "s.0" else k: v for k, v in weights.items()})
 
 
 # -----------------------------------------------------------------------------
@@ -476,7 +476,7 @@ def test_a_decoder_is_approximated_on_its_q_proj_and_v_proj(tiny_decoder, tmp_pa
 # invariant: under torchrun the ranks share the matrices, and the cache rank 0 writes holds the A, B of one process
 def test_a_sharded_approximation_writes_the_cache_of_a_single_process(tiny_checkpoint, tmp_path):
     import approximation_cache
-    from common import read_artifact
+    from lib.artifacts import read_artifact
 
     root = Path(__file__).resolve().parents[1]
     model = str(tiny_checkpoint("BertModel"))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import distributed
+from lib import distributed
 import inilora
 from test_train import sst2_lines
 

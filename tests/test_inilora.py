@@ -27,7 +27,7 @@ import torch.nn as nn
 from safetensors.torch import save as safetensors_save
 from torch.testing import assert_close
 
-import common
+from lib import artifacts as common
 import inilora
 import peft_io
 from inilora import INITIALISERS, INIT_NAMES, LoRAConfig, LoRALinear

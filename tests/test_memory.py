@@ -32,7 +32,7 @@ import memory
 from decoder import DEFAULT_TARGETS as DECODER_TARGETS
 from decoder import load_causal_lm
 from model import load_model
-from runs import TensorPeak
+from lib.runs import TensorPeak
 
 LLAMA2 = {  # LLaMA-2's config.json (meta-llama/Llama-2-7b-hf), hidden size and depth per model size
     "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008),

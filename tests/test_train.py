@@ -33,10 +33,10 @@ from torch.testing import assert_close
 import data.prepare
 import evaluate
 import inilora
-import runs
+from lib import runs
 import kinds
 import train
-from common import read_artifact
+from lib.artifacts import read_artifact
 
 
 def sst2_lines(n, seed):

@@ -2,7 +2,7 @@
 
 A run directory (default runs/MODEL-TASK-INIT-rRANK-seedSEED) holds config.json, metrics.jsonl,
 best/ (the best epoch's adapter), checkpoint-STEP/ with last.json naming the latest, and final.json
-once training has ended. A checkpoint is the adapter (inilora's artifact) plus one more common.py
+once training has ended. A checkpoint is the adapter (inilora's artifact) plus one more lib/artifacts.py
 artifact, the optimizer moments, RNG state and position, so that `train.py --resume` continues to
 the same result, bit for bit. A checkpoint is written to checkpoint-STEP.tmp and renamed, and only
 then does last.json name it: last.json never names a partial checkpoint.
@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 import inilora
-from common import ArtifactError, read_artifact, save_artifact, write_json
+from lib.artifacts import ArtifactError, read_artifact, save_artifact
+from lib.common import write_json
 
 STATE_FORMAT, STATE_VERSION = "inilora-train-state", 1  # a checkpoint's optimizer, RNG and position
 # settings a --resume may change: they do not change the result (checkpointing recomputes the same values;

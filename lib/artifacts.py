@@ -1,22 +1,17 @@
-"""What every entry point shares: device choice, dtype names, the command-line runner,
-atomic writes, and the one artifact format of the project.
+"""The one artifact format of the project: a `.safetensors` file plus a `.json` sidecar beside it.
 
-An artifact is a `.safetensors` file plus a `.json` sidecar beside it. The sidecar holds a
-format name and version, the full configuration that produced the tensors, and a sha256
-that covers the tensor bytes *and* the sidecar's own content:
+The sidecar holds a format name and version, the full configuration that produced the tensors, and a
+sha256 that covers the tensor bytes *and* the sidecar's own content:
 
     sha256 = sha256( sha256(tensor bytes) || canonical JSON of the sidecar without "sha256" )
 
-so editing a rank or a lora_alpha in the JSON is detected exactly like a damaged tensor
-file. Adapters (inilora.py), the approximation cache (approximate.py) and the data cache
-(data/prepare.py) are all artifacts; reading one also refuses non-finite tensors.
-
-Nothing here runs on its own; every entry point ends with `run_cli(main)`.
+so editing a rank or a lora_alpha in the JSON is detected exactly like a damaged tensor file. Adapters
+(inilora.py), the approximation cache (approximate.py), the data cache (data/prepare.py) and training
+checkpoints (lib/runs.py) are all artifacts; reading one also refuses non-finite tensors.
+`weights_fingerprint` names a set of weights by their bytes (what an adapter or a cache was made from).
 """
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,86 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-# -----------------------------------------------------------------------------
-# devices and dtypes
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}; pass e.g. --dtype float32.")
-    return DTYPES[name]
-
-
-def pick_device(requested=None):
-    """--device if given (checked to exist here); else cuda, then mps, then cpu.
-    Returns (torch.device, the reason it was chosen): every entry point prints both."""
-    if requested is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda"), "auto: CUDA is available"
-        if torch.backends.mps.is_available():
-            return torch.device("mps"), "auto: no CUDA, MPS is available"
-        return torch.device("cpu"), "auto: neither CUDA nor MPS is available"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"device={requested!r} is not a torch device; expected e.g. 'cpu', "
-                         "'cuda', 'cuda:1' or 'mps'.") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise ValueError(f"device={requested!r} was requested but is not available here; pass "
-                         "--device cpu, or leave --device out to pick the best available one.")
-    return device, "requested"
-
-
-# -----------------------------------------------------------------------------
-# the command-line runner
-
-# Mistakes in a command's input: a bad value (ValueError), a missing or unreachable file or
-# model (OSError: FileNotFoundError, ConnectionError, PermissionError), a diverged run
-# (FloatingPointError). Every entry point ends on them with one sentence, not a traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
-EXIT_INTERRUPTED = 130  # the shell's code for a program stopped by SIGINT (128 + 2)
-
-
-def run_cli(main):
-    """Runs an entry point's main(); a user error ends the program with `error: <sentence>`
-    (exit 1), Ctrl-C with exit code 130, so `a && b` never goes on after an interrupted `a`."""
-    try:
-        main()
-    except USER_ERRORS as e:
-        raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("\ninterrupted")
-        raise SystemExit(EXIT_INTERRUPTED)
-
-
-# -----------------------------------------------------------------------------
-# atomic writes
-
-
-def write_atomic(path, data: bytes):
-    """Writes bytes to a temporary file beside `path`, then renames it: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path, obj):
-    write_atomic(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
-
+from lib.common import write_atomic
 
 # -----------------------------------------------------------------------------
 # artifacts: safetensors + a JSON sidecar whose checksum covers both
@@ -188,3 +104,12 @@ def check_tensors(tensors: dict, expected: dict, path, remedy: str):
         if tuple(tensors[name].shape) != tuple(expected[name]):
             raise ArtifactError(f"tensor {name!r} in {str(path)!r} has shape {tuple(tensors[name].shape)}, but "
                                 f"its configuration means {tuple(expected[name])}. {remedy}")
+
+def weights_fingerprint(weights):
+    """Short sha256 over the sorted names, shapes and float32 bytes of the weights."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        W = weights[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(W.shape)};".encode())
+        h.update(W.numpy())
+    return h.hexdigest()[:16]

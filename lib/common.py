@@ -1,0 +1,92 @@
+"""What every entry point shares and that knows nothing of IniLoRA: the device choice, the one map of
+dtype names, the command-line runner (a user error ends in one sentence, Ctrl-C in exit code 130), and
+atomic writes (never a partial file). The artifact format lives in lib/artifacts.py.
+
+Nothing here runs on its own; every entry point ends with `run_cli(main)`.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+# -----------------------------------------------------------------------------
+# devices and dtypes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}; pass e.g. --dtype float32.")
+    return DTYPES[name]
+
+
+def pick_device(requested=None):
+    """--device if given (checked to exist here); else cuda, then mps, then cpu.
+    Returns (torch.device, the reason it was chosen): every entry point prints both."""
+    if requested is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda"), "auto: CUDA is available"
+        if torch.backends.mps.is_available():
+            return torch.device("mps"), "auto: no CUDA, MPS is available"
+        return torch.device("cpu"), "auto: neither CUDA nor MPS is available"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"device={requested!r} is not a torch device; expected e.g. 'cpu', "
+                         "'cuda', 'cuda:1' or 'mps'.") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise ValueError(f"device={requested!r} was requested but is not available here; pass "
+                         "--device cpu, or leave --device out to pick the best available one.")
+    return device, "requested"
+
+
+# -----------------------------------------------------------------------------
+# the command-line runner
+
+# Mistakes in a command's input: a bad value (ValueError), a missing or unreachable file or
+# model (OSError: FileNotFoundError, ConnectionError, PermissionError), a diverged run
+# (FloatingPointError). Every entry point ends on them with one sentence, not a traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+EXIT_INTERRUPTED = 130  # the shell's code for a program stopped by SIGINT (128 + 2)
+
+
+def run_cli(main):
+    """Runs an entry point's main(); a user error ends the program with `error: <sentence>`
+    (exit 1), Ctrl-C with exit code 130, so `a && b` never goes on after an interrupted `a`."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        raise SystemExit(EXIT_INTERRUPTED)
+
+
+# -----------------------------------------------------------------------------
+# atomic writes
+
+
+def write_atomic(path, data: bytes):
+    """Writes bytes to a temporary file beside `path`, then renames it: never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are as readable as any file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    write_atomic(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
