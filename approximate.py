@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import models
 from lib import distributed
 from lib.artifacts import sidecar_path
 from lib.common import pick_device, run_cli
@@ -390,18 +391,10 @@ def approximate(weights, cfg, world=World()):
 def target_weights(model_name, targets=None):
     """(model_id, {name: W0}, targets) of `model_name`, loaded as train.py loads it; targets None
     means the model family's default LoRA targets (docs/method.md "Default targets")."""
-    import decoder  # imported here: the functions above need only a dict of tensors
-    import inilora
-    import model
-
-    if decoder.is_causal_lm(model_name):
-        net, _, model_id = decoder.load_causal_lm(model_name)
-        targets = targets or decoder.DEFAULT_TARGETS[net.config.family]
-    else:
-        net, _, model_id = model.load_model(model_name)
-        targets = targets or inilora.DEFAULT_TARGETS
-    linears = model.target_linears(net, tuple(targets))
-    return model_id, {name: m.weight.detach() for name, m in linears.items()}, tuple(targets)
+    loaded = models.load(model_name)
+    targets = targets or loaded.targets
+    linears = models.target_linears(loaded.model, tuple(targets))
+    return loaded.model_id, {name: m.weight.detach() for name, m in linears.items()}, tuple(targets)
 
 
 def format_report(report):

@@ -32,9 +32,9 @@ import generation
 import inilora
 from lib.common import pick_device, run_cli, write_json
 from data.prepare import TASKS, load_split, pad_batch
-from decoder import load_causal_lm
+from models.decoder import load_causal_lm
 from metrics import METRICS, accuracy, f1, matthews, pearson, spearman  # noqa: F401 (re-exported)
-from model import load_model
+from models.encoder import load_model
 
 # -----------------------------------------------------------------------------
 # evaluation: one pass over a prepared split, in order

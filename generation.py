@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from lib.common import write_atomic
 from data.sft import ANSWER_IS, exact_match
-from decoder import generate
+from models.decoder import generate
 
 # Legend: N examples scored, B batch of prompts
 

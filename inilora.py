@@ -29,12 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import models
 from approximate import ApproxConfig
-from lib.artifacts import weights_fingerprint
 from approximation_cache import load_or_approximate
-from lib.artifacts import check_tensors, read_artifact, save_artifact
+from lib.artifacts import check_tensors, read_artifact, save_artifact, weights_fingerprint
 from lib.common import run_cli
-from model import load_model, target_linears
+from models import DEFAULT_TARGETS, target_linears
 
 # Shapes: ... any leading dims (batch, tokens), d_in / d_out the layer's sizes, r the rank.
 
@@ -72,7 +72,7 @@ class LoRALinear(nn.Module):
         return y + self.low_rank(x)
 
     def low_rank(self, x):
-        """s * (dropout(x) A^T) B^T: the trained term alone (model.py's fused q/k/v adds it to x R^T + b),
+        """s * (dropout(x) A^T) B^T: the trained term alone (models/encoder.py's fused q/k/v adds it to x R^T + b),
         computed in A's float32 (autocast may lower it) and returned in x's dtype."""
         h = F.linear(self.dropout(x).to(self.A.dtype), self.A)  # (..., d_in) -> (..., r)
         return (self.s * F.linear(h, self.B)).to(x.dtype)       # (..., r) -> (..., d_out)
@@ -195,8 +195,6 @@ INIT_NAMES = sorted([*INITIALISERS, "full"])
 # configuration: each option is declared once, as a field with its flag and its validity check;
 # add_lora_args, lora_config_from_args and validate are derived from the fields.
 
-# BERT/RoBERTa attention (docs/method.md "Default targets"). --targets defaults to None, "the family's":
-DEFAULT_TARGETS = ("query", "value")  # lora_config_from_args(args, seed, default_targets) fills them in
 
 
 def option(default, help, flag=None, parse=None, problem=None, flag_default=MISSING):
@@ -217,8 +215,8 @@ class LoRAConfig:
         None, "s = lora_alpha / r; None: lora_alpha = r, so s = 1", "--lora-alpha", float, lambda v: None if v is
         None or 0 < v < math.inf else f"lora_alpha={v!r} must be a finite number > 0, or None for lora_alpha = r.")
     targets: tuple[str, ...] = option(  # leaf names of the adapted nn.Linear modules
-        DEFAULT_TARGETS, "comma-separated leaf names of the adapted nn.Linear modules; None: the model "
-        f"family's ({','.join(DEFAULT_TARGETS)} for BERT/RoBERTa)", "--targets",
+        DEFAULT_TARGETS["encoder"], "comma-separated leaf names of the adapted nn.Linear modules; None: the "
+        f"model family's (models.DEFAULT_TARGETS: {DEFAULT_TARGETS})", "--targets",
         lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),  # "query, value" -> ("query", "value")
         lambda v: None if isinstance(v, (tuple, list)) and v and all(isinstance(t, str) for t in v) else
         f"targets={v!r} must name at least one module; pass e.g. --targets query,value.", flag_default=None)
@@ -431,7 +429,7 @@ def add_lora_args(parser):
                         help="approximation cache; None: $INILORA_CACHE, else ~/.cache/inilora")
 
 
-def lora_config_from_args(args, seed, default_targets=DEFAULT_TARGETS):
+def lora_config_from_args(args, seed, default_targets=DEFAULT_TARGETS["encoder"]):
     """LoRAConfig from add_lora_args' flags; `default_targets` where --targets was left out."""
     values = {f.name: getattr(args, f.metadata["flag"].lstrip("-").replace("-", "_"))
               for f in fields(LoRAConfig) if f.metadata["flag"]}
@@ -442,21 +440,17 @@ def lora_config_from_args(args, seed, default_targets=DEFAULT_TARGETS):
 
 @torch.no_grad()
 def main(argv=None):
-    import decoder  # the command line only: the layer and initialisers above need no model file
-
     p = argparse.ArgumentParser(description="Inject adapters into a model and check its outputs are unchanged "
                                 "at step 0.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="minilm", help="'minilm' or 'smollm2' (packaged), a directory or a hub id")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisers")
     add_lora_args(p)
     args = p.parse_args(argv)
-    if decoder.is_causal_lm(args.model):  # next-token logits of a chat prompt; the model is in eval mode
-        model, tok, model_id = decoder.load_causal_lm(args.model)
-        cfg = lora_config_from_args(args, args.seed, decoder.DEFAULT_TARGETS[model.config.family])
+    model, tok, model_id, family, targets = models.load(args.model)
+    cfg = lora_config_from_args(args, args.seed, targets)
+    if family == "decoder":  # next-token logits of a chat prompt; the model is in eval mode
         batch = (torch.tensor(tok.encode([tok.chat_prompt("What is 12 + 30?")], add_special_tokens=False)),)
     else:  # class logits of a sentence pair
-        model, tok, model_id = load_model(args.model)
-        cfg = lora_config_from_args(args, args.seed)
         ids, type_ids = tok.encode(["a gripping, beautifully shot film"], ["dull and far too long"])
         batch = (torch.tensor(ids), torch.ones(1, len(ids[0]), dtype=torch.bool), torch.tensor(type_ids))
     print(f"config: {asdict(cfg)}")

@@ -10,7 +10,7 @@ inilora.inject would, and every term is counted from that model (trainable = wha
     activations = the most bytes of tensors alive at once in one forward + loss + backward of a B x T
                   micro-batch beyond weights and gradients (what autograd saves, temporaries, gradients of
                   activations), counted by running the real model on fake tensors: shapes only, no memory
-    checkpointed  (decoders, --grad-checkpointing) the same with decoder.py recomputing each block: L block
+    checkpointed  (decoders, --grad-checkpointing) the same with models/decoder.py recomputing each block: L block
                   inputs (B, T, C) kept, one block's activations at a time in backward
 The fake run takes the CPU code paths: for CUDA, SDPA's CPU flash kernel saves what the CUDA one does, while
 an encoder's written-out CPU attention (dropout on the probabilities) counts more than CUDA's fused kernel.
@@ -48,11 +48,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import decoder
-import model as encoder
-from checkpoint import HUB_ID, PACKAGED, gguf_config, open_gguf, read_json, resolve_model
+from models import decoder
+from models import DEFAULT_TARGETS, encoder, target_linears
+from models.checkpoint import HUB_ID, PACKAGED, read_json, resolve_model
+from models.gguf_file import gguf_config, open_gguf
 from lib.common import DTYPES, parse_dtype, run_cli
-from inilora import DEFAULT_TARGETS as ENCODER_TARGETS
 from inilora import INIT_NAMES, LoRAConfig, LoRALinear, mark_trainable
 from lib.runs import peak_resident
 
@@ -126,7 +126,7 @@ def add_adapters(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> nn.Mo
     W0 (d_out, d_in) becomes R (d_out, d_in) frozen, A (r, d_in) and B (d_out, r) trained, A0, B0 buffers."""
     model = model.to(dtype)
     if cfg.init != "full":
-        for name, linear in encoder.target_linears(model, cfg.targets).items():
+        for name, linear in target_linears(model, cfg.targets).items():
             d_out, d_in = linear.weight.shape
             A0 = torch.empty(cfg.rank, d_in, device="meta")  # (r, d_in)
             B0 = torch.empty(d_out, cfg.rank, device="meta")  # (d_out, r)
@@ -176,7 +176,7 @@ def activations(model: nn.Module, B: int, T: int, loss_tokens: int, autocast: to
         peak       the most bytes of tensors alive at once in forward + backward beyond the weights
                    (saved tensors, temporaries, gradients of activations and parameters)
     `loss_tokens` N: the decoder's lm_head and cross-entropy see N positions (train.sft_loss).
-    checkpointing: decoder.py recomputes each block in backward (saved then holds block inputs only)."""
+    checkpointing: models/decoder.py recomputes each block in backward (saved then holds block inputs only)."""
     model = copy.deepcopy(model)  # still on the meta device
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to_empty(device="cpu").train()  # fake storage: nothing allocated
@@ -263,7 +263,7 @@ def loading_bytes(raw: dict, source: str, model: nn.Module) -> tuple[int, int, s
     if path.suffix == ".gguf":  # the largest tensor dequantised, then copied (float32); the reader keeps the map
         largest = max(p.numel() for p in model.parameters())
         return 2 * FLOAT32 * largest, path.stat().st_size, "the largest GGUF tensor dequantised, then copied"
-    if model_kind(raw, source) == "encoder":  # model.load_model reads the whole state dict first
+    if model_kind(raw, source) == "encoder":  # encoder.load_model reads the whole state dict first
         files = [*path.parent.glob("*.safetensors"), *path.parent.glob("pytorch_model.bin")]
         size = sum(f.stat().st_size for f in files) or sum(p.numel() * p.element_size() for p in model.parameters())
         return size, 0, "the checkpoint's state dict, read whole"
@@ -285,7 +285,7 @@ def estimate(model_name: str, init: str = "lora", rank: int = 8, targets=None, b
     torch_dtype = parse_dtype(dtype)
     raw, source = read_config(model_name)
     kind = model_kind(raw, source)
-    default_targets = decoder.DEFAULT_TARGETS["llama"] if kind == "decoder" else ENCODER_TARGETS
+    default_targets = DEFAULT_TARGETS[kind]
     cfg = LoRAConfig(init=init, rank=rank, targets=tuple(targets or default_targets)).validate()
     model = add_adapters(meta_model(raw, source, num_labels), cfg, torch_dtype)
     parameters = {}  # dtype name -> bytes, a tied matrix once
@@ -375,7 +375,7 @@ def report(e: Estimate) -> list[str]:
 def local_tokenizer(model_name: str):
     """The tokenizer of a packaged name or a local model directory / .gguf, else None (a bare config.json or a
     Hub id: the data then cannot be sized without downloading more)."""
-    from data.tokenizer import ChatTokenizer, Tokenizer
+    from models.tokenizer import ChatTokenizer, Tokenizer
 
     path = Path(model_name).expanduser()
     if model_name in PACKAGED:
@@ -456,7 +456,7 @@ def main(argv=None):
     p.add_argument("--init", default="lora", help=f"one of {INIT_NAMES} (full: every weight trains)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--targets", default=None, help="comma-separated adapted layers; None: the family's "
-                   f"({','.join(ENCODER_TARGETS)} or {','.join(decoder.DEFAULT_TARGETS['llama'])})")
+                   f"({','.join(DEFAULT_TARGETS['encoder'])} or {','.join(DEFAULT_TARGETS['decoder'])})")
     p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example at most")
     p.add_argument("--dtype", default="float32", help=f"one of {sorted(DTYPES)}: frozen weights in it, "

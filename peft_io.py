@@ -33,10 +33,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-import decoder
+from models import decoder
 import inilora
-import model as encoder
-from checkpoint import MINILM, SMOLLM2, gguf_config, open_gguf, read_json, resolve_model
+from models import encoder, target_linears
+from models.checkpoint import MINILM, SMOLLM2, read_json, resolve_model
+from models.gguf_file import gguf_config, open_gguf
 from lib.artifacts import check_tensors, save_artifact
 from lib.common import run_cli, write_atomic, write_json
 from data.prepare import TASKS
@@ -105,7 +106,7 @@ def read_config(model_id):
     """The model's configuration (encoder.ModelConfig or decoder.DecoderConfig) without loading weights."""
     path, _ = resolve_model(model_id)
     if path.suffix == ".gguf":
-        reader, meta = open_gguf(path)  # checkpoint.py describes a GGUF as a Hugging Face config.json
+        reader, meta = open_gguf(path)  # models/gguf_file.py describes a GGUF as a Hugging Face config.json
         return decoder.config_from_json(gguf_config(reader, meta, str(path)), str(path))
     raw = read_json(path / "config.json")
     if raw.get("model_type") in encoder.SUPPORTED_ARCHS:
@@ -117,7 +118,7 @@ def hf_modules(config):
     """{our module name: Hugging Face module name} for every module the checkpoint name map loads, with the
     names of AutoModelForSequenceClassification ("bert."/"roberta." prefix) or AutoModelForCausalLM."""
     if isinstance(config, decoder.DecoderConfig):
-        forward = decoder.hf_name_map(config)  # GGUF tensors load under these names too (checkpoint.py)
+        forward = decoder.hf_name_map(config)  # GGUF tensors load under these names too (models/gguf_file.py)
     else:
         forward = encoder.checkpoint_name_map(config, f"{config.arch}.")
     return {ours.removesuffix(".weight"): hf.removesuffix(".weight") for hf, ours in forward.items()
@@ -125,7 +126,7 @@ def hf_modules(config):
 
 
 def is_head(ours):
-    return ours.startswith("head.")  # everything task-specific lives in model.head (model.py)
+    return ours.startswith("head.")  # everything task-specific lives in model.head (models/encoder.py)
 
 
 # -----------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def load_peft(model, peft_dir, model_id=None):
     targets = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[-1] for k in given if not is_head(k)})
     lcfg = inilora.LoRAConfig(init="lora", rank=cfg.get("r"), lora_alpha=float(cfg.get("lora_alpha", cfg.get("r"))),
                               targets=tuple(targets), dropout=float(cfg.get("lora_dropout") or 0.0)).validate()
-    linears = encoder.target_linears(model, lcfg.targets)
+    linears = target_linears(model, lcfg.targets)
     # lora_A (r, d_in), lora_B (d_out, r) per target; the head as the model has it
     expected = {}
     for name, linear in linears.items():

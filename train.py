@@ -4,9 +4,9 @@ Only A, B (and an encoder's task head) train, AdamW over those parameters, evalu
 after every epoch, and the best epoch's dev score is the result (paper Section 4.2). The task's
 kind picks the model, the batches, the loss and the evaluation (kinds.py), never the loop:
 
-  classification / regression (BERT/RoBERTa, model.py): cross-entropy (MSE for STS-B) over the
+  classification / regression (BERT/RoBERTa, models/encoder.py): cross-entropy (MSE for STS-B) over the
       examples of a step; dev metrics from data.prepare.TASKS.
-  generation (LLaMA-family decoders, decoder.py): supervised fine-tuning with the token-mean
+  generation (LLaMA-family decoders, models/decoder.py): supervised fine-tuning with the token-mean
       cross-entropy over the response tokens of the whole optimizer step (data/sft.py),
 
           L = sum_b sum_t m_bt CE(logits_b,t-1, x_b,t) / sum_b sum_t m_bt    (m = 1 on response tokens)
@@ -55,7 +55,7 @@ import inilora
 import memory
 from lib.common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
 from data.prepare import TASKS, load_split
-from decoder import DEFAULT_TARGETS as DECODER_TARGETS
+from models import DEFAULT_TARGETS
 from evaluate import load_base as load_base_model
 from kinds import KINDS, dev_scores
 from lib.runs import (StopRequest, TensorPeak, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
@@ -211,7 +211,7 @@ def build(cfg, lcfg, device, ckpt=None, cache_dir=None, world=distributed.World(
     for p in model.parameters():  # what trains is float32, whatever the frozen weights' dtype
         if p.requires_grad:
             p.data = p.data.float()
-    if cfg.grad_checkpointing:  # decoder.py: recompute each block in the backward pass instead of storing it
+    if cfg.grad_checkpointing:  # models/decoder.py: recompute each block in the backward pass instead of storing it
         model.gradient_checkpointing = True
     model.to(device)
     if cfg.compile:
@@ -422,8 +422,8 @@ def configs_from_args(args):
     kind = TASKS[args.task].kind if args.task in TASKS else None
     values["model"] = values["model"] or DEFAULT_MODELS.get(kind, "minilm")
     cfg = TrainConfig(**values).validate()
-    # decoders adapt q_proj, v_proj (Section 4.2), the same in every family decoder.py knows
-    targets = DECODER_TARGETS["llama"] if kind == "generation" else inilora.DEFAULT_TARGETS
+    # decoders adapt q_proj, v_proj (Section 4.2), the same in every family models/decoder.py knows
+    targets = DEFAULT_TARGETS["decoder" if kind == "generation" else "encoder"]
     return cfg, inilora.lora_config_from_args(args, cfg.seed, default_targets=targets)
 
 

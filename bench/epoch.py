@@ -33,7 +33,7 @@ import train
 from lib.common import pick_device, run_cli
 from data.prepare import TASKS, load_split, pad_batch
 from evaluate import EVAL_BATCH, evaluate
-from model import load_model
+from models.encoder import load_model
 from sidebyside import interleaved, reference_encoder
 
 TASK = "rotten-tomatoes"

@@ -19,9 +19,9 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository's mo
 
 import torch
 
-from checkpoint import packaged_path
+from models.checkpoint import packaged_path
 from lib.common import run_cli
-from decoder import generate, load_causal_lm
+from models.decoder import generate, load_causal_lm
 
 QUESTIONS = ["What is 12 + 30?", "Name a colour.", "Write a haiku about the sea.", "What is the capital of France?",
              "Explain gravity in one sentence.", "What is 7 times 8?", "Give me a synonym for happy.",

@@ -33,8 +33,9 @@ import torch
 import inilora
 from lib.common import DTYPES, run_cli
 from data.prepare import TASKS, load_split, pad_batch
-from decoder import load_causal_lm
-from model import load_model, target_linears
+from models.decoder import load_causal_lm
+from models.encoder import load_model
+from models import DEFAULT_TARGETS, target_linears
 
 INITS = [name for name in inilora.INIT_NAMES if name != "full"]
 PARTS = ("minilm", "smollm2", "7b-layer")
@@ -57,7 +58,7 @@ def model_changes(part, dtypes, inits, rank):
         ids = torch.tensor(tokenizer.encode([tokenizer.chat_prompt("What is 12 + 30? Explain.")],
                                             add_special_tokens=False))
         run = lambda m: m(ids)[0]  # (T, V)
-    targets = inilora.DEFAULT_TARGETS if part == "minilm" else ("q_proj", "v_proj")
+    targets = DEFAULT_TARGETS["encoder" if part == "minilm" else "decoder"]
     out = {}
     for init in inits:
         cfg = inilora.LoRAConfig(init=init, rank=rank, targets=targets).validate()

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from checkpoint import resolve_model
+from models.checkpoint import resolve_model
 
 
 def require_references():

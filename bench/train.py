@@ -38,12 +38,12 @@ import torch
 import inilora
 import kinds
 import train
-from checkpoint import packaged_path
+from models.checkpoint import packaged_path
 from lib.common import pick_device, run_cli
 from data.prepare import load_split, pad_batch
 from data.sft import IGNORE_INDEX
-from decoder import load_causal_lm
-from model import load_model
+from models.decoder import load_causal_lm
+from models.encoder import load_model
 from lib.runs import peak_memory
 from sidebyside import interleaved, reference_encoder, require_references, trainable
 

@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 import torch
 from tqdm import tqdm
 
-from checkpoint import MINILM, resolve_model
+from models.checkpoint import MINILM, resolve_model
 from lib.artifacts import check_tensors, read_artifact, save_artifact
 from lib.common import run_cli
 from data import sft
@@ -54,7 +54,7 @@ from data.gsm_symbolic import GSM_SYMBOLIC
 from data.metamathqa import METAMATHQA
 from data.rotten_tomatoes import ROTTEN_TOMATOES
 from data.task import Examples, Task
-from data.tokenizer import Tokenizer
+from models.tokenizer import Tokenizer
 
 # Legend: N examples in a split, B batch, T tokens (longest in the batch), S all tokens of a split
 
@@ -301,10 +301,10 @@ def tokenizer_path(cfg):
 
 
 def causal_tokenizer(cfg):
-    """A causal LM's tokenizer (data.tokenizer.ChatTokenizer) for generation tasks: from --tokenizer
+    """A causal LM's tokenizer (models.tokenizer.ChatTokenizer) for generation tasks: from --tokenizer
     (a model directory or a .gguf file), else from --model (e.g. smollm2, the packaged GGUF)."""
-    from checkpoint import open_gguf
-    from data.tokenizer import ChatTokenizer
+    from models.gguf_file import open_gguf
+    from models.tokenizer import ChatTokenizer
 
     if cfg.tokenizer is None and cfg.model == MINILM:
         raise ValueError(f"--model {MINILM} is an encoder (BERT); the generation task {cfg.task!r} needs a causal "

@@ -21,7 +21,7 @@ For evaluation every example keeps its full prompt (never dropped) and its gold 
 are compared after extraction: GSM8K-style, the number after '####' (else the last number);
 MATH-style, the content of the last \\boxed{...}.
 
-The tokenizer is data.tokenizer.ChatTokenizer (or anything with the same few members):
+The tokenizer is models.tokenizer.ChatTokenizer (or anything with the same few members):
 `encode(texts, add_special_tokens) -> list[list[int]]`, `eos_ids` (the first ends a response),
 `pad_id`, `fingerprint`, `chat_template` (str or None) and
 `apply_chat_template(messages, add_generation_prompt=True) -> str`.
@@ -83,7 +83,7 @@ def tokenize_sft(tokenizer, questions, responses, max_length):
     """
     if not hasattr(tokenizer, "apply_chat_template") or not hasattr(tokenizer, "eos_ids"):
         raise ValueError(f"tokenizer {getattr(tokenizer, 'path', tokenizer)!r} is an encoder's tokenizer; "
-                         "generation tasks need a causal LM's (data.tokenizer.ChatTokenizer), e.g. --model smollm2.")
+                         "generation tasks need a causal LM's (models.tokenizer.ChatTokenizer), e.g. --model smollm2.")
     prompts = build_prompts(tokenizer, questions)
     eos = eos_id(tokenizer)
     answers = [r + [eos] for r in tokenizer.encode(list(responses), add_special_tokens=False)]

@@ -194,7 +194,7 @@ def tiny_byte_decoder(tmp_path_factory) -> Path:
     import transformers
     from tokenizers import AddedToken, decoders
 
-    from data.tokenizer import byte_level_alphabet
+    from models.tokenizer import byte_level_alphabet
 
     alphabet = byte_level_alphabet()
     vocab = {alphabet[b]: b for b in range(256)} | {t: 256 + i for i, t in enumerate(BYTE_SPECIALS)}

@@ -404,20 +404,21 @@ class FakeModel(torch.nn.Module):
                 self.add_module(f"layer{i}_{t}", layer)
 
 
-def fake_model_module():
-    """Stands in for model.py's interface: load_model and target_linears."""
+def fake_models_package():
+    """Stands in for the models package's interface: load and target_linears."""
     def target_linears(net, targets):
         found = {n: m for n, m in net.named_modules() if any(n.endswith(t) for t in targets)}
         for t in targets:
             if not any(n.endswith(t) for n in found):
                 raise ValueError(f"target {t!r} matches no linear layer")
         return found
-    return types.SimpleNamespace(load_model=lambda name: (FakeModel(), None, "fake-" + name),
-                                 target_linears=target_linears)
+    def load(name):
+        return types.SimpleNamespace(model=FakeModel(), model_id="fake-" + name, targets=("query", "value"))
+    return types.SimpleNamespace(load=load, target_linears=target_linears)
 
 
 def test_cli_runs_caches_and_prints_the_report(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "model", fake_model_module())
+    monkeypatch.setattr(ap, "models", fake_models_package())
     argv = ["--rank", "2", "--steps", "50", "--cache-dir", str(tmp_path), "--device", "cpu"]
     report = ap.main(argv)
     out = capsys.readouterr().out
@@ -433,7 +434,7 @@ def test_cli_runs_caches_and_prints_the_report(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_says_where_the_default_cache_is(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "model", fake_model_module())
+    monkeypatch.setattr(ap, "models", fake_models_package())
     monkeypatch.setenv("INILORA_CACHE", str(tmp_path / "env"))
     ap.main(["--rank", "2", "--steps", "5", "--device", "cpu"])
     out = capsys.readouterr().out
@@ -455,9 +456,6 @@ def test_help_shows_every_default(capsys):
 
 
 def test_cli_unknown_target_with_the_real_model(tmp_path):
-    model = pytest.importorskip("model")
-    if not hasattr(model, "load_model") or not hasattr(model, "target_linears"):
-        pytest.skip("model.py does not provide load_model / target_linears yet")
     with pytest.raises(ValueError, match="qeury"):
         ap.main(["--targets", "qeury", "--steps", "0", "--cache-dir", str(tmp_path)])
 

@@ -23,7 +23,7 @@ import torch
 from data import glue, prepare, rotten_tomatoes
 from data.prepare import TASKS, load_split, pad_batch, read_examples
 from data.task import Examples, Task
-from data.tokenizer import Tokenizer
+from models.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from data import arithmetic, competition_math, gsm_symbolic, metamathqa, prepare
 from data.prepare import load_split, read_examples
 from data.sft import exact_match, extract_gsm8k, extract_math, generation_batch, last_boxed, sft_batch
 from data.task import Task
-from data.tokenizer import ChatTokenizer
+from models.tokenizer import ChatTokenizer
 
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0..3
 PAD, EOS = 0, 3

@@ -21,9 +21,10 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import checkpoint
-from decoder import DEFAULT_TARGETS, generate, is_causal_lm, load_causal_lm, stop_after_line
-from model import target_linears
+from models import checkpoint
+from models.decoder import generate, load_causal_lm, stop_after_line
+from models import DEFAULT_TARGETS, family_of
+from models import target_linears
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -156,7 +157,7 @@ def test_directory_tokenizer_and_chat_template_match_transformers(tiny_decoder):
 
 def test_default_targets_are_q_and_v_proj(tiny_decoder):
     model, _, _ = load_causal_lm(str(tiny_decoder("Qwen2ForCausalLM")))
-    found = target_linears(model, DEFAULT_TARGETS["qwen2"])
+    found = target_linears(model, DEFAULT_TARGETS["decoder"])
     assert sorted(found) == [f"layers.{i}.attn.{n}" for i in (0, 1) for n in ("q_proj", "v_proj")]
 
 
@@ -217,7 +218,7 @@ def test_smollm2_shape_and_logits_match_transformers_gguf(smollm2):
     assert (c.family, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == ("llama", 30, 576, 9, 3)
     assert c.tie_word_embeddings and tuple(model.layers[0].attn.k_proj.weight.shape) == (192, 576)
     # the adapters' default targets: 30 q_proj (576 x 576) and 30 v_proj (192 x 576)
-    targets = target_linears(model, DEFAULT_TARGETS["llama"])
+    targets = target_linears(model, DEFAULT_TARGETS["decoder"])
     shapes = [tuple(m.weight.shape) for m in targets.values()]
     assert len(targets) == 60 and set(shapes) == {(576, 576), (192, 576)}
     rows = tok.encode(["The capital of France is", "12 + 30 ="])
@@ -256,9 +257,9 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
 
 def test_smollm2_resolves_to_the_packaged_gguf(smollm2_gguf, tiny_decoder, tiny_bert_dir, monkeypatch):
     assert checkpoint.resolve_model("smollm2") == (smollm2_gguf, "smollm2")
-    assert is_causal_lm("smollm2") and is_causal_lm(str(tiny_decoder("GemmaForCausalLM", **CASES["gemma"][1])))
-    assert not is_causal_lm(str(tiny_bert_dir))
-    import model
+    assert family_of("smollm2") == family_of(str(tiny_decoder("GemmaForCausalLM", **CASES["gemma"][1]))) == "decoder"
+    assert family_of(str(tiny_bert_dir)) == "encoder"
+    from models import encoder as model
     with pytest.raises(ValueError, match="'smollm2' is a causal language model.*--model minilm.*load_causal_lm"):
         model.load_model("smollm2")
     real_find_spec = checkpoint.importlib.util.find_spec

@@ -13,7 +13,8 @@ from torch.testing import assert_close
 
 import inilora
 import peft_io
-from decoder import DEFAULT_TARGETS, load_causal_lm
+from models.decoder import load_causal_lm
+from models import DEFAULT_TARGETS
 
 INITS = sorted(inilora.INITIALISERS)
 
@@ -38,7 +39,7 @@ def batch():
 @pytest.mark.parametrize("init", INITS)
 def test_decoder_adapters_keep_every_invariant(init, llama, tmp_path):
     model, model_id = base(llama)
-    cfg = inilora.LoRAConfig(init=init, rank=2, targets=DEFAULT_TARGETS["llama"], seed=1, approx_steps=30)
+    cfg = inilora.LoRAConfig(init=init, rank=2, targets=DEFAULT_TARGETS["decoder"], seed=1, approx_steps=30)
     ids, mask = batch()
     with torch.no_grad():
         before = model(ids, mask)  # (B, T, V)

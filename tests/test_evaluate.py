@@ -219,7 +219,7 @@ def test_main_run_errors(tmp_path):
 
 def test_adapter_for_another_base_model_is_a_sentence(tmp_path, tiny_checkpoint):
     import inilora
-    from model import load_model
+    from models.encoder import load_model
 
     model, _, model_id = load_model(str(tiny_checkpoint("BertModel")))
     cfg = inilora.LoRAConfig(init="lora", rank=2)

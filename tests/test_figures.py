@@ -101,7 +101,7 @@ def test_init_hist_counts_and_singular_values(tmp_path, cache, tiny_bert_dir):
 
 # invariant: init-hist draws A0 exactly as inilora.inject does for a run with the same seed
 def test_init_hist_draws_what_inject_draws(tmp_path, tiny_bert_dir):
-    import model as encoder
+    from models import encoder
 
     net, _, model_id = encoder.load_model(str(tiny_bert_dir))
     cfg = inilora.LoRAConfig(init="alpha", rank=2, seed=3)

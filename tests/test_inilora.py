@@ -29,6 +29,7 @@ from torch.testing import assert_close
 
 from lib import artifacts as common
 import inilora
+from models import DEFAULT_TARGETS
 import peft_io
 from inilora import INITIALISERS, INIT_NAMES, LoRAConfig, LoRALinear
 
@@ -488,7 +489,7 @@ def test_loaded_layers_take_the_training_mode_of_their_model(x, tmp_path):
 # --- the command line: every option is declared once, as a LoRAConfig field
 
 
-def parse(argv, default_targets=inilora.DEFAULT_TARGETS, seed=0):
+def parse(argv, default_targets=DEFAULT_TARGETS["encoder"], seed=0):
     parser = argparse.ArgumentParser()
     inilora.add_lora_args(parser)
     return inilora.lora_config_from_args(parser.parse_args(argv), seed, default_targets)

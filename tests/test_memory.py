@@ -29,9 +29,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import inilora
 import kinds
 import memory
-from decoder import DEFAULT_TARGETS as DECODER_TARGETS
-from decoder import load_causal_lm
-from model import load_model
+from models import DEFAULT_TARGETS
+from models.decoder import load_causal_lm
+from models.encoder import load_model
 from lib.runs import TensorPeak
 
 LLAMA2 = {  # LLaMA-2's config.json (meta-llama/Llama-2-7b-hf), hidden size and depth per model size
@@ -222,7 +222,7 @@ def test_estimate_is_within_25_percent_of_the_measured_tensor_peak(name, minilm_
         labels[:, -N // B - 1:] = ids[:, -N // B - 1:]  # the last 31 tokens of each row: 8 x 31 = 248 predicted
         batch = (ids, torch.ones_like(ids), labels)
         loss = lambda: kinds.sft_loss(model, batch, N)  # noqa: E731
-    targets = inilora.DEFAULT_TARGETS if name == "minilm" else DECODER_TARGETS["llama"]  # train.py's defaults
+    targets = DEFAULT_TARGETS["encoder" if name == "minilm" else "decoder"]  # train.py's defaults
     cfg = inilora.LoRAConfig(rank=8, targets=tuple(targets)).validate()
     inilora.inject(model, cfg, model_id)
     measured = one_step_peak(model, cfg, loss)

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
-import checkpoint
+from models import checkpoint
 import inilora
-import model
-from model import load_config, load_model, resolve_model, target_linears
+from models import encoder as model
+from models.encoder import load_config, load_model, resolve_model
+from models import target_linears
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -28,9 +28,9 @@ from torch.testing import assert_close
 
 import inilora
 import peft_io
-from decoder import load_causal_lm
+from models.decoder import load_causal_lm
 from inilora import LoRAConfig
-from model import load_model
+from models.encoder import load_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 TOLS = {"minilm": TOL, "bert": TOL, "roberta": TOL, "llama": dict(atol=2e-5, rtol=1e-5)}  # see the docstring

@@ -28,7 +28,7 @@ import inilora
 import kinds
 import train
 from data.task import Examples, Task
-from decoder import load_causal_lm
+from models.decoder import load_causal_lm
 
 SIZES = {"train": 16, "dev": 8, "test": 8}
 

@@ -3,8 +3,7 @@
 Every encoder layer is BERT's post-LayerNorm block (RoBERTa differs only in position ids and head):
     h = LN_attn(x + out(softmax(q k^T / sqrt(hs) + mask) v)),   q, k, v = query(x), key(x), value(x)
     x = LN_mlp(h + proj(GELU(fc(h))))                           exact (erf) GELU; dropout after out, proj
-IniLoRA (inilora.py) adapts `query` and `value` of every layer (docs/method.md "Default targets");
-`target_linears` is the one place that decides which nn.Linear layers a target name means.
+IniLoRA (inilora.py) adapts `query` and `value` of every layer (docs/method.md "Default targets").
 Everything task-specific sits in `model.head` (BERT: pooler + classifier, RoBERTa: dense + out_proj):
 loaded from a fine-tuned checkpoint, else initialised fresh from `head_seed`. Checkpoints load through
 one visible name map, with a shape check per copy and a final leftover/missing check.
@@ -21,15 +20,14 @@ checks that its logits are unchanged.
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import MINILM, read_checkpoint, read_json, resolve_model
-from checkpoint import load_weights as copy_weights  # the strict copy through a name map
-from data.tokenizer import Tokenizer
+from models.checkpoint import MINILM, read_checkpoint, read_json, resolve_model
+from models.checkpoint import load_weights as copy_weights  # the strict copy through a name map
+from models.tokenizer import Tokenizer
 
 # Shapes in comments: B batch, T tokens, C hidden size, nh heads, hs head size (C = nh * hs),
 # I MLP width (intermediate_size), K number of labels.
@@ -89,13 +87,13 @@ def load_config(model_dir: Path) -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_ARCHS:
         raise ValueError(f"{str(path)!r} has model_type={model_type!r}, expected one of {list(SUPPORTED_ARCHS)}: "
-                         "model.py implements BERT and RoBERTa only. Use e.g. --model minilm or roberta-base.")
+                         "models/encoder.py implements BERT and RoBERTa only. Use e.g. --model minilm or roberta-base.")
     if missing := [key for key in CONFIG_KEYS.values() if key not in raw]:
         raise ValueError(f"{str(path)!r} lacks the keys {missing}. Re-download the model.")
     # what this file implements: exact GELU and absolute (learned) positions
     for key, supported in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
         if raw.get(key, supported) != supported:
-            raise ValueError(f"{str(path)!r} has {key}={raw[key]!r}, but model.py implements only "
+            raise ValueError(f"{str(path)!r} has {key}={raw[key]!r}, but models/encoder.py implements only "
                              f"{supported!r}. Use a standard BERT or RoBERTa checkpoint.")
     return ModelConfig(arch=model_type, **{field: raw[key] for field, key in CONFIG_KEYS.items()})
 
@@ -400,7 +398,7 @@ def load_weights(model: SequenceClassifier, state: dict[str, torch.Tensor], head
                              f"num_labels={config.num_labels}. Pass num_labels={tensor.shape[0]} to use this head, "
                              "or start from the pre-trained base model.")
     filled = copy_weights(model, state.items(), name_map, SKIPPED, source,
-                          "checkpoint_name_map / SKIPPED in model.py", may_miss="head.")
+                          "checkpoint_name_map / SKIPPED in models/encoder.py", may_miss="head.")
     # head parts the checkpoint lacks start as HF initialises them: W ~ N(0, 0.02^2), b = 0,
     # drawn in float32 from `head_seed` so that the head does not depend on the dtype
     generator = torch.Generator().manual_seed(head_seed)
@@ -431,8 +429,8 @@ def load_model(name: str = MINILM, num_labels: int = 2, head_seed: int = 0,
     model_dir, model_id = resolve_model(name)
     if model_dir.suffix == ".gguf":
         raise ValueError(f"--model {name!r} is a causal language model (a GGUF decoder), not a BERT/RoBERTa encoder: "
-                         "sequence classification needs an encoder, e.g. --model minilm; use decoders through "
-                         "decoder.load_causal_lm.")
+                         "sequence classification needs an encoder, e.g. --model minilm; load decoders with "
+                         "models.decoder.load_causal_lm (or models.load).")
     config = replace(load_config(model_dir), num_labels=num_labels)
     tokenizer = Tokenizer(model_dir / "tokenizer.json")
     if (n_tokens := tokenizer._tok.get_vocab_size()) > config.vocab_size:
@@ -451,21 +449,3 @@ def load_model(name: str = MINILM, num_labels: int = 2, head_seed: int = 0,
     print(f"loaded {model_id} ({config.arch}, {config.num_layers} layers, C={config.hidden_size}, {dtype}); "
           f"head: {how}")
     return model.eval(), tokenizer, model_id
-
-
-# -----------------------------------------------------------------------------
-# target layers: the single place that decides what a LoRA / approximation target is
-
-
-def target_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
-    """Every nn.Linear (or subclass) whose last name component is in `targets`, by full module name,
-    e.g. {"encoder.layers.0.attn.query": Linear, ...} for targets ("query", "value")."""
-    if isinstance(targets, str) or not targets:
-        raise ValueError(f"targets={targets!r} must be a non-empty list of layer names, e.g. ['query', 'value'].")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    available = sorted({name.rsplit(".", 1)[-1] for name in linears})
-    if unknown := [t for t in targets if t not in available]:
-        raise ValueError(f"target {unknown[0]!r} matches no nn.Linear in the model; the available Linear names are "
-                         f"{available}. Pick targets from those (BERT/RoBERTa attention: query, key, value; "
-                         "decoders: q_proj, k_proj, v_proj, o_proj).")
-    return {name: m for name, m in linears.items() if name.rsplit(".", 1)[-1] in targets}

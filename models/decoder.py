@@ -9,7 +9,7 @@ M is causal plus padding (left or right; Mistral also a sliding window). Grouped
 the nkv key/value heads serves nh / nkv query heads. RoPE rotates the pairs (j, j + hs/2) of every head by
 the angle p * f_j at position p, f_j = theta^(-2j / hs); LLaMA-3 divides the low frequencies by `factor`
 and interpolates between (rope_type "llama3"). Qwen2 adds biases to q/k/v_proj.
-IniLoRA adapts q_proj and v_proj, as in the paper's LLM experiments (Section 4.2): DEFAULT_TARGETS.
+IniLoRA adapts q_proj and v_proj, as in the paper's LLM experiments (Section 4.2): models.DEFAULT_TARGETS.
 
 A KVCache preallocates every layer's keys and values for generation; `generate` is batched greedy
 decoding of left-padded prompts that stops each row at EOS (or when `stop` says so) or after
@@ -17,7 +17,7 @@ max_new_tokens. Checkpoints (a Hugging Face directory, single or sharded safeten
 the packaged SmolLM2, whose names checkpoint.py translates) load through one visible name map, with a
 shape check per copy and a final leftover/missing check; `load_causal_lm` is the one entry point.
 
-    python decoder.py --model smollm2 --prompt "What is 12 + 30?"
+    python -m models.decoder --model smollm2 --prompt "What is 12 + 30?"
 """
 import argparse
 import math
@@ -29,10 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import (SMOLLM2, gguf_config, iter_checkpoint, iter_gguf_as_hf, load_weights, open_gguf, read_json,
-                        resolve_model)
+from models.checkpoint import SMOLLM2, iter_checkpoint, load_weights, read_json, resolve_model
+from models.gguf_file import gguf_config, iter_gguf_as_hf, open_gguf
 from lib.common import parse_dtype, run_cli
-from data.tokenizer import ChatTokenizer
+from models.tokenizer import ChatTokenizer
 
 # Shapes in comments: B batch, T new tokens, S tokens attended to (cache + new), C hidden size, nh query
 # heads, nkv key/value heads, hs head size (nh * hs need not be C: Gemma), I MLP width, V vocabulary.
@@ -51,7 +51,6 @@ class Family:
 
 FAMILIES = {"llama": Family(), "mistral": Family(), "qwen2": Family(qkv_bias=True),
             "gemma": Family(act="gelu_tanh", norm_offset=1.0, scale_embed=True)}
-DEFAULT_TARGETS = {family: ("q_proj", "v_proj") for family in FAMILIES}  # Section 4.2: W_q and W_v
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -104,7 +103,7 @@ def config_from_json(raw: dict, path: str) -> DecoderConfig:
     expected = ("gelu", "gelu_pytorch_tanh") if family == "gemma" else ("silu",)
     if act not in expected or raw.get("mlp_bias") or (family != "qwen2" and raw.get("attention_bias")):
         raise ValueError(f"{path!r} has hidden_act={act!r}, mlp_bias={raw.get('mlp_bias')}, attention_bias="
-                         f"{raw.get('attention_bias')}; decoder.py implements {family} with act in {list(expected)} "
+                         f"{raw.get('attention_bias')}; models/decoder.py implements {family} with act in {list(expected)} "
                          "and no MLP or o_proj biases. Use a standard checkpoint of that family.")
     rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
@@ -405,11 +404,6 @@ def hf_name_map(config: DecoderConfig) -> dict[str, str]:
             for t in ("weight", "bias")[:2 if hf.endswith(biased) else 1]}
 
 
-def is_causal_lm(name: str) -> bool:
-    """Whether --model names a decoder (load_causal_lm) rather than an encoder (model.load_model)."""
-    path, _ = resolve_model(name)
-    return path.suffix == ".gguf" or read_json(path / "config.json").get("model_type") in FAMILIES
-
 
 def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32, device="cpu") -> tuple[DecoderLM, ChatTokenizer, str]:
     """(model in eval mode, its tokenizer, model_id) for "smollm2", a .gguf file, a directory or a Hub id.
@@ -439,7 +433,7 @@ def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32, device="cpu") -> tu
         model = DecoderLM(config)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()  # to_empty gives the two tied modules separate tensors
-    load_weights(model, tensors, hf_name_map(config), SKIPPED, source, "HF_LAYER_NAMES / SKIPPED in decoder.py")
+    load_weights(model, tensors, hf_name_map(config), SKIPPED, source, "HF_LAYER_NAMES / SKIPPED in models/decoder.py")
     print(f"loaded {model_id} ({config.family}, {config.num_layers} layers, C={config.hidden_size}, "
           f"{config.num_heads}/{config.num_kv_heads} q/kv heads, {dtype})")
     return model.eval(), tokenizer, model_id

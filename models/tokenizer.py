@@ -7,7 +7,7 @@ metadata (vocabulary, merges, token types, as llama.cpp stores them), and the mo
 template, a Jinja string rendered in a sandbox. No padding here: batches are padded when they
 are built (data/prepare.py `pad_batch`).
 
-    python decoder.py --model smollm2 --prompt "What is 12 + 30?"   (chat template + generation)
+    python -m models.decoder --model smollm2 --prompt "What is 12 + 30?"   (chat template + generation)
 """
 import hashlib
 import json
@@ -102,7 +102,7 @@ class ChatTokenizer:
     @classmethod
     def from_gguf(cls, reader, meta: dict, path):
         """Byte-level BPE from tokenizer.ggml.tokens / merges / token_type, as llama.cpp reads it."""
-        from checkpoint import gguf_list
+        from models.gguf_file import gguf_list
         from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
