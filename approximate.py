@@ -23,8 +23,8 @@ together with bmm; Adam is element-wise, so one Adam over the stack is one Adam 
 The report compares every final L_i to the best rank-r error (Eckart-Young, Section 4.3.2).
 
 The file reads in that order: 1) statistics, 2) start, 3) gradient, 4) Adam, 5) report; then the
-command line, which keeps the result with approximation_cache.py (in --cache-dir, else
-$INILORA_CACHE, else ~/.cache/inilora) so that every later --init inilora run reads it.
+cache (6: in --cache-dir, else $INILORA_CACHE, else ~/.cache/inilora) that every later --init inilora run
+reads, and 7) the command line.
 
 Under torchrun (`torchrun --nproc_per_node N approximate.py ...`) the ranks share the matrices, balanced by
 size; each starts its own from the draw one process would make, so the cache written (by rank 0) holds the
@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,7 +48,8 @@ from tqdm import tqdm
 
 import models
 from lib import distributed
-from lib.artifacts import sidecar_path
+from lib.artifacts import ArtifactError, check_tensors, save_artifact, sidecar_path, weights_fingerprint
+from lib.cache import check_writable, key_hash, lookup
 from lib.common import pick_device, run_cli
 from lib.distributed import World
 
@@ -385,7 +387,72 @@ def approximate(weights, cfg, world=World()):
 
 
 # -----------------------------------------------------------------------------
-# command line
+# 6) load or approximate: computed once per model, weights and settings, then read from the cache
+#
+#     <cache_dir>/<model>-r<rank>-<key>.safetensors   A (r, d_in), B (d_out, r) of every target, float32
+#     <cache_dir>/<model>-r<rank>-<key>.json          the settings and the approximation's report
+#
+# with <key> a hash of all that matters, in --cache-dir, else $INILORA_CACHE, else ~/.cache/inilora.
+
+ARTIFACT_KIND = "inilora-approximation"  # the cache's format name in its sidecar
+ARTIFACT_VERSION = 2  # bump when the cache's layout or meaning changes (1: its own sidecar code)
+
+
+def default_cache_dir():
+    return Path(os.environ.get("INILORA_CACHE") or "~/.cache/inilora").expanduser()
+
+
+def cache_path(cache_dir, model_id, fingerprint, cfg):
+    """The cache for these weights and settings (its sidecar: .json): the name hashes all that matters."""
+    key = key_hash(dict(format_version=ARTIFACT_VERSION, model_id=model_id, weights_fingerprint=fingerprint,
+                        settings=cfg.settings()))
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model_id)}-r{cfg.rank}-{key}"
+    return Path(cache_dir) / f"{stem}.safetensors"
+
+
+def read_factors(shapes, r, path):
+    """lookup's `read`: {name: (A, B)} after checking A (r, d_in) and B (d_out, r) of every target, float32."""
+    def read(tensors, meta):
+        check_tensors(tensors, {f"{name}.{k}": shape for name, (d_out, d_in) in shapes.items()
+                                for k, shape in (("A", (r, d_in)), ("B", (d_out, r)))}, path, "")
+        if wrong := sorted(key for key, T in tensors.items() if T.dtype != torch.float32):
+            raise ArtifactError(f"{str(path)!r} holds {wrong[:4]} in another dtype than float32")
+        return {name: (tensors[f"{name}.A"], tensors[f"{name}.B"]) for name in shapes}, meta["report"]
+    return read
+
+
+def load_or_approximate(model_id, weights, cfg, cache_dir=None):
+    """{name: (A, B)} from the cache when model, weights and settings all match; else computed and
+    cached. Says which happened and why."""
+    return cached_approximation(model_id, weights, cfg, cache_dir)[0]
+
+
+def cached_approximation(model_id, weights, cfg, cache_dir=None, world=World()):
+    """load_or_approximate that also returns the report and the cache file's path. Under torchrun every
+    rank calls it: the ranks share the matrices (approximate) and rank 0 alone writes."""
+    names = validate(weights, cfg)
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    check_writable(cache_dir)
+    fingerprint = weights_fingerprint(weights)
+    path = cache_path(cache_dir, model_id, fingerprint, cfg)
+    expected = dict(model_id=model_id, weights_fingerprint=fingerprint, targets=names, settings=cfg.settings())
+    shapes = {name: tuple(weights[name].shape) for name in names}
+    found, reason = lookup(path, ARTIFACT_KIND, ARTIFACT_VERSION, expected, read=read_factors(shapes, cfg.rank, path))
+    if found is not None:
+        print(f"cache hit: {path}")
+        return (*found, path)
+    print(f"{reason}; approximating")
+    factors, report = approximate(weights, cfg, world)
+    if world.main:
+        save_artifact(path, {f"{name}.{k}": t for name, (A, B) in factors.items() for k, t in (("A", A), ("B", B))},
+                      dict(expected, report=report), ARTIFACT_KIND, ARTIFACT_VERSION)
+    distributed.barrier(world)  # the file exists for every rank once this returns
+    print(f"cached: {path}")
+    return factors, report, path
+
+
+# -----------------------------------------------------------------------------
+# 7) command line
 
 
 def target_weights(model_name, targets=None):
@@ -464,8 +531,6 @@ def run(args, world):
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads} must be at least 1; leave it out for torch's default.")
         torch.set_num_threads(args.threads)
-    from approximation_cache import cached_approximation, default_cache_dir  # it imports this file
-
     cache_dir = default_cache_dir() if args.cache_dir is None else Path(args.cache_dir).expanduser()
     why = ("--cache-dir" if args.cache_dir else "$INILORA_CACHE" if os.environ.get("INILORA_CACHE")
            else "the default; move it with --cache-dir or $INILORA_CACHE")

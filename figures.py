@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 import inilora
-from approximate import ApproxConfig, target_weights
-from approximation_cache import cached_approximation
+from approximate import ApproxConfig, cached_approximation, target_weights
 from lib.common import run_cli, write_atomic
 from data.prepare import TASKS
 from evaluate import best_dev

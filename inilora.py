@@ -30,8 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from approximate import ApproxConfig
-from approximation_cache import load_or_approximate
+from approximate import ApproxConfig, load_or_approximate
 from lib.artifacts import check_tensors, read_artifact, save_artifact, weights_fingerprint
 from lib.common import run_cli
 from models import DEFAULT_TARGETS, target_linears

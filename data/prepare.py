@@ -43,7 +43,8 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import MINILM, resolve_model
-from lib.artifacts import check_tensors, read_artifact, save_artifact
+from lib.artifacts import check_tensors, save_artifact
+from lib.cache import lookup
 from lib.common import run_cli
 from data import sft
 from data.arithmetic import ARITHMETIC
@@ -118,30 +119,17 @@ def _unflatten(tensors):
 
 def _read_cache(path, key, kind):
     """The cached split, or None (with the reason printed in one line) when missing, damaged or stale."""
-    if not path.exists() and not path.with_suffix(".json").exists():
-        print(f"cache miss: {path} (not built yet)")
-        return None
-    try:
-        tensors, meta = read_artifact(path, CACHE_KIND, CACHE_VERSION, CACHE_REMEDY)
-        stale = [k for k in key if meta.get(k) != key[k]]
-        if stale:
-            print(f"cache {path.name}: {', '.join(stale)} changed; rebuilding it")
-            return None
+    def read(tensors, meta):
         if kind == "generation":  # prompt ++ response sequences, prompts and answers (data/sft.py)
             check_tensors(tensors, sft.sft_shapes(meta), path, CACHE_REMEDY)
-            return _hit(path, sft.unflatten_sft(tensors, meta))
+            return sft.unflatten_sft(tensors, meta)
         n, num_tokens = meta["num_examples"], meta["num_tokens"]
         shapes = {"input_ids": (num_tokens,), "token_type_ids": (num_tokens,), "offsets": (n + 1,), "labels": (n,)}
         check_tensors(tensors, shapes, path, CACHE_REMEDY)
-        data = _unflatten(tensors)
-    except (ValueError, KeyError, OSError) as e:  # ArtifactError is a ValueError; rebuilding fixes all
-        print(f"cache {path} is damaged or out of date ({type(e).__name__}: {e})")
-        return None
-    return _hit(path, data)
+        return _unflatten(tensors)
 
-
-def _hit(path, data):
-    print(f"cache hit: {path}")
+    data, reason = lookup(path, CACHE_KIND, CACHE_VERSION, key, CACHE_REMEDY, read)
+    print(f"cache hit: {path}" if data is not None else f"{reason}; rebuilding")
     return data
 
 

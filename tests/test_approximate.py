@@ -31,7 +31,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 import approximate as ap
-import approximation_cache as ac
 from lib import artifacts as common
 
 
@@ -181,14 +180,14 @@ SMALL = ap.ApproxConfig(rank=4, steps=30, lr=5e-3, optimum=False)
 
 def test_cache_hit_returns_identical_tensors_without_recomputing(tmp_path, monkeypatch, capsys):
     weights = random_weights()
-    first = ac.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    first = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
     assert "cache miss" in capsys.readouterr().out
 
     def fail(*args):
         raise AssertionError("approximate() ran on a cache hit")
 
     monkeypatch.setattr(ap, "approximate", fail)
-    second = ac.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    second = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
     assert "cache hit: " in capsys.readouterr().out
     for name in weights:
         assert torch.equal(first[name][0], second[name][0])
@@ -198,19 +197,19 @@ def test_cache_hit_returns_identical_tensors_without_recomputing(tmp_path, monke
 def test_cache_misses_on_every_changed_setting(tmp_path, monkeypatch, capsys):
     weights = random_weights()
     counter = Counter(monkeypatch)
-    ac.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
     changes = dict(rank=3, steps=31, lr=4e-3, lr_step=10, lr_gamma=0.5, seed=1, tol=1e-3)
     for field, value in changes.items():
         capsys.readouterr()
-        ac.load_or_approximate("tiny", weights, ap.ApproxConfig(**{**vars(SMALL), field: value}),
+        ap.load_or_approximate("tiny", weights, ap.ApproxConfig(**{**vars(SMALL), field: value}),
                                tmp_path)
         assert "cache miss" in capsys.readouterr().out, field
-    ac.load_or_approximate("other-model", weights, SMALL, tmp_path)
+    ap.load_or_approximate("other-model", weights, SMALL, tmp_path)
     changed = {**weights, "s.0": weights["s.0"] + 1e-3}
-    ac.load_or_approximate("tiny", changed, SMALL, tmp_path)
+    ap.load_or_approximate("tiny", changed, SMALL, tmp_path)
     assert counter.calls == 1 + len(changes) + 2
     # settings that do not change A, B share the cache
-    ac.load_or_approximate("tiny", weights, ap.ApproxConfig(**{**vars(SMALL), "device": "cpu"}),
+    ap.load_or_approximate("tiny", weights, ap.ApproxConfig(**{**vars(SMALL), "device": "cpu"}),
                            tmp_path)
     assert counter.calls == 1 + len(changes) + 2
 
@@ -234,7 +233,7 @@ def forge(st, js, tensors, sidecar):
 def test_damaged_edited_or_mismatched_cache_is_reported_and_recomputed(tmp_path, monkeypatch, capsys):
     weights = random_weights()
     counter = Counter(monkeypatch)
-    first = ac.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    first = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
     st, js = cache_files(tmp_path)
 
     def truncate():
@@ -273,7 +272,7 @@ def test_damaged_edited_or_mismatched_cache_is_reported_and_recomputed(tmp_path,
         forge(st, js, tensors, json.loads(js.read_text()))
 
     def other_format():
-        forge(st, js, load_file(st), {**json.loads(js.read_text()), "version": ac.ARTIFACT_VERSION - 1})
+        forge(st, js, load_file(st), {**json.loads(js.read_text()), "version": ap.ARTIFACT_VERSION - 1})
 
     def no_sidecar():
         js.unlink()
@@ -286,12 +285,12 @@ def test_damaged_edited_or_mismatched_cache_is_reported_and_recomputed(tmp_path,
                (nan_tensor, "cache damaged: .*'s.2.A'.* inf or nan"),
                (wrong_shape, "cache damaged: .*'s.0.A'.* \\(3, 32\\).* \\(4, 32\\)"),
                (float64, "cache damaged: .*'t.0.B'.* float32"),
-               (other_format, f"cache damaged: .* version={ac.ARTIFACT_VERSION - 1}"),
+               (other_format, f"cache damaged: .* version={ap.ARTIFACT_VERSION - 1}"),
                (no_sidecar, "cache damaged: .*json' does not exist")]
     for calls, (damage, message) in enumerate(damages, start=2):
         damage()
         capsys.readouterr()
-        again = ac.load_or_approximate("tiny", weights, SMALL, tmp_path)
+        again = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
         out = capsys.readouterr().out
         assert re.search(message, out), (damage.__name__, out)
         assert "; approximating" in out and len(out.splitlines()[0]) < 400, damage.__name__  # one line
@@ -299,16 +298,16 @@ def test_damaged_edited_or_mismatched_cache_is_reported_and_recomputed(tmp_path,
         for name in weights:  # recomputed deterministically, and the cache is whole again
             assert torch.equal(first[name][0], again[name][0])
             assert torch.equal(first[name][1], again[name][1])
-        ac.load_or_approximate("tiny", weights, SMALL, tmp_path)
+        ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
         assert "cache hit" in capsys.readouterr().out
 
 
 def test_cache_is_a_common_artifact_with_settings_and_report(tmp_path):
     weights = random_weights()
-    factors = ac.load_or_approximate("tiny", weights, SMALL, tmp_path)
+    factors = ap.load_or_approximate("tiny", weights, SMALL, tmp_path)
     st, _ = cache_files(tmp_path)
     # the cache is read by common.read_artifact and holds A (r, d_in), B (d_out, r) of every target
-    tensors, meta = common.read_artifact(st, ac.ARTIFACT_KIND, ac.ARTIFACT_VERSION, remedy="")
+    tensors, meta = common.read_artifact(st, ap.ARTIFACT_KIND, ap.ARTIFACT_VERSION, remedy="")
     assert meta["settings"] == SMALL.settings() and meta["model_id"] == "tiny"
     assert meta["targets"] == sorted(weights) and meta["report"]["steps_run"] == SMALL.steps
     for name, (A, B) in factors.items():
@@ -319,13 +318,13 @@ def test_cache_is_a_common_artifact_with_settings_and_report(tmp_path):
 def test_diverged_run_raises_and_writes_nothing(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(FloatingPointError, match="diverged: the loss of 's.0' .* Lower --lr"):
-        ac.load_or_approximate("tiny", random_weights(), ap.ApproxConfig(rank=4, steps=20, lr=1e30),
+        ap.load_or_approximate("tiny", random_weights(), ap.ApproxConfig(rank=4, steps=20, lr=1e30),
                                cache)
     assert list(cache.iterdir()) == []
     weights = random_weights()
     weights["t.1"][3, 5] = math.inf
     with pytest.raises(ValueError, match="target 't.1' contains inf or nan"):
-        ac.load_or_approximate("tiny", weights, SMALL, cache)
+        ap.load_or_approximate("tiny", weights, SMALL, cache)
     assert list(cache.iterdir()) == []
 
 
@@ -333,14 +332,14 @@ def test_unwritable_cache_dir_fails_before_computing(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("not a directory")
     monkeypatch.setattr(ap, "approximate", lambda *a: pytest.fail("computed before the check"))
     with pytest.raises(ValueError, match="cache directory .* is not writable.*--cache-dir"):
-        ac.load_or_approximate("tiny", random_weights(), SMALL, tmp_path / "a_file" / "cache")
+        ap.load_or_approximate("tiny", random_weights(), SMALL, tmp_path / "a_file" / "cache")
 
 
 def test_default_cache_dir_follows_inilora_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("INILORA_CACHE", str(tmp_path / "here"))
-    assert ac.default_cache_dir() == tmp_path / "here"
+    assert ap.default_cache_dir() == tmp_path / "here"
     monkeypatch.delenv("INILORA_CACHE")
-    assert ac.default_cache_dir().parts[-2:] == (".cache", "inilora")
+    assert ap.default_cache_dir().parts[-2:] == (".cache", "inilora")
 
 
 def test_weights_fingerprint():
@@ -377,7 +376,7 @@ def test_bad_settings_are_clear_value_errors(change, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_device_fails_before_the_cache_is_touched(tmp_path):
     with pytest.raises(ValueError, match="device='cuda' was requested but is not available"):
-        ac.load_or_approximate("tiny", random_weights(), ap.ApproxConfig(device="cuda"),
+        ap.load_or_approximate("tiny", random_weights(), ap.ApproxConfig(device="cuda"),
                                tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
 
@@ -473,7 +472,6 @@ def test_a_decoder_is_approximated_on_its_q_proj_and_v_proj(tiny_decoder, tmp_pa
 
 # invariant: under torchrun the ranks share the matrices, and the cache rank 0 writes holds the A, B of one process
 def test_a_sharded_approximation_writes_the_cache_of_a_single_process(tiny_checkpoint, tmp_path):
-    import approximation_cache
     from lib.artifacts import read_artifact
 
     root = Path(__file__).resolve().parents[1]
@@ -488,7 +486,7 @@ def test_a_sharded_approximation_writes_the_cache_of_a_single_process(tiny_check
     assert "2 of them on rank 0 of 2" in done.stdout  # 4 matrices of one size: 2 a rank
     (one,), (two,) = (list((tmp_path / c).glob("*.safetensors")) for c in ("one", "two"))
     assert one.name == two.name  # the same key: model, weights, settings
-    (a, meta_a), (b, meta_b) = (read_artifact(p, approximation_cache.ARTIFACT_KIND, approximation_cache.ARTIFACT_VERSION,
+    (a, meta_a), (b, meta_b) = (read_artifact(p, ap.ARTIFACT_KIND, ap.ARTIFACT_VERSION,
                                               "") for p in (one, two))
     assert a.keys() == b.keys() and len(a) == 8
     for key in a:
