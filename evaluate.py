@@ -1,23 +1,30 @@
-"""Evaluation: the evaluation loop, the evaluation of a run's adapter, and the paper-style comparison
-table (Table 1) over training runs. The metrics (accuracy, f1, matthews, pearson, spearman) are in
-metrics.py; which task reports which is in `data.prepare.TASKS`, and the first picks the best epoch.
+"""Evaluation: the scores of a model on a prepared split, the dev scores train.py records after every epoch,
+the evaluation of a run's adapter on the original base model, and the paper-style comparison table (Table 1).
 
-`evaluate(model, split, task, pad_id)` runs a model over a prepared split in order (train.py
-calls it after every epoch). From the command line, evaluate a run directory's best (or last)
-adapter on the original base model, or compare runs: one row per initialiser, each metric
-the best-epoch dev score x100 as mean ± std over seeds (std with n - 1; '-' for one seed):
+Classification and regression (encoders): one forward pass per batch, then the task's metrics
+(data/metrics.py: accuracy, f1, matthews, pearson, spearman; `data.prepare.TASKS` says which, and the
+first picks the best epoch). Generation (causal LMs): every prompt of the split (data/sft.py: the chat
+template or the Alpaca prompt, exactly the prefix the model was trained on) is continued greedily by
+models.decoder.generate, a batch at a time, left-padded, with the KV cache. A row stops at EOS, after
+max_new_tokens, or once its answer line is complete:
+
+    gsm8k format   a line that starts with '####' followed by a newline ("#### 42\\n")
+    math format    a line holding "The answer is" (MetaMathQA's closing line) followed by a newline
+
+The final answer is then extracted by the task's answer_format (data.sft.EXTRACTORS: GSM8K the number
+after '####', else the last number; MATH the last \\boxed{}) and compared with the gold answer:
+
+    exact_match = (1/N) sum_i [extract(generation_i) == gold_i]
+
+From the command line, evaluate a run directory's best (or last) adapter on the original base model
+(a generation task's generations go beside the run as predictions-CHECKPOINT-SPLIT.jsonl), score a base
+model without an adapter (--base), or compare runs: one row per initialiser, each metric the best-epoch
+dev score x100 as mean ± std over seeds (std with n - 1; '-' for one seed):
 
     python evaluate.py runs/minilm-rotten-tomatoes-lora-r8-seed0 --split test
     python evaluate.py --compare runs/minilm-rotten-tomatoes-* --markdown
-
-A run of a generation task (a causal LM, e.g. --task arithmetic) is scored by batched greedy generation
-with the KV cache and exact match of the extracted answer (generation.py); the generations are written
-beside the run as predictions-CHECKPOINT-SPLIT.jsonl. --base scores a base model without an adapter:
-
     python evaluate.py runs/smollm2-arithmetic-lora-r8-seed0 --split test
     python evaluate.py --base --model smollm2 --task arithmetic --split test --out runs/base-smollm2-arithmetic
-
-Tests: python3 -m pytest tests/test_metrics.py tests/test_evaluate.py -q
 """
 import argparse
 import json
@@ -25,15 +32,17 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-import generation
 import inilora
-from lib.common import pick_device, run_cli, write_json
-from data.prepare import TASKS, load_split, pad_batch
-from models.decoder import load_causal_lm
-from metrics import METRICS, accuracy, f1, matthews, pearson, spearman  # noqa: F401 (re-exported)
+from lib import distributed
+from lib.common import pick_device, run_cli, write_atomic, write_json
+from data.prepare import TASKS, load_split, pad_batch, subset
+from data.sft import ANSWER_IS, exact_match
+from models.decoder import generate, load_causal_lm
+from data.metrics import METRICS
 from models.encoder import load_model
 
 # -----------------------------------------------------------------------------
@@ -83,6 +92,97 @@ def evaluate(model, split, task, pad_id, batch_size=EVAL_BATCH, device="cpu"):
     preds = predict(model, split, task, pad_id, batch_size, device)  # (N,)
     labels = split["labels"].cpu().numpy()  # (N,)
     return {name: METRICS[name](preds, labels) for name in task.metrics}
+
+
+# -----------------------------------------------------------------------------
+# generation: batched greedy decoding, answer extraction, exact match
+# Legend: N examples scored, B batch of prompts
+
+ANSWER_LINE = {"gsm8k": "####", "math": ANSWER_IS}  # answer_format -> what marks the answer line
+
+
+def answer_line_done(text, answer_format) -> bool:
+    """Whether `text` holds a complete answer line: the marker of `answer_format`, then a newline
+    (for gsm8k the marker must start its line, as in '...\\n#### 42\\n')."""
+    marker = ANSWER_LINE[answer_format]
+    lines = text.split("\n")[:-1]  # the lines a newline has closed
+    if answer_format == "gsm8k":
+        return any(line.lstrip().startswith(marker) for line in lines)
+    return any(marker in line for line in lines)
+
+
+def stop_rule(tokenizer, answer_format):
+    """decoder.generate's `stop(new_ids)`: true once the answer line is complete. The text is decoded
+    again only when the newest token holds a newline, so the check costs one short decode per token."""
+
+    def stop(ids):
+        if "\n" not in tokenizer.decode(ids[-1:]):
+            return False
+        return answer_line_done(tokenizer.decode(ids), answer_format)
+
+    return stop
+
+
+@torch.no_grad()
+def score_generation(model, tokenizer, split, task, batch_size=16, max_new_tokens=256, limit=None, device="cpu", desc=None):
+    """({"exact_match": value}, records) of `model` on the first `limit` examples (None: all) of a
+    generation split from data.prepare.load_split; records[i] = {question, generation, extracted,
+    gold, correct}. The model must be on `device`; it is left in eval mode."""
+    n_all = len(split["prompt_ids"])
+    n = n_all if limit is None else min(limit, n_all)
+    if n == 0 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"cannot score {n} examples in batches of {batch_size} with max_new_tokens="
+                         f"{max_new_tokens}: pass a non-empty split, a batch size and max_new_tokens of at least 1.")
+    model.eval()
+    stop = stop_rule(tokenizer, task.answer_format)
+    records = []
+    for i in tqdm(range(0, n, batch_size), desc=desc or f"generating {task.name}", unit="batch", leave=False):
+        prompts = [p.tolist() for p in split["prompt_ids"][i:i + batch_size]]  # B lists of ids
+        outputs = generate(model, prompts, max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id, stop=stop)
+        for j, ids in enumerate(outputs):
+            text = tokenizer.decode(ids)  # special tokens (EOS) left out
+            gold = split["answers"][i + j]
+            records.append({"question": split["questions"][i + j], "generation": text,
+                            "extracted": task.extract_answer(text), "gold": gold,
+                            "correct": exact_match(text, gold, task.answer_format)})
+    return exact_match_of(records), records
+
+
+def exact_match_of(records):
+    """{"exact_match": ...} of scored records (score_generation's, or several ranks' gathered under torchrun)."""
+    # exact_match = (1/N) sum_i [extract(generation_i) == gold_i]
+    return {"exact_match": sum(r["correct"] for r in records) / len(records)}
+
+
+def write_predictions(path, records):
+    """One JSON object per line, in the split's order (written atomically: never a partial file)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_atomic(path, text.encode("utf-8"))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# the dev scores after each epoch (train.py), sharded under torchrun
+
+
+def dev_scores(cfg, task, run, device):
+    """(metrics, printed description of what was scored) on the dev split; under torchrun each rank scores
+    its share and the predictions are gathered, so every rank gets the metrics of the whole split."""
+    dev, world = run.splits["dev"], run.world
+    if not task.generates:
+        mine = distributed.share(list(range(len(dev["labels"]))), world)
+        preds = (predict(run.model, subset(dev, mine), task, run.pad_id, cfg.eval_batch_size or EVAL_BATCH, device)
+                 if mine else np.empty(0))
+        preds = np.concatenate(distributed.gather(preds, world))  # (N,), in the split's order
+        return {name: METRICS[name](preds, dev["labels"].numpy()) for name in task.metrics}, "dev"
+    n = len(dev["prompt_ids"])
+    limit = min(cfg.eval_limit or n, n)
+    mine = distributed.share(list(range(limit)), world)
+    batch = cfg.eval_batch_size or cfg.batch_size
+    mine = score_generation(run.model, run.tokenizer, subset(dev, mine), task, batch, cfg.max_new_tokens, None, device,
+                            desc="generating dev")[1] if mine else []
+    records = [r for part in distributed.gather(mine, world) for r in part]  # every rank's, in order
+    return exact_match_of(records), "dev" if limit == n else f"dev subset {limit} of {n}"
 
 
 # -----------------------------------------------------------------------------
@@ -171,9 +271,9 @@ def score_split(model, tokenizer, task, split, max_length, data_dir, opts, devic
     if task.kind != "generation":
         return evaluate(model.to(device), data, task, tokenizer.pad_id, opts.get("batch_size") or EVAL_BATCH, device), \
             len(data["labels"])
-    metrics, records = generation.score(model.to(device), tokenizer, data, task, opts.get("batch_size") or GENERATE_BATCH,
+    metrics, records = score_generation(model.to(device), tokenizer, data, task, opts.get("batch_size") or GENERATE_BATCH,
                                         opts.get("max_new_tokens", 256), opts.get("limit"), device)
-    print(f"wrote {generation.write_predictions(predictions, records)}")
+    print(f"wrote {write_predictions(predictions, records)}")
     return metrics, len(records)
 
 

@@ -2,7 +2,7 @@
 
 Only A, B (and an encoder's task head) train, AdamW over those parameters, evaluation on dev
 after every epoch, and the best epoch's dev score is the result (paper Section 4.2). The task's
-kind picks the model, the batches, the loss and the evaluation (kinds.py), never the loop:
+kind (data.task.KINDS) picks the model, the batches, the loss and the evaluation, never the loop:
 
   classification / regression (BERT/RoBERTa, models/encoder.py): cross-entropy (MSE for STS-B) over the
       examples of a step; dev metrics from data.prepare.TASKS.
@@ -12,7 +12,7 @@ kind picks the model, the batches, the loss and the evaluation (kinds.py), never
           L = sum_b sum_t m_bt CE(logits_b,t-1, x_b,t) / sum_b sum_t m_bt    (m = 1 on response tokens)
 
       where b runs over all --grad-accum micro-batches of the step, so accumulation equals one big
-      batch; dev score = exact match of greedy generations (generation.py), on --eval-limit examples.
+      batch; dev score = exact match of greedy generations (evaluate.py), on --eval-limit examples.
 
 The learning rate at step t of T, with W = int(warmup_ratio * T) warmup steps, is lr * t / W for
 t < W, then (progress p = (t - W) / (T - W))
@@ -49,15 +49,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lib import distributed
 import inilora
 import memory
 from lib.common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
-from data.prepare import TASKS, load_split
+from data.prepare import TASKS, load_split, loss_units, training_batch
+from data.sft import IGNORE_INDEX
 from models import DEFAULT_TARGETS
+from evaluate import dev_scores
 from evaluate import load_base as load_base_model
-from kinds import KINDS, dev_scores
 from lib.runs import (StopRequest, TensorPeak, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
                   memory_report, peak_memory, remove_failed_start, restore_state, rng_states, save_checkpoint,
                   stored_configs)
@@ -135,6 +137,47 @@ def lr_at(step, total, cfg):
         p = (step - warmup) / max(1, total - warmup)
         return cfg.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * p)))
     return cfg.lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+# -----------------------------------------------------------------------------
+# the objectives: a micro-batch's share of the step's loss (what L is a mean over: data.prepare.loss_units)
+# Legend: B examples in a micro-batch, T tokens (the longest in it), V vocabulary, N response tokens.
+
+
+def loss_fn(logits, labels):
+    # cross-entropy for classes; mean squared error for regression (num_labels = 1, STS-B)
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits[:, 0].float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def classification_loss(model, batch, units):
+    ids, mask, types, labels = batch
+    logits = model(ids, mask, types)  # (B, num_labels)
+    # the mean over the micro-batch's B examples, weighted by B / (examples in the step): exactly 1 without
+    # accumulation, so the loss and its gradients are those of a plain batch
+    return loss_fn(logits, labels) * (len(labels) / units)
+
+
+def token_loss(logits, targets):
+    # sum_n CE(logits_n, x_n) over the N loss tokens: logits (N, V) at positions t - 1, targets x_t (N,)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def sft_loss(model, batch, units):
+    ids, mask, labels = batch
+    # right padding needs no mask (SDPA's fast causal path): real tokens never attend to the padding after
+    # them, their positions are 0..T-1 either way, and no loss token is padding; other padding keeps its mask
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    h = model.hidden_states(ids, None if right_padded else mask)  # (B, T, C)
+    # logits at t - 1 predict token t: lm_head only where m_t = 1, (N, V) instead of (B, T, V)
+    predicts = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    logits = model.lm_head(h[:, :-1][predicts])  # (N, C) -> (N, V)
+    # L = sum over the micro-batch's response tokens of CE / (response tokens of the whole step)
+    return token_loss(logits, labels[:, 1:][predicts]) / units
+
+
+OBJECTIVES = {False: classification_loss, True: sft_loss}  # Task.generates -> its loss
 
 
 GROUP_STEPS = 50  # --group-by-length: steps per length-sorted chunk (transformers' mega-batch of 50 batches)
@@ -245,8 +288,8 @@ def settle(pending, step, steps_per_epoch, run, world=distributed.World()):
 def train(cfg, lcfg, run, device, s: Setup):
     """The loop. Returns the final state, with "signal" added when a signal stopped it. Under torchrun each
     rank runs it on its share of every step (lib/distributed.py); rank 0 alone writes."""
-    task, kind, model, opt, state, world = (TASKS[cfg.task], KINDS[TASKS[cfg.task].kind], s.model, s.opt, s.state,
-                                            s.world)
+    task, model, opt, state, world = TASKS[cfg.task], s.model, s.opt, s.state, s.world
+    objective = OBJECTIVES[task.generates]
     params = [p for p in model.parameters() if p.requires_grad]
     n = len(s.splits["train"]["input_ids"])
     per_step = cfg.batch_size * cfg.grad_accum  # examples per optimizer step (all ranks together)
@@ -292,16 +335,16 @@ def train(cfg, lcfg, run, device, s: Setup):
                 for group in opt.param_groups:
                     group["lr"] = lr
                 step_order = order[start:start + per_step].tolist()
-                units = kind.count(s.splits["train"], step_order)  # the WHOLE step's examples or response tokens
+                units = loss_units(task, s.splits["train"], step_order)  # the WHOLE step's examples or response tokens
                 mine = distributed.share(step_order, world)  # this rank's examples (all of them in one process)
                 opt.zero_grad(set_to_none=True)
                 with watch.watching(mine, model, opt, state["step"] + 1):  # the CPU's tensor peak, in one step
-                    micro = [kind.batch(s.splits["train"], mine[i:i + cfg.batch_size], s.pad_id, device)
+                    micro = [training_batch(task, s.splits["train"], mine[i:i + cfg.batch_size], s.pad_id, device)
                              for i in range(0, len(mine), cfg.batch_size)]
                     step_loss = torch.zeros((), device=device)
                     for batch in micro:  # gradients add up over the micro-batches: one step of the whole batch
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-                            loss = kind.loss(model, batch, units)
+                            loss = objective(model, batch, units)
                         loss.backward()
                         step_loss = step_loss + loss.detach()  # stays on the device: no host sync per step
                     distributed.sum_gradients(params, world)  # torchrun: the sum over ranks, the whole batch's

@@ -28,10 +28,9 @@ sys.path.append(str(BENCH))
 import torch
 
 import inilora
-import kinds
 import train
 from lib.common import pick_device, run_cli
-from data.prepare import TASKS, load_split, pad_batch
+from data.prepare import TASKS, load_split, pad_batch, training_batch
 from evaluate import EVAL_BATCH, evaluate
 from models.encoder import load_model
 from sidebyside import interleaved, reference_encoder
@@ -68,7 +67,8 @@ def contestants(args, device):
         inilora.inject(model, cfg, model_id)
         inilora.mark_trainable(model, cfg, verbose=False)
         model.to(device)
-        out[name] = (model, lambda b, m=model: m(b[0], b[1], b[2]), kinds.classification_batch, grouped,
+        out[name] = (model, lambda b, m=model: m(b[0], b[1], b[2]),
+                     lambda *a: training_batch(TASKS[TASK], *a), grouped,
                      lambda split, m=model: evaluate(m, split, TASKS[TASK], tokenizer.pad_id, EVAL_BATCH, device))
     ref = reference_encoder("minilm", 2, "lora", args.rank, cfg.targets, device)
     out["transformers+peft"] = (ref, lambda b: ref(input_ids=b[0], attention_mask=b[1], token_type_ids=b[2]).logits,
@@ -102,7 +102,7 @@ def run_epoch(args, device):
                 group["lr"] = lr
             start = time.perf_counter()
             b = batch(split, idx, tokenizer.pad_id, device)
-            loss = kinds.loss_fn(forward(b), b[3])
+            loss = train.loss_fn(forward(b), b[3])
             st["opt"].zero_grad(set_to_none=True)
             loss.backward()
             st["opt"].step()

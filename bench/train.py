@@ -36,11 +36,10 @@ sys.path.append(str(BENCH))
 import torch
 
 import inilora
-import kinds
 import train
 from models.checkpoint import packaged_path
 from lib.common import pick_device, run_cli
-from data.prepare import load_split, pad_batch
+from data.prepare import TASKS, load_split, pad_batch, training_batch
 from data.sft import IGNORE_INDEX
 from models.decoder import load_causal_lm
 from models.encoder import load_model
@@ -57,7 +56,7 @@ def encoder_batch(args, tokenizer, vocab_size):
     if args.pad == "real":
         split = load_split("rotten-tomatoes", "train", tokenizer, 512)
         idx = train.epoch_order(len(split["labels"]), 0, 0)[:B].tolist()  # train.py's first step, seed 0
-        return (*kinds.classification_batch(split, idx, tokenizer.pad_id, "cpu")[:3], split["labels"][idx])
+        return (*training_batch(TASKS["rotten-tomatoes"], split, idx, tokenizer.pad_id, "cpu")[:3], split["labels"][idx])
     lengths = [T] * B if args.pad == "none" else torch.randint(T // 4, T + 1, (B,), generator=g).tolist()
     lengths[0] = T  # padded to --seq-len
     rows = [torch.randint(1000, vocab_size, (n,), generator=g) for n in lengths]
@@ -89,7 +88,7 @@ def bench_encoder(args, device):
 
         def step(forward=forward, opt=opt):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-                loss = kinds.loss_fn(forward(), labels)
+                loss = train.loss_fn(forward(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -133,7 +132,7 @@ def bench_decoder(args, device):
                                                    target_modules=["q_proj", "v_proj"]))
     if args.task:  # a real batch: train.py's first micro-batch of the task
         split = load_split(args.task, "train", tokenizer, 512)
-        ids, mask, labels = kinds.sft_batch_on(split, list(range(args.batch_size)), tokenizer.pad_id, device)
+        ids, mask, labels = training_batch(TASKS[args.task], split, list(range(args.batch_size)), tokenizer.pad_id, device)
         print(f"task {args.task}: batch {tuple(ids.shape)}, {int(mask.sum())} real tokens")
     else:
         ids, mask, labels = sft_batch(model.config.vocab_size, args, device)
@@ -147,7 +146,7 @@ def bench_decoder(args, device):
         def step(m=m, opt=opt, name=name):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
                 if name == "ours":
-                    loss = kinds.sft_loss(m, (ids, mask, labels), units)
+                    loss = train.sft_loss(m, (ids, mask, labels), units)
                 else:  # transformers' mean over the labels that are not -100: the same token mean
                     loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)

@@ -246,6 +246,35 @@ def pad_batch(examples_ids, type_ids, pad_id):
     return input_ids, token_type_ids, attention_mask
 
 
+def training_batch(task, split, idx, pad_id, device):
+    """The micro-batch of examples `idx` of a prepared training split, on `device`, as the task's kind trains:
+    an encoder's (input_ids, attention_mask or None, token_type_ids, labels), padded to the longest (pad_batch);
+    a causal LM's (input_ids, attention_mask, labels), right-padded, labels -100 off the response (data.sft)."""
+    if task.generates:
+        ids, mask, labels = sft.sft_batch([split["input_ids"][j] for j in idx],
+                                          [split["token_type_ids"][j] for j in idx], pad_id)  # (B, T) each
+        return ids.to(device), mask.to(device), labels.to(device)
+    ids, types, mask = pad_batch([split["input_ids"][j] for j in idx],
+                                 [split["token_type_ids"][j] for j in idx], pad_id)  # (B, T) each
+    mask = None if mask is None else mask.to(device)  # None: no padding
+    return ids.to(device), mask, types.to(device), split["labels"][idx].to(device)
+
+
+def loss_units(task, split, idx) -> int:
+    """What the loss over examples `idx` is a mean over, counted from the data on the CPU (no device sync):
+    examples, or for generation the response tokens predicted (those sft_batch labels, past position 0)."""
+    if task.generates:
+        return sum(int(split["token_type_ids"][j][1:].sum()) for j in idx)
+    return len(idx)
+
+
+def subset(split, idx):
+    """The examples `idx` of a prepared split: its per-example lists and tensors indexed, the rest (counts of
+    a generation split's truncations) kept."""
+    return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] if torch.is_tensor(v) else v
+            for k, v in split.items()}
+
+
 def describe(task, split, data, max_length):
     """One line: size, label balance and token-length statistics of a prepared split."""
     if task_spec(task).kind == "generation":  # counts of truncated and dropped examples

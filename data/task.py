@@ -10,9 +10,9 @@ new file defining a `Task` and one line in `data.prepare.TASKS`:
     MY_TASK = Task("my-task", "classification", ("accuracy",), ("no", "yes"), ("train", "dev"),
                    source=my_path, read=my_read, split_rule="the file's own train/dev split")
 
-Kinds of labels (`KINDS`): "classification" (labels are class ids, label_names[i] names
-class i), "regression" (one score per example, label_names is None) and "generation"
-(math word problems for a causal LM): `Examples.texts` are then the questions,
+Kinds (`KINDS`, the one table of them, each a `Kind` record): "classification" (labels are class
+ids, label_names[i] names class i) and "regression" (one score per example, label_names is None)
+fine-tune an encoder with a task head; "generation" (math word problems) fine-tunes a causal LM: `Examples.texts` are then the questions,
 `Examples.pairs` the worked responses (the tokens the loss covers, see data/sft.py) and
 `Examples.labels` the gold final answers as strings; `answer_format` ("gsm8k" or "math")
 names how a final answer is extracted from a response (data.sft.EXTRACTORS).
@@ -28,9 +28,19 @@ import torch
 
 from data.sft import EXTRACTORS
 
-# label kind -> dtype of the (N,) label tensor a prepared split holds; generation's gold answers are
-# strings, kept in the cache's sidecar (data/sft.py), so it has no label tensor
-KINDS = {"classification": torch.int64, "regression": torch.float32, "generation": None}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What the kind of a task decides, for every file that asks: the rest reads these fields, never the name."""
+    label_dtype: torch.dtype | None  # of the (N,) label tensor; None: gold answers are strings (data/sft.py's sidecar)
+    family: str  # the model it fine-tunes, a key of models.DEFAULT_TARGETS: "encoder" (with a task head) or "decoder"
+    generates: bool  # trained on response tokens and scored by generating answers (exact match), not by one forward
+
+
+KINDS = {"classification": Kind(torch.int64, "encoder", False),
+         "regression": Kind(torch.float32, "encoder", False),
+         "generation": Kind(None, "decoder", True)}
 
 
 class Examples(NamedTuple):
@@ -59,7 +69,7 @@ class Task:
     def __post_init__(self):
         # a task table error is the programmer's, caught at import: fail loudly, with the fix
         if self.kind not in KINDS:
-            labelled = sorted(k for k, dtype in KINDS.items() if dtype is not None)
+            labelled = sorted(k for k, kind in KINDS.items() if kind.label_dtype is not None)
             raise ValueError(f"task {self.name!r} has kind {self.kind!r}, which is not one of {labelled} "
                              "(label tensors) nor 'generation' (prompts and responses, data/sft.py); "
                              "add the kind to data.task.KINDS or use one of those.")
@@ -80,7 +90,17 @@ class Task:
 
     @property
     def label_dtype(self) -> torch.dtype | None:
-        return KINDS[self.kind]
+        return KINDS[self.kind].label_dtype
+
+    @property
+    def family(self) -> str:
+        """"encoder" or "decoder": the model family this task fine-tunes (models.load's switch)."""
+        return KINDS[self.kind].family
+
+    @property
+    def generates(self) -> bool:
+        """Whether the task is generation (a causal LM's response tokens; scored by exact match)."""
+        return KINDS[self.kind].generates
 
     def extract_answer(self, text):
         """A generation task's final answer in `text` (normalized), or None when it holds none."""

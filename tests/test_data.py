@@ -127,7 +127,7 @@ def test_glue_readers_each_layout(glue_dir, no_network):
 
 
 def test_task_table_matches_metrics_and_labels():
-    from evaluate import METRICS
+    from data.metrics import METRICS
 
     for name, spec in TASKS.items():
         assert spec.name == name

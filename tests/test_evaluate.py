@@ -18,7 +18,8 @@ import torch.nn as nn
 
 import evaluate
 from data.prepare import TASKS
-from evaluate import METRICS, compare, main, predict
+from data.metrics import METRICS
+from evaluate import compare, main, predict
 
 # -----------------------------------------------------------------------------
 # the evaluation loop

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import inilora
-import kinds
+import train
 import memory
 from models import DEFAULT_TARGETS
 from models.decoder import load_causal_lm
@@ -213,7 +213,7 @@ def test_estimate_is_within_25_percent_of_the_measured_tensor_peak(name, minilm_
         model, _, model_id = load_model("minilm")
         ids = torch.randint(1000, 20000, (B, T), generator=g)
         batch = (ids, None, torch.zeros_like(ids), torch.randint(0, 2, (B,), generator=g))
-        loss = lambda: kinds.classification_loss(model, batch, B)  # noqa: E731
+        loss = lambda: train.classification_loss(model, batch, B)  # noqa: E731
     else:
         B, T, N = 8, 83, 248
         model, _, model_id = load_causal_lm("smollm2")
@@ -221,7 +221,7 @@ def test_estimate_is_within_25_percent_of_the_measured_tensor_peak(name, minilm_
         labels = torch.full_like(ids, -100)
         labels[:, -N // B - 1:] = ids[:, -N // B - 1:]  # the last 31 tokens of each row: 8 x 31 = 248 predicted
         batch = (ids, torch.ones_like(ids), labels)
-        loss = lambda: kinds.sft_loss(model, batch, N)  # noqa: E731
+        loss = lambda: train.sft_loss(model, batch, N)  # noqa: E731
     targets = DEFAULT_TARGETS["encoder" if name == "minilm" else "decoder"]  # train.py's defaults
     cfg = inilora.LoRAConfig(rank=8, targets=tuple(targets)).validate()
     inilora.inject(model, cfg, model_id)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluate import METRICS, accuracy, f1, matthews, pearson, spearman
+from data.metrics import METRICS, accuracy, f1, matthews, pearson, spearman
 
 
 def test_metric_table_names():

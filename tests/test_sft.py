@@ -23,12 +23,13 @@ from torch.testing import assert_close
 
 import data.prepare
 import evaluate
-import generation
 import inilora
-import kinds
 import train
+from data.sft import IGNORE_INDEX
 from data.task import Examples, Task
 from models.decoder import load_causal_lm
+
+TASK = data.prepare.TASKS["arithmetic"]  # any generation task: training_batch and loss_units read its kind
 
 SIZES = {"train": 16, "dev": 8, "test": 8}
 
@@ -82,7 +83,7 @@ def lora_model(model_dir, init="lora", dropout=0.0):
 
 def train_batch(model_dir, tokenizer, n=8):
     split = data.prepare.load_split("tiny-sum", "train", tokenizer, 64)
-    return split, kinds.sft_batch_on(split, list(range(n)), tokenizer.pad_id, "cpu")
+    return split, data.prepare.training_batch(TASK, split, list(range(n)), tokenizer.pad_id, "cpu")
 
 
 # invariant: the SFT loss is sum over response tokens of -log p(x_t | x_<t), divided by their number
@@ -91,7 +92,7 @@ def test_loss_is_the_token_mean_over_response_tokens(sft):
     model, tokenizer = lora_model(model_dir)
     split, batch = train_batch(model_dir, tokenizer)
     ids, mask, labels = batch
-    loss = kinds.sft_loss(model, batch, units(batch))
+    loss = train.sft_loss(model, batch, units(batch))
     logp = torch.log_softmax(model(ids, mask).float(), dim=-1)  # (B, T, V)
     terms = []
     for b in range(len(ids)):
@@ -99,22 +100,22 @@ def test_loss_is_the_token_mean_over_response_tokens(sft):
         for t in range(1, len(types)):
             if types[t] == 1:
                 terms.append(-logp[b, t - 1, ids[b, t]])
-    assert len(terms) == units(batch) == kinds.sft_count(split, range(8))
+    assert len(terms) == units(batch) == data.prepare.loss_units(TASK, split, range(8))
     assert units(batch) == sum(int(t.sum()) for t in split["token_type_ids"][:8])  # no response at position 0
     assert_close(loss, torch.stack(terms).mean(), atol=1e-6, rtol=1e-6)
 
 
 def units(batch):
     """The response tokens a micro-batch predicts: labels past position 0 that are not IGNORE_INDEX."""
-    return int((batch[-1][:, 1:] != kinds.IGNORE_INDEX).sum())
+    return int((batch[-1][:, 1:] != IGNORE_INDEX).sum())
 
 
 def full_logits_loss(model, batch, units):
-    """The loss as kinds.sft_loss computed it before: (B, T, V) logits with the padding mask, shifted labels."""
+    """The loss as train.sft_loss computed it before: (B, T, V) logits with the padding mask, shifted labels."""
     ids, mask, labels = batch
     logits = model(ids, mask)  # (B, T, V)
     logits, targets = logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()  # t - 1 predicts token t
-    return F.cross_entropy(logits, targets, ignore_index=kinds.IGNORE_INDEX, reduction="sum") / units
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / units
 
 
 # invariant: lm_head on the response positions only, without the mask of a right-padded batch, gives the
@@ -130,7 +131,7 @@ def test_response_only_loss_equals_the_full_logits_loss(sft, padding):
         ids, mask, labels = (torch.stack([r.roll(int(k)) for r, k in zip(x, shift)]) for x in (ids, mask, labels))
     batch = ids, mask, labels
     losses, grads = [], []
-    for loss_fn in (full_logits_loss, kinds.sft_loss):
+    for loss_fn in (full_logits_loss, train.sft_loss):
         model.zero_grad()
         loss = loss_fn(model, batch, units(batch))
         loss.backward()
@@ -160,7 +161,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(sft, monkeypa
     tmp_path, _ = sft
     common = ("--epochs", "2", "--batch-size", "4", "--grad-accum", "2", "--init", "alpha", "--lora-dropout", "0.1")
     full = train.main(args(sft, "full", *common))
-    real, calls = kinds.token_loss, {"n": 0}
+    real, calls = train.token_loss, {"n": 0}
 
     def interrupted(logits, labels):  # Ctrl-C during the micro-batches of step 3 (epoch 2)
         calls["n"] += 1
@@ -168,10 +169,10 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(sft, monkeypa
             signal.raise_signal(signal.SIGINT)
         return real(logits, labels)
 
-    monkeypatch.setattr(kinds, "token_loss", interrupted)
+    monkeypatch.setattr(train, "token_loss", interrupted)
     stopped = train.main(args(sft, "resumed", *common))
     assert (stopped["step"], stopped["signal"]) == (3, signal.SIGINT)
-    monkeypatch.setattr(kinds, "token_loss", real)
+    monkeypatch.setattr(train, "token_loss", real)
     assert train.main(["--resume", "--out", str(tmp_path / "resumed")]) == full
     a, b = adapter(tmp_path / "full", "checkpoint-4"), adapter(tmp_path / "resumed", "checkpoint-4")
     assert a.keys() == b.keys()
@@ -209,7 +210,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(sft):
             model.gradient_checkpointing = True  # what train.py sets for --grad-checkpointing
         _, batch = train_batch(model_dir, tokenizer)
         torch.manual_seed(0)  # the same dropout draws
-        kinds.sft_loss(model, batch, units(batch)).backward()
+        train.sft_loss(model, batch, units(batch)).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8  # A, B of q_proj, v_proj in 2 layers
     for name in grads[0]:
@@ -253,7 +254,7 @@ def test_evaluation_writes_predictions_and_counts_exact_matches(sft, monkeypatch
     assert json.loads((run / "eval-best-test.json").read_text())["metrics"] == metrics
     # with known generations: rows 0, 2, 4, 6 right, so 4 of 8
     FAKE["tokenizer"] = load_causal_lm(str(model_dir))[1]
-    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
     out = tmp_path / "base"
     metrics = evaluate.main(["--base", "--model", str(model_dir), "--task", "tiny-sum", "--split", "test",
                              "--out", str(out), "--batch-size", "2"])  # even rows of each batch are even rows
@@ -276,10 +277,10 @@ def test_compare_reads_decoder_runs(sft):
 
 def test_answer_line_ends_generation():
     # a '####' line ends the generation once its newline arrives; MetaMathQA's closing line likewise
-    assert not generation.answer_line_done("3 + 4 = 7\n#### 7", "gsm8k")
-    assert generation.answer_line_done("3 + 4 = 7\n#### 7\n", "gsm8k")
-    assert not generation.answer_line_done("x #### 7\n", "gsm8k")
-    assert generation.answer_line_done("so\nThe answer is: 5\n", "math")
+    assert not evaluate.answer_line_done("3 + 4 = 7\n#### 7", "gsm8k")
+    assert evaluate.answer_line_done("3 + 4 = 7\n#### 7\n", "gsm8k")
+    assert not evaluate.answer_line_done("x #### 7\n", "gsm8k")
+    assert evaluate.answer_line_done("so\nThe answer is: 5\n", "math")
 
 
 def test_preset_and_cosine_schedule():

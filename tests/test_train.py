@@ -34,7 +34,6 @@ import data.prepare
 import evaluate
 import inilora
 from lib import runs
-import kinds
 import train
 from lib.artifacts import read_artifact
 
@@ -94,7 +93,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(order, setup,
     full = train.main(args(setup, "full", *common))
 
     calls = {"n": 0}
-    real_loss = kinds.loss_fn
+    real_loss = train.loss_fn
 
     def interrupted_loss(logits, labels):  # Ctrl-C arrives during step 4 (mid-epoch 2)
         calls["n"] += 1
@@ -102,10 +101,10 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(order, setup,
             signal.raise_signal(signal.SIGINT)
         return real_loss(logits, labels)
 
-    monkeypatch.setattr(kinds, "loss_fn", interrupted_loss)
+    monkeypatch.setattr(train, "loss_fn", interrupted_loss)
     stopped = train.main(args(setup, "resumed", *common))
     assert stopped["step"] == 4 and stopped["signal"] == signal.SIGINT
-    monkeypatch.setattr(kinds, "loss_fn", real_loss)
+    monkeypatch.setattr(train, "loss_fn", real_loss)
     resumed = train.main(args(setup, "resumed", *common, "--resume"))
     assert resumed == full
 
@@ -176,7 +175,7 @@ def test_learning_rate_warms_up_then_decays_linearly_to_zero():
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
     tmp_path, _ = setup
-    real_loss = kinds.loss_fn
+    real_loss = train.loss_fn
     calls = {"n": 0}
 
     def diverging_loss(logits, labels):
@@ -184,7 +183,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeyp
         loss = real_loss(logits, labels)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(kinds, "loss_fn", diverging_loss)
+    monkeypatch.setattr(train, "loss_fn", diverging_loss)
     with pytest.raises(train.TrainingDiverged, match="the loss is nan at step 3.*Lower --lr"):
         train.main(args(setup, "run", "--save-every", "1", "--init", "lora"))
     run = tmp_path / "run"
@@ -214,7 +213,7 @@ def test_a_resume_stopped_before_any_step_keeps_the_checkpoint(setup, monkeypatc
     tmp_path, _ = setup
     common = ("--epochs", "2", "--init", "lora", "--save-every", "2")
     calls = {"n": 0}
-    real_loss = kinds.loss_fn
+    real_loss = train.loss_fn
 
     def interrupted_loss(logits, labels):  # Ctrl-C during step 2, then again during the resumed step 3
         calls["n"] += 1
@@ -222,7 +221,7 @@ def test_a_resume_stopped_before_any_step_keeps_the_checkpoint(setup, monkeypatc
             signal.raise_signal(signal.SIGINT)
         return real_loss(logits, labels)
 
-    monkeypatch.setattr(kinds, "loss_fn", interrupted_loss)
+    monkeypatch.setattr(train, "loss_fn", interrupted_loss)
     assert train.main(args(setup, "run", *common))["step"] == 2
     assert train.main(args(setup, "run", *common, "--resume"))["step"] == 3
     run = tmp_path / "run"
@@ -260,8 +259,8 @@ def test_a_failed_start_leaves_nothing_behind(setup):
 # invariant: a run that fails before its first checkpoint removes what it made, and only that
 def test_a_run_that_fails_before_its_first_checkpoint_removes_what_it_made(setup, monkeypatch):
     tmp_path, _ = setup
-    real_loss = kinds.loss_fn
-    monkeypatch.setattr(kinds, "loss_fn", lambda logits, labels: real_loss(logits, labels) * float("nan"))
+    real_loss = train.loss_fn
+    monkeypatch.setattr(train, "loss_fn", lambda logits, labels: real_loss(logits, labels) * float("nan"))
     with pytest.raises(train.TrainingDiverged, match="at step 1.*no checkpoint was written yet.*Lower --lr"):
         train.main(args(setup, "new/run", "--init", "lora"))
     assert not (tmp_path / "new").exists()
@@ -269,7 +268,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_removes_what_it_made(setup
     with pytest.raises(train.TrainingDiverged):
         train.main(args(setup, "kept", "--init", "lora"))
     assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
-    monkeypatch.setattr(kinds, "loss_fn", real_loss)
+    monkeypatch.setattr(train, "loss_fn", real_loss)
     old = tmp_path / "old"  # an older train.py's failed start left config.json alone: it no longer blocks
     old.mkdir()
     (old / "config.json").write_text(json.dumps({"train": {"lr": 1.0}, "lora": {}}))
@@ -283,7 +282,7 @@ def test_resume_with_out_alone_continues_the_stored_run(setup, monkeypatch, caps
     tmp_path, _ = setup
     common = ("--epochs", "2", "--init", "beta-kaiming-normal", "--lora-dropout", "0.1")
     full = train.main(args(setup, "full", *common))
-    real_loss = kinds.loss_fn
+    real_loss = train.loss_fn
     calls = {"n": 0}
 
     def interrupted_loss(logits, labels):  # Ctrl-C during step 2
@@ -292,12 +291,12 @@ def test_resume_with_out_alone_continues_the_stored_run(setup, monkeypatch, caps
             signal.raise_signal(signal.SIGINT)
         return real_loss(logits, labels)
 
-    monkeypatch.setattr(kinds, "loss_fn", interrupted_loss)
+    monkeypatch.setattr(train, "loss_fn", interrupted_loss)
     run = tmp_path / "run"
     capsys.readouterr()
     assert train.main(args(setup, "run", *common))["step"] == 2
     assert f"continue with: python train.py --resume --out {shlex.quote(str(run))}" in capsys.readouterr().out
-    monkeypatch.setattr(kinds, "loss_fn", real_loss)
+    monkeypatch.setattr(train, "loss_fn", real_loss)
     assert train.main(["--resume", "--out", str(run)]) == full
     assert "resuming " + str(run) + " from checkpoint-2 at step 2" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"lora.rank: 2 -> 4 \(--rank\).*Leave out --rank"):
@@ -312,7 +311,7 @@ def test_resume_with_out_alone_continues_the_stored_run(setup, monkeypatch, caps
 # invariant: SIGTERM, like Ctrl-C, saves a checkpoint at the next step and exits non-zero (128 + 15)
 def test_sigterm_saves_a_checkpoint_and_exits_143(setup, monkeypatch):
     tmp_path, _ = setup
-    real_loss = kinds.loss_fn
+    real_loss = train.loss_fn
     calls = {"n": 0}
 
     def terminated_loss(logits, labels):
@@ -321,7 +320,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup, monkeypatch):
             signal.raise_signal(signal.SIGTERM)
         return real_loss(logits, labels)
 
-    monkeypatch.setattr(kinds, "loss_fn", terminated_loss)
+    monkeypatch.setattr(train, "loss_fn", terminated_loss)
     monkeypatch.setattr(sys, "argv", ["train.py", *args(setup, "run", "--init", "lora")])
     with pytest.raises(SystemExit) as stopped:
         train.cli()
@@ -365,13 +364,13 @@ def test_a_real_sigint_exits_130_and_the_printed_command_resumes_to_the_same_res
 
 # invariant: a signal during the dev evaluation stops the run at that epoch's end, before another step
 def test_a_signal_during_evaluation_stops_at_the_end_of_the_epoch(setup, monkeypatch):
-    real_predict = kinds.predict
+    real_predict = evaluate.predict
 
     def interrupted_predict(*a, **k):
         signal.raise_signal(signal.SIGINT)
         return real_predict(*a, **k)
 
-    monkeypatch.setattr(kinds, "predict", interrupted_predict)
+    monkeypatch.setattr(evaluate, "predict", interrupted_predict)
     state = train.main(args(setup, "run", "--epochs", "2", "--init", "lora"))
     assert (state["step"], state["signal"], state["best"]["epoch"]) == (3, signal.SIGINT, 1)
 

@@ -1,9 +1,9 @@
-"""The GLUE / rotten-tomatoes metrics in numpy (evaluate.py re-exports them).
+"""The GLUE / rotten-tomatoes metrics in numpy.
 
 Each metric takes (preds, labels), two 1-D arrays of the same non-zero length, and returns a float.
 Classification tasks pass predicted class ids (argmax of the logits), STS-B passes the predicted
 scores. Which task reports which metrics is in `data.prepare.TASKS`; the first metric of a task picks
-the best epoch. (Generation tasks report exact_match, computed by generation.py.)
+the best epoch. (Generation tasks report exact_match, computed by evaluate.py's scorer.)
 
     accuracy   SST-2, QNLI, RTE, rotten-tomatoes (and MRPC's second number)
     f1         MRPC (binary, positive class 1)
