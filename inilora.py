@@ -13,8 +13,8 @@ MiLoRA baselines. After training, the total change to the base model is
 
     ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]    (a plain LoRA of rank 2r)
 
-so an adapter saved with A0, B0 loads exactly on the original, unmodified base model (peft_io.py
-writes that rank-2r LoRA, for this project and for Hugging Face PEFT).
+so an adapter saved with A0, B0 loads exactly on the original, unmodified base model (`rank2r` writes
+that rank-2r LoRA; tools/peft_io.py exports it for Hugging Face PEFT).
 Adapters are artifacts of lib/artifacts.py: their checksum covers the configuration in the sidecar,
 and every tensor's shape is checked against its rank and targets before the model is touched.
 
@@ -23,7 +23,7 @@ Run: python inilora.py --model minilm --init pissa   (or --model smollm2: a deco
 """
 import argparse
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -103,6 +103,26 @@ def merge(model):
         if isinstance(module, LoRALinear):
             model.set_submodule(name, module.merge())
     return model
+
+
+@torch.no_grad()
+def rank2r(tensors, cfg):
+    """The adapter `tensors` (of `cfg`) as a plain LoRA of rank 2r for the original base model:
+
+        ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]  =>  B' = [B | -B0], A' = [A ; A0]
+
+    with A0 = A', B0 = 0, so that R = W0 exactly, and lora_alpha' = 2r * s keeping the same scale s.
+    Returns (tensors, config) of that rank-2r adapter."""
+    if cfg.init == "full":
+        raise ValueError("a full fine-tuning checkpoint has no adapter to convert; train with a LoRA initialiser.")
+    out = {k: v for k, v in tensors.items() if k.startswith("head.")}
+    for name in [k[: -len(".A0")] for k in tensors if k.endswith(".A0")]:
+        A, B, A0, B0 = (tensors[f"{name}.{k}"].float() for k in ("A", "B", "A0", "B0"))
+        out[f"{name}.A"] = torch.cat([A, A0], dim=0)      # (r, d_in) ; (r, d_in) -> (2r, d_in)
+        out[f"{name}.B"] = torch.cat([B, -B0], dim=1)     # (d_out, r) | (d_out, r) -> (d_out, 2r)
+        out[f"{name}.A0"] = out[f"{name}.A"].clone()
+        out[f"{name}.B0"] = torch.zeros_like(out[f"{name}.B"])
+    return out, replace(cfg, init="lora", rank=2 * cfg.rank, lora_alpha=2 * cfg.rank * cfg.scale)
 
 
 # -----------------------------------------------------------------------------

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from lib import distributed
 import inilora
-import memory
+from tools import memory
 from lib.common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
 from data.prepare import TASKS, load_split, loss_units, training_batch
 from data.sft import IGNORE_INDEX

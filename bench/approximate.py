@@ -13,23 +13,20 @@ Printed: wall time, the worst ratio L_final / L_optimal (Eckart-Young) and the p
 the loaded weights (CPU: the process's peak RSS, VmHWM, reset before each method; CUDA:
 torch.cuda.max_memory_allocated).
 
-Run: python3 bench/approximate.py                    # MiniLM's 12 query/value matrices (384x384)
-     python3 bench/approximate.py --shape 768x768 --count 24      # RoBERTa-base-shaped, random
-     python3 bench/approximate.py --shape 4096x4096 --count 64 --steps 20 --baseline-steps 5 \
+Run: python -m bench.approximate                    # MiniLM's 12 query/value matrices (384x384)
+     python -m bench.approximate --shape 768x768 --count 24      # RoBERTa-base-shaped, random
+     python -m bench.approximate --shape 4096x4096 --count 64 --steps 20 --baseline-steps 5 \
          --no-optimum                                              # LLaMA-2-7B-shaped, random
 """
 import argparse
 import importlib.util
 import re
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-# run as `python bench/approximate.py`: import the repository's modules, not this folder's
+# run as `python -m bench.approximate`: import the repository's modules, not this folder's
 # (here `approximate` would otherwise be this very file)
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
 from safetensors.torch import load_file

@@ -13,17 +13,12 @@ dev accuracy, and the ratios.
 
 Evaluation (--part eval): the trained-or-not models' dev passes alone, alternated --repeats times: examples/s.
 
-Run: python bench/epoch.py                 (both parts; about 6 min on 2 CPU threads)
-     python bench/epoch.py --part eval --repeats 5
+Run: python -m bench.epoch                 (both parts; about 6 min on 2 CPU threads)
+     python -m bench.epoch --part eval --repeats 5
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path[0] = str(BENCH.parent)  # the repository's modules (its train.py, not bench/train.py)
-sys.path.append(str(BENCH))
 
 import torch
 
@@ -33,7 +28,7 @@ from lib.common import pick_device, run_cli
 from data.prepare import TASKS, load_split, pad_batch, training_batch
 from evaluate import EVAL_BATCH, evaluate
 from models.encoder import load_model
-from sidebyside import interleaved, reference_encoder
+from bench.sidebyside import interleaved, reference_encoder
 
 TASK = "rotten-tomatoes"
 

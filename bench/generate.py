@@ -7,15 +7,12 @@ are timed in alternation, --repeats times each, and the medians are reported as 
 (batch x new tokens / seconds, prompt processing included) with their ratio. The outputs are checked to
 be the same tokens. Not a test: its figures go into the README.
 
-Run: python bench/generate.py --batch-sizes 1 16 --new-tokens 32 --repeats 5
+Run: python -m bench.generate --batch-sizes 1 16 --new-tokens 32 --repeats 5
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository's modules, not bench/'s
 
 import torch
 

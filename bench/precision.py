@@ -17,16 +17,12 @@ cache for MiniLM and SmolLM2 (`python approximate.py --model minilm` / `--model 
 the 7B layer is its converged value, the top-r SVD split B = U S^1/2, A = S^1/2 V^T (figures.py subspace shows
 IniLoRA reaching it at 20000 steps). The float32 row is the floor (float32 rounding alone).
 
-Run: python bench/precision.py                 (about 2 minutes on 2 CPU threads)
-     python bench/precision.py --parts 7b-layer --dtypes bfloat16
+Run: python -m bench.precision                 (about 2 minutes on 2 CPU threads)
+     python -m bench.precision --parts 7b-layer --dtypes bfloat16
 """
 import argparse
 import copy
-import math
-import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository's modules
 
 import torch
 

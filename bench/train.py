@@ -18,20 +18,15 @@ against transformers + peft on the identical batch and weights (transformers' ow
 (e.g. arithmetic) the batch is that task's first --batch-size training sequences instead, right-padded as
 train.py pads them, with their real response tokens.
 
-Run: python bench/train.py --batch-size 32 --seq-len 48 --pad none --steps 20
-     python bench/train.py --batch-size 32 --seq-len 128 --pad random --steps 10
-     python bench/train.py --pad real --steps 20
-     python bench/train.py --decoder --task arithmetic --batch-size 8 --steps 10
+Run: python -m bench.train --batch-size 32 --seq-len 48 --pad none --steps 20
+     python -m bench.train --batch-size 32 --seq-len 128 --pad random --steps 10
+     python -m bench.train --pad real --steps 20
+     python -m bench.train --decoder --task arithmetic --batch-size 8 --steps 10
 """
 import argparse
-import sys
-from pathlib import Path
 
-# run as `python bench/train.py`: import the repository's modules and bench/'s helpers, not this folder's
+# run as `python -m bench.train`: import the repository's modules and bench/'s helpers, not this folder's
 # `train` (this very file) in place of the repository's
-BENCH = Path(__file__).resolve().parent
-sys.path[0] = str(BENCH.parent)
-sys.path.append(str(BENCH))
 
 import torch
 
@@ -44,7 +39,7 @@ from data.sft import IGNORE_INDEX
 from models.decoder import load_causal_lm
 from models.encoder import load_model
 from lib.runs import peak_memory
-from sidebyside import interleaved, reference_encoder, require_references, trainable
+from bench.sidebyside import interleaved, reference_encoder, require_references, trainable
 
 PADS = ("none", "random", "real")
 

@@ -5,14 +5,14 @@ default q_proj, v_proj targets:
 - the next-token logits are unchanged at step 0 (R = W0 - s B0 A0 absorbs the initial product);
 - after an optimizer step, the merged model (W = R + s B A) computes the unmerged model's logits;
 - save -> load on a fresh base gives the trained logits;
-- the rank-2r plain LoRA (peft_io.convert_to_lora) on a fresh base gives the trained logits.
+- the rank-2r plain LoRA (inilora.rank2r) on a fresh base gives the trained logits.
 """
 import pytest
 import torch
 from torch.testing import assert_close
 
 import inilora
-import peft_io
+from test_inilora import as_rank2r
 from models.decoder import load_causal_lm
 from models import DEFAULT_TARGETS
 
@@ -68,7 +68,7 @@ def test_decoder_adapters_keep_every_invariant(init, llama, tmp_path):
         assert_close(fresh(ids, mask), trained, atol=1e-5, rtol=1e-5)
 
     # invariant: the rank-2r plain LoRA, dW = s [B | -B0] [A ; A0], on the untouched base is the same model
-    plain = peft_io.convert_to_lora(path, tmp_path / "plain.safetensors")
+    plain = as_rank2r(path, tmp_path / "plain.safetensors")
     fresh, _ = base(llama)
     plain_cfg, _ = inilora.load_adapter(fresh, plain, model_id)
     assert plain_cfg.rank == 4 and plain_cfg.init == "lora"

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import figures
+from tools import figures
 import inilora
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -28,7 +28,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import inilora
 import train
-import memory
+from tools import memory
 from models import DEFAULT_TARGETS
 from models.decoder import load_causal_lm
 from models.encoder import load_model

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 import inilora
-import peft_io
+from tools import peft_io
 from models.decoder import load_causal_lm
 from inilora import LoRAConfig
 from models.encoder import load_model

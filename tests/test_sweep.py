@@ -4,7 +4,7 @@
   and runs nothing;
 - a grid runs two jobs at once, ends with the compare table (compare.md) and its figure, and a second
   sweep skips the finished runs;
-- a real Ctrl-C to `python sweep.py` reaches the running train.py, which saves a checkpoint; the sweep
+- a real Ctrl-C to `python -m tools.sweep` reaches the running train.py, which saves a checkpoint; the sweep
   exits 130, and the same command again resumes the run to the end;
 - bad grid files get a sentence naming the file, the run and what to fix.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import sweep
+from tools import sweep
 from test_train import sst2_lines  # the tiny SST-2 the training tests use
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_dry_run_prints_the_commands_and_runs_nothing(grid, tmp_path, capsys):
     assert out.count("     new  OMP_NUM_THREADS=1 python ") == 4
     assert f"--init pissa --seed 0 --approx-steps 0 --out {tmp_path / 'grid' / 'pissa-approx-steps-0-seed0'}" in out
     assert out.count("then      python evaluate.py --compare") == 2  # one table per axis value
-    assert "figures.py curves" in out and f"--out {tmp_path / 'grid' / 'curves.png'}" in out
+    assert "-m tools.figures curves" in out and f"--out {tmp_path / 'grid' / 'curves.png'}" in out
     assert not (tmp_path / "grid").exists()
 
 
@@ -80,7 +80,7 @@ def test_a_grid_runs_compares_plots_and_skips_finished_runs(grid, tmp_path, caps
 def test_ctrl_c_stops_the_runs_at_a_checkpoint_and_the_same_command_resumes(grid, tmp_path):
     path = grid(inits=["lora"], figures=[], base={**json.loads(grid().read_text())["base"], "epochs": 60})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "sweep.py", str(path), "--threads-per-job", "1", "--status-every", "0"]
+    command = [sys.executable, "-m", "tools.sweep", str(path), "--threads-per-job", "1", "--status-every", "0"]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "grid" / "logs" / "lora-seed0.log"
     try:

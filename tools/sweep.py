@@ -19,8 +19,8 @@ which saves a checkpoint at its next step; the sweep waits for them and exits 13
 command again to resume. At the end, per axis value (one table per task): `evaluate.py --compare
 RUNS --markdown` into OUT/compare.md, and each figure of the grid as OUT/FIGURE.png (+ .csv).
 
-Run: python sweep.py grids/table3.json --jobs 2 --threads-per-job 1
-     python sweep.py grids/table3.json --dry-run   (prints the commands, runs nothing)
+Run: python -m tools.sweep grids/table3.json --jobs 2 --threads-per-job 1
+     python -m tools.sweep grids/table3.json --dry-run   (prints the commands, runs nothing)
 """
 import argparse
 import contextlib
@@ -38,7 +38,7 @@ from pathlib import Path
 from lib.common import EXIT_INTERRUPTED, run_cli, write_atomic
 from lib.runs import StopRequest
 
-ROOT = Path(__file__).resolve().parent  # train.py, evaluate.py and figures.py live here
+ROOT = Path(__file__).resolve().parent.parent  # the repository: train.py and evaluate.py live here
 AXES = ("approx-steps", "alpha-std", "rank", "task")
 FIGURES = ("curves", "alpha-std")  # the figures.py subcommands drawn from run directories
 GRID_KEYS = {"note", "out", "base", "inits", "seeds", "axis", "figures"}
@@ -225,7 +225,7 @@ def run_all(runs, out, jobs, threads, status_every):
 
 
 def report_commands(grid, runs, out, finished_only=True):
-    """[(what, command, where the output goes)] of evaluate.py --compare per group, then figures.py,
+    """[(what, command, where the output goes)] of evaluate.py --compare per group, then tools.figures,
     over the finished runs (all runs with finished_only=False: what --dry-run shows)."""
     done = [r for r in runs if r.state() == "finished" or not finished_only]
     commands = []
@@ -237,15 +237,21 @@ def report_commands(grid, runs, out, finished_only=True):
     for figure in grid.get("figures", []):
         png = out / f"{figure}.png"
         if done:
-            commands.append((figure, [sys.executable, str(ROOT / "figures.py"), figure, *map(str, (r.dir for r in done)),
+            commands.append((figure, [sys.executable, "-m", "tools.figures", figure, *map(str, (r.dir for r in done)),
                                       "--out", str(png)], png))
     return commands
+
+
+def module_env():
+    """The environment in which `python -m tools.figures` works from any directory: the repository on the path."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
 
 
 def report(grid, runs, out):
     tables = []
     for what, command, target in report_commands(grid, runs, out):
-        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=module_env())
         if result.returncode != 0:
             print(f"{what}: {shown(command)} exited {result.returncode}", flush=True)
             continue
@@ -293,7 +299,7 @@ def main(argv=None):
         return runs
     failed, signum = run_all(runs, out, args.jobs, threads, args.status_every)
     if signum is not None:
-        print(f"stopped: run `python sweep.py {shlex.quote(args.grid)}` again to resume the unfinished runs")
+        print(f"stopped: run `python -m tools.sweep {shlex.quote(args.grid)}` again to resume the unfinished runs")
         raise SystemExit(128 + signum)
     report(grid, runs, out)
     if failed:

@@ -8,7 +8,7 @@ a trained adapter makes to the base model is (docs/method.md "Checkpoints and th
 
 Export: an adapter whose B0 = 0 (lora, gaussian, an imported one) is a PEFT LoRA of rank r as it is:
 lora_A = A, lora_B = B, lora_alpha = r s. Every other initialiser (inilora, alpha, beta-*, pissa, milora)
-goes through rank2r, a LoRA of rank 2r: lora_A = [A ; A0], lora_B = [B | -B0],
+goes through inilora.rank2r, a LoRA of rank 2r: lora_A = [A ; A0], lora_B = [B | -B0],
 lora_alpha = 2r s, so PEFT's scale lora_alpha / r' is our s. The task head (BERT: pooler + classifier,
 RoBERTa: classifier.dense + out_proj) goes in modules_to_save; decoders have none (task_type CAUSAL_LM).
 Import: a PEFT LoRA (rank r, any lora_alpha) becomes our adapter with init "lora", A = lora_A,
@@ -18,8 +18,8 @@ Module names come from the models' own checkpoint name maps (model.checkpoint_na
 decoder.hf_name_map for LLaMA-family decoders), read backwards: encoder.layers.0.attn.query <->
 bert.encoder.layer.0.attention.self.query, as AutoModelForSequenceClassification / ForCausalLM name it.
 
-    python peft_io.py export runs/minilm-rotten-tomatoes-inilora-r8-seed0 peft/inilora
-    python peft_io.py import peft/inilora imported.safetensors --model minilm
+    python -m tools.peft_io export runs/minilm-rotten-tomatoes-inilora-r8-seed0 peft/inilora
+    python -m tools.peft_io import peft/inilora imported.safetensors --model minilm
 """
 import argparse
 import os
@@ -66,39 +66,6 @@ UNSUPPORTED = {
 }
 
 # -----------------------------------------------------------------------------
-# the rank-2r conversion: any adapter as a plain LoRA on the unmodified base model
-
-
-@torch.no_grad()
-def rank2r(tensors, cfg):
-    """The adapter `tensors` (of `cfg`) as a plain LoRA of rank 2r for the original base model:
-
-        ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]  =>  B' = [B | -B0], A' = [A ; A0]
-
-    with A0 = A', B0 = 0, so that R = W0 exactly, and lora_alpha' = 2r * s keeping the same scale s.
-    Returns (tensors, config) of that rank-2r adapter."""
-    if cfg.init == "full":
-        raise ValueError("a full fine-tuning checkpoint has no adapter to convert; train with a LoRA initialiser.")
-    out = {k: v for k, v in tensors.items() if k.startswith("head.")}
-    for name in [k[: -len(".A0")] for k in tensors if k.endswith(".A0")]:
-        A, B, A0, B0 = (tensors[f"{name}.{k}"].float() for k in ("A", "B", "A0", "B0"))
-        out[f"{name}.A"] = torch.cat([A, A0], dim=0)      # (r, d_in) ; (r, d_in) -> (2r, d_in)
-        out[f"{name}.B"] = torch.cat([B, -B0], dim=1)     # (d_out, r) | (d_out, r) -> (d_out, 2r)
-        out[f"{name}.A0"] = out[f"{name}.A"].clone()
-        out[f"{name}.B0"] = torch.zeros_like(out[f"{name}.B"])
-    return out, replace(cfg, init="lora", rank=2 * cfg.rank, lora_alpha=2 * cfg.rank * cfg.scale)
-
-
-def convert_to_lora(src, dst):
-    """Writes the adapter file `src` as its rank-2r plain LoRA (rank2r) to `dst`."""
-    tensors, meta = inilora.read_adapter(src)
-    out, new_cfg = rank2r(tensors, inilora.LoRAConfig.from_dict(meta["config"]))
-    meta = {k: v for k, v in meta.items() if k not in ("format", "version", "sha256")}
-    meta |= {"config": asdict(new_cfg), "converted_from": {"path": str(src), "config": meta["config"]}}
-    return save_artifact(dst, out, meta, inilora.ADAPTER_FORMAT, inilora.ADAPTER_VERSION)
-
-
-# -----------------------------------------------------------------------------
 # module names: ours <-> Hugging Face's, read from each model family's checkpoint name map
 
 
@@ -143,8 +110,8 @@ def peft_adapter(path):
                          "is not a low-rank adapter and PEFT's LoRA cannot hold it. Export a run trained with a LoRA "
                          "initialiser, e.g. --init inilora.")
     if any(t.any() for k, t in tensors.items() if k.endswith(".B0")):
-        # ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]: a plain LoRA of rank 2r (rank2r)
-        tensors, _ = rank2r(tensors, cfg)
+        # ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]: a plain LoRA of rank 2r (inilora.rank2r)
+        tensors, _ = inilora.rank2r(tensors, cfg)
         rank = 2 * cfg.rank
     else:  # B0 = 0: ΔW = s B A already
         rank = cfg.rank

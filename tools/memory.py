@@ -31,8 +31,8 @@ by 40-140% (MiniLM, SmolLM2) while its tensor peak (runs.TensorPeak) matched the
 the threshold fixed (MALLOC_MMAP_THRESHOLD_=65536: each large block mapped, and returned when freed) ru_maxrss
 matched the total within 6%, at the price of fresh pages for every activation (a MiniLM epoch: 1.7x as long).
 
-    python memory.py --model smollm2 --task arithmetic --batch-size 8 --max-length 128 --init lora --rank 8
-    python memory.py --model path/to/Llama-2-7b/config.json --batch-size 1 --max-length 512 --dtype bfloat16
+    python -m tools.memory --model smollm2 --task arithmetic --batch-size 8 --max-length 128 --init lora --rank 8
+    python -m tools.memory --model path/to/Llama-2-7b/config.json --batch-size 1 --max-length 512 --dtype bfloat16
 """
 import argparse
 import copy

@@ -12,8 +12,8 @@
 
 Each writes OUT (default docs/figures/NAME.png) and OUT with .csv. matplotlib draws headless (Agg).
 
-Run: python figures.py init-hist --model minilm
-     python figures.py curves runs/minilm-rotten-tomatoes-*
+Run: python -m tools.figures init-hist --model minilm
+     python -m tools.figures curves runs/minilm-rotten-tomatoes-*
 """
 import argparse
 import csv
@@ -202,7 +202,7 @@ def fig_alpha_std(args):
             references.setdefault(lora["init"], []).append(100 * dev[metric])
     if not points:
         raise ValueError("none of the runs is an IniLoRA-α run (--init alpha): pass the runs of an α sweep, "
-                         "e.g. python sweep.py grids/figure3.json.")
+                         "e.g. python -m tools.sweep grids/figure3.json.")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     stds = sorted({p[0] for p in points})
