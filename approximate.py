@@ -521,7 +521,7 @@ def main(argv=None):
 
 
 def run(args, world):
-    targets = None if args.targets is None else [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = None if args.targets is None else list(models.parse_targets(args.targets))
     if targets == []:
         raise ValueError(f"--targets {args.targets!r} names no layer; expected e.g. 'query,value' or 'q_proj,v_proj'.")
     cfg = ApproxConfig(rank=args.rank, steps=args.steps, lr=args.lr, lr_step=args.lr_step,

@@ -38,12 +38,13 @@ from tqdm import tqdm
 
 import inilora
 from lib import distributed
+from lib.runs import adapter_settings, best_adapter, best_dev, config_file, find_adapter, read_json, started
 from lib.common import pick_device, run_cli, write_atomic, write_json
 from data.prepare import TASKS, load_split, pad_batch, subset
 from data.sft import ANSWER_IS, exact_match
-from models.decoder import generate, load_causal_lm
+import models
+from models.decoder import generate
 from data.metrics import METRICS
-from models.encoder import load_model
 
 # -----------------------------------------------------------------------------
 # evaluation: one pass over a prepared split, in order
@@ -189,66 +190,6 @@ def dev_scores(cfg, task, run, device):
 # the command line: evaluate one run's adapter on the original base model
 
 
-def read_json(path, what):
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({e}): the file is damaged. "
-                         "Train the run again, or restore the file.") from None
-
-
-def find_adapter(path, checkpoint=None):
-    """(adapter file, its run directory or None) for a run directory (train.py's --out) or an adapter file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run directory written by train.py "
-                                "(it holds config.json) or an adapter file such as RUN/best/adapter.safetensors.")
-    if path.is_file():
-        if path.suffix != ".safetensors" or not path.with_suffix(".json").is_file():
-            raise ValueError(f"{str(path)!r} is not an adapter: an adapter is a .safetensors file with a .json "
-                             "sidecar beside it (e.g. RUN/best/adapter.safetensors). Pass that file or the run directory.")
-        if checkpoint is not None:
-            raise ValueError(f"--checkpoint {checkpoint} picks an adapter inside a run directory, but {str(path)!r} "
-                             "is already an adapter file: drop --checkpoint, or pass the run directory.")
-        return path, None
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{str(path)!r} is neither a run directory (it has no config.json) nor an adapter file; "
-                         "pass train.py's --out directory (e.g. runs/minilm-rotten-tomatoes-lora-r8-seed0) or an adapter .safetensors.")
-    if not started(path):
-        raise FileNotFoundError(f"run directory {str(path)!r} never started: it holds a config.json but no checkpoint "
-                                "or metrics (an older train.py left it when its start failed). Delete it and train again.")
-    if checkpoint in (None, "best"):
-        adapter = path / "best" / "adapter.safetensors"
-        if not adapter.is_file():
-            raise FileNotFoundError(
-                f"run directory {str(path)!r} has no best/adapter.safetensors: training has not finished an epoch "
-                "yet (the best adapter is saved after each epoch's dev evaluation). Wait for the first epoch, or "
-                "evaluate the latest checkpoint with --checkpoint last.")
-        return adapter, path
-    if not (path / "last.json").is_file():
-        raise FileNotFoundError(f"run directory {str(path)!r} has no last.json: no checkpoint was written yet. "
-                                "Wait for the end of the first epoch (or --save-every steps).")
-    adapter = path / read_json(path / "last.json", "checkpoint pointer").get("checkpoint", "?") / "adapter.safetensors"
-    if not adapter.is_file():
-        raise FileNotFoundError(f"{str(path / 'last.json')!r} names {str(adapter)!r}, which does not exist: the "
-                                "run directory is incomplete. Use --checkpoint best, or resume the training.")
-    return adapter, path
-
-
-def adapter_settings(adapter, run):
-    """task, max_length, model and glue_dir to evaluate `adapter` with: from its sidecar, else config.json."""
-    meta = read_json(adapter.with_suffix(".json"), "adapter sidecar")
-    train = read_json(run / "config.json", "run configuration").get("train", {}) if run else {}
-    s = {"task": meta.get("task", train.get("task")), "max_length": meta.get("max_length", train.get("max_length")),
-         "model": meta.get("model_id", train.get("model")), "glue_dir": train.get("glue_dir")}
-    if None in (s["task"], s["max_length"], s["model"]):
-        raise ValueError(f"{str(adapter)!r} does not record its task, max_length and base model (got {s}): it was "
-                         "not saved by train.py. Pass the run directory that train.py wrote instead.")
-    if s["task"] not in TASKS:
-        raise ValueError(f"{str(adapter)!r} was trained on task {s['task']!r}, which is not one of {sorted(TASKS)}.")
-    return s
-
-
 def check_split(task, split):
     if split not in task.splits:
         hint = ("GLUE test files carry no labels and the paper reports dev: use --split dev"
@@ -257,18 +198,10 @@ def check_split(task, split):
                          f"{list(task.splits)}); {hint}.")
 
 
-def load_base(name, task, head_seed=0, dtype=torch.float32):
-    """(model, tokenizer, model_id) in `dtype`: a causal LM for a generation task, else an encoder with a
-    task head (a head the checkpoint lacks starts from head_seed)."""
-    if task.kind == "generation":
-        return load_causal_lm(name, dtype)
-    return load_model(name, num_labels=task.num_labels, head_seed=head_seed, dtype=dtype)
-
-
 def score_split(model, tokenizer, task, split, max_length, data_dir, opts, device, predictions):
     """(metrics, number of examples) of `model` on one split; a generation task's records go to `predictions`."""
     data = load_split(task.name, split, tokenizer, max_length, data_dir)
-    if task.kind != "generation":
+    if not task.generates:
         return evaluate(model.to(device), data, task, tokenizer.pad_id, opts.get("batch_size") or EVAL_BATCH, device), \
             len(data["labels"])
     metrics, records = score_generation(model.to(device), tokenizer, data, task, opts.get("batch_size") or GENERATE_BATCH,
@@ -277,42 +210,48 @@ def score_split(model, tokenizer, task, split, max_length, data_dir, opts, devic
     return metrics, len(records)
 
 
-def report(out, task, split, metrics, **fields):
+def write_scores(out, task, split, metrics, **fields):
     print(f"{task.name}/{split}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     write_json(out, {**fields, "task": task.name, "split": split, "metrics": metrics})
     print(f"wrote {out}")
     return metrics
 
 
-def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, glue_dir=None, batch_size=None, device=None,
+def generation_tasks():
+    return sorted(name for name, t in TASKS.items() if t.generates)
+
+
+def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_dir=None, batch_size=None, device=None,
                      task_name=None, **opts):
     """Loads the base model, puts the adapter on it, evaluates it on `split` of its task, or of `task_name`
     (a generation adapter on another generation task: MetaMathQA-trained, GSM8K-tested, as in the paper);
     writes and returns the metrics. opts (generation tasks): max_new_tokens, limit (the first N examples)."""
     adapter, run = find_adapter(path, checkpoint)
-    s = adapter_settings(adapter, run)
-    task = TASKS[s["task"]]
+    settings = adapter_settings(adapter, run)
+    if settings["task"] not in TASKS:
+        raise ValueError(f"{str(adapter)!r} was trained on task {settings['task']!r}, which is not one of "
+                         f"{sorted(TASKS)}.")
+    task = TASKS[settings["task"]]
     if task_name not in (None, task.name):
-        if task.kind != "generation" or task_name not in TASKS or TASKS[task_name].kind != "generation":
-            choices = sorted(n for n, t in TASKS.items() if t.kind == "generation")
+        if not task.generates or task_name not in generation_tasks():
             raise ValueError(f"--task {task_name!r}: only an adapter of a generation task can be scored on another "
-                             f"task, one of {choices}; this one was trained on {task.name!r}. Leave --task out.")
+                             f"task, one of {generation_tasks()}; this one was trained on {task.name!r}. Leave --task out.")
         task = TASKS[task_name]
     check_split(task, split)
     device, why = pick_device(device)
-    print(f"evaluating {adapter} on {task.name}/{split}: base model {model_name or s['model']}, "
-          f"max_length {s['max_length']}, batch_size {batch_size or 'default'}, device {device} ({why})")
-    model, tokenizer, model_id = load_base(model_name or s["model"], task)
+    print(f"evaluating {adapter} on {task.name}/{split}: base model {model_name or settings['model']}, "
+          f"max_length {settings['max_length']}, batch_size {batch_size or 'default'}, device {device} ({why})")
+    model, tokenizer, model_id, _, _ = models.load(model_name or settings["model"], task.family, task.num_labels)
     cfg, _ = inilora.load_adapter(model, adapter, model_id)  # ValueError if the adapter is for another base model
-    head = "" if task.kind == "generation" else " and the task head"
-    what = "every weight" if cfg.init == "full" else f"{cfg.init} adapters of rank {cfg.rank} on {','.join(cfg.targets)}{head}"
+    head = "" if task.generates else " and the task head"
+    what = "every weight" if cfg.full_finetuning else f"{cfg.init} adapters of rank {cfg.rank} on {','.join(cfg.targets)}{head}"
     print(f"loaded {what} from {adapter}" + (": the head evaluated is the adapter's, replacing the one reported above"
                                              if head else ""))
-    split_name = split if task.name == s["task"] else f"{task.name}-{split}"  # another task: named in the files
+    split_name = split if task.name == settings["task"] else f"{task.name}-{split}"  # another task: named in the files
     where, name = (run, f"{checkpoint or 'best'}-{split_name}") if run else (adapter.parent, f"{adapter.stem}-{split_name}")
-    metrics, n = score_split(model, tokenizer, task, split, s["max_length"], glue_dir or s["glue_dir"],
+    metrics, n = score_split(model, tokenizer, task, split, settings["max_length"], data_dir or settings["data_dir"],
                              dict(opts, batch_size=batch_size), device, where / f"predictions-{name}.jsonl")
-    return report(where / f"eval-{name}.json", task, split, metrics, adapter=str(adapter), model_id=model_id,
+    return write_scores(where / f"eval-{name}.json", task, split, metrics, adapter=str(adapter), model_id=model_id,
                   num_examples=n)
 
 
@@ -320,10 +259,9 @@ def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=5
                   **opts):
     """Scores the base model alone (no adapter) on a generation task: out/predictions-base-SPLIT.jsonl and
     out/eval-base-SPLIT.json."""
-    if task_name not in TASKS or TASKS[task_name].kind != "generation":
-        generation_tasks = sorted(n for n, t in TASKS.items() if t.kind == "generation")
+    if task_name not in generation_tasks():
         raise ValueError(f"--base scores a causal LM on a generation task, and --task {task_name!r} is not one of "
-                         f"{generation_tasks}; pass e.g. --task arithmetic (an encoder's head is untrained).")
+                         f"{generation_tasks()}; pass e.g. --task arithmetic (an encoder's head is untrained).")
     if out is None:
         raise ValueError("--base needs --out DIR, the directory for its predictions and score "
                          "(e.g. --out runs/base-smollm2-arithmetic).")
@@ -331,11 +269,11 @@ def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=5
     check_split(task, split)
     device, why = pick_device(device)
     print(f"evaluating the base model {model_name} (no adapter) on {task.name}/{split}, device {device} ({why})")
-    model, tokenizer, model_id = load_causal_lm(model_name)
+    model, tokenizer, model_id, _, _ = models.load(model_name, task.family)
     out = Path(out)
     metrics, n = score_split(model, tokenizer, task, split, max_length, data_dir, dict(opts, batch_size=batch_size),
                              device, out / f"predictions-base-{split}.jsonl")
-    return report(out / f"eval-base-{split}.json", task, split, metrics, adapter=None, model_id=model_id,
+    return write_scores(out / f"eval-base-{split}.json", task, split, metrics, adapter=None, model_id=model_id,
                   num_examples=n)
 
 
@@ -345,46 +283,17 @@ def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=5
 INIT_ORDER = ("lora", "gaussian", "inilora", "alpha", "beta-kaiming-normal", "beta-kaiming-uniform",
               "pissa", "milora", "full")  # then any other name, then "unknown" (no init recorded)
 # settings the runs of one row may differ in; any other difference is reported as a note
-PER_RUN_KEYS = {"train.seed", "lora.seed", "train.glue_dir", "train.log_every", "train.save_every"}
-
-
-def started(run):
-    """Whether train.py's loop ever ran in `run`: it opens metrics.jsonl first and then writes checkpoints.
-    A directory with config.json alone is the leftover of a start that failed (train.py no longer leaves one)."""
-    return (run / "metrics.jsonl").is_file() or (run / "last.json").is_file()
-
-
-def best_dev(metrics_path, first):
-    """The dev record of the best epoch in metrics.jsonl: the largest `first` metric, the earliest
-    epoch on ties (as train.py keeps it). None if no epoch has been evaluated yet."""
-    if not metrics_path.is_file():
-        return None
-    text, best = metrics_path.read_text(), None
-    lines = text.splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            dev = json.loads(line).get("dev")
-        except json.JSONDecodeError:
-            if number == len(lines) and not text.endswith("\n"):
-                break  # the line train.py is writing right now
-            raise ValueError(f"{metrics_path}:{number} is not valid JSON: the log is damaged. "
-                             "Leave this run out of --compare, or train it again.") from None
-        if dev is not None and first not in dev:
-            raise ValueError(f"{metrics_path}:{number} has dev metrics {sorted(dev)} but no {first!r}, the "
-                             "metric that picks the best epoch: was it trained on another task?")
-        if dev is not None and (best is None or dev[first] > best[first]):
-            best = dev
-    return best
+PER_RUN_KEYS = {"train.seed", "lora.seed", "train.data_dir", "train.glue_dir", "train.log_every", "train.save_every"}
 
 
 def compare(run_dirs):
     """(task, rows, skipped, notes) of the comparison of the given run directories."""
     configs = {}
     for run in map(Path, run_dirs):
-        if not (run / "config.json").is_file():
+        if not config_file(run).is_file():
             raise ValueError(f"{str(run)!r} is not a run directory (it has no config.json); "
                              "--compare takes the --out directories written by train.py.")
-        configs[run] = read_json(run / "config.json", "run configuration")
+        configs[run] = read_json(config_file(run), "run configuration")
     tasks = {}
     for run, config in configs.items():
         tasks.setdefault(config.get("train", {}).get("task"), []).append(str(run))
@@ -397,7 +306,7 @@ def compare(run_dirs):
         raise ValueError(f"the runs are of task {name!r}, which is not one of {sorted(TASKS)}.")
     task, groups, skipped, notes = TASKS[name], {}, [], []
     for run, config in configs.items():
-        dev = best_dev(run / "metrics.jsonl", task.metrics[0])
+        dev = best_dev(run, task.metrics[0])
         if not started(run):
             skipped.append((str(run), "never started: config.json but no checkpoint or metrics (a failed start of "
                                       "an older train.py); delete it"))
@@ -405,7 +314,7 @@ def compare(run_dirs):
         if dev is None:
             skipped.append((str(run), "no dev record yet: training has not finished its first epoch"))
             continue
-        sidecar = run / "best" / "adapter.json"
+        sidecar = best_adapter(run).with_suffix(".json")
         params = read_json(sidecar, "adapter sidecar").get("trainable_params") if sidecar.is_file() else None
         groups.setdefault(config.get("lora", {}).get("init", "unknown"), []).append((run, config, dev, params))
     order = {init: i for i, init in enumerate(INIT_ORDER)}
@@ -460,8 +369,9 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=None, choices=("best", "last"),
                    help="for a run directory: the best epoch's adapter or the last checkpoint; None: best")
     p.add_argument("--model", default=None, help="base model to load instead of the one the adapter records; None: that one")
-    p.add_argument("--glue-dir", "--data-dir", dest="glue_dir", default=None,
-                   help="directory with the GLUE TSV files or the paper's math files; None: the run's")
+    p.add_argument("--data-dir", "--glue-dir", dest="data_dir", default=None,
+                   help="the task's data: the directory with the GLUE TSV files or the paper's math files; None: the "
+                   "run's (--glue-dir is its old name)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="examples per forward pass (generation: prompts per batch); None: 128, generation 16")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
@@ -482,10 +392,10 @@ def main(argv=None):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1.")
     opts = dict(batch_size=args.batch_size, device=args.device, max_new_tokens=args.max_new_tokens, limit=args.limit)
     if args.base:
-        return evaluate_base(args.model or "smollm2", args.task, args.split, args.out, args.glue_dir, args.max_length,
+        return evaluate_base(args.model or "smollm2", args.task, args.split, args.out, args.data_dir, args.max_length,
                              **opts)
     if args.compare is None:
-        return evaluate_adapter(args.path, args.split, args.checkpoint, args.model, args.glue_dir, task_name=args.task,
+        return evaluate_adapter(args.path, args.split, args.checkpoint, args.model, args.data_dir, task_name=args.task,
                                 **opts)
     task, rows, skipped, notes = compare(args.compare)
     for run, reason in skipped:

@@ -113,7 +113,7 @@ def rank2r(tensors, cfg):
 
     with A0 = A', B0 = 0, so that R = W0 exactly, and lora_alpha' = 2r * s keeping the same scale s.
     Returns (tensors, config) of that rank-2r adapter."""
-    if cfg.init == "full":
+    if cfg.full_finetuning:
         raise ValueError("a full fine-tuning checkpoint has no adapter to convert; train with a LoRA initialiser.")
     out = {k: v for k, v in tensors.items() if k.startswith("head.")}
     for name in [k[: -len(".A0")] for k in tensors if k.endswith(".A0")]:
@@ -204,52 +204,69 @@ def init_milora(W0, cfg, g, approx):
     return _svd_init(W0, cfg, top=False)
 
 
+# the one table of initialisers: adding one is a function above and a line here; --init, --help, sweeps and
+# figures all read it
 INITIALISERS = {"lora": init_lora, "gaussian": init_gaussian, "inilora": init_inilora, "alpha": init_alpha,
                 "beta-kaiming-normal": init_beta_kaiming_normal, "beta-kaiming-uniform": init_beta_kaiming_uniform,
                 "pissa": init_pissa, "milora": init_milora}
-# "full" is the full fine-tuning baseline: no adapter, every weight trains.
-INIT_NAMES = sorted([*INITIALISERS, "full"])
+FULL = "full"  # the full fine-tuning baseline, the one --init without an adapter: every weight trains
+
+
+def init_names():
+    """Every --init: the initialisers of the table as it is now, and "full"."""
+    return sorted([*INITIALISERS, FULL])
 
 # -----------------------------------------------------------------------------
-# configuration: each option is declared once, as a field with its flag and its validity check;
-# add_lora_args, lora_config_from_args and validate are derived from the fields.
+# configuration: each LoRA setting is declared once, as a field with its flag and its validity check;
+# add_lora_args, lora_config_from_args and validate are derived from the fields (train.py, tools/memory.py and
+# inilora.py's own command line share them; approximate.py keeps its own, as it sets its own defaults)
 
 
-
-def option(default, help, flag=None, parse=None, problem=None, flag_default=MISSING):
+def flag_field(default, help, flag=None, parse=None, problem=None, flag_default=MISSING):
     """A LoRAConfig field: its default, its command-line `flag` (value read by `parse`, shown with
-    `help`, default `flag_default` if it differs from the field's), and `problem(value)`: None for a
-    valid value, else the sentence that says what is wrong with it and what to pass instead."""
+    `help` (a string, or a function giving it when the parser is built), default `flag_default` if it differs
+    from the field's), and `problem(value)`: None for a valid value, else the sentence that says what is wrong
+    with it and what to pass instead."""
     return field(default=default, metadata=dict(help=help, flag=flag, parse=parse, problem=problem or (lambda v: None),
                                                 flag_default=default if flag_default is MISSING else flag_default))
 
 
 @dataclass
 class LoRAConfig:
-    init: str = option("lora", f"initialiser, one of {INIT_NAMES}", "--init", str, lambda v: None if v in INIT_NAMES
-                       else f"init {v!r} is not one of {INIT_NAMES}; pass e.g. --init inilora.")
-    rank: int = option(8, "LoRA rank r", "--rank", int, lambda v: None if isinstance(v, int) and v >= 1 else
+    init: str = flag_field("lora", lambda: f"initialiser, one of {init_names()}", "--init", str, lambda v: None if v in
+                           init_names() else f"init {v!r} is not one of {init_names()}; pass e.g. --init inilora.")
+    rank: int = flag_field(8, "LoRA rank r", "--rank", int, lambda v: None if isinstance(v, int) and v >= 1 else
                        f"rank={v!r} must be an integer >= 1 (the paper uses 8); pass e.g. --rank 8.")
-    lora_alpha: float | None = option(  # None -> r, so s = 1 as in the paper's experiments
+    lora_alpha: float | None = flag_field(  # None -> r, so s = 1 as in the paper's experiments
         None, "s = lora_alpha / r; None: lora_alpha = r, so s = 1", "--lora-alpha", float, lambda v: None if v is
         None or 0 < v < math.inf else f"lora_alpha={v!r} must be a finite number > 0, or None for lora_alpha = r.")
-    targets: tuple[str, ...] = option(  # leaf names of the adapted nn.Linear modules
+    targets: tuple[str, ...] = flag_field(  # leaf names of the adapted nn.Linear modules
         DEFAULT_TARGETS["encoder"], "comma-separated leaf names of the adapted nn.Linear modules; None: the "
         f"model family's (models.DEFAULT_TARGETS: {DEFAULT_TARGETS})", "--targets",
-        lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),  # "query, value" -> ("query", "value")
+        models.parse_targets,  # "query, value" -> ("query", "value")
         lambda v: None if isinstance(v, (tuple, list)) and v and all(isinstance(t, str) for t in v) else
         f"targets={v!r} must name at least one module; pass e.g. --targets query,value.", flag_default=None)
-    dropout: float = option(0.0, "dropout on the adapter's input (active in training mode only)", "--lora-dropout",
+    dropout: float = flag_field(0.0, "dropout on the adapter's input (active in training mode only)", "--lora-dropout",
                             float, lambda v: None if 0 <= v < 1 else f"dropout={v!r} must be in [0, 1), e.g. 0.1.")
-    alpha_std: float = option(0.5, "σ_α of IniLoRA-α (--init alpha)", "--alpha-std", float, lambda v: None if
+    alpha_std: float = flag_field(0.5, "σ_α of IniLoRA-α (--init alpha)", "--alpha-std", float, lambda v: None if
                               0 < v < math.inf else f"alpha_std={v!r} must be a finite number > 0 (the paper: 0.5).")
-    seed: int = option(0, "draws of the random initialisers (train.py's --seed)")
-    approx_steps: int = option(20000, "IniLoRA: Adam steps of the approximation, eq. 3 (0: the Iter=0 row)",
+    seed: int = flag_field(0, "draws of the random initialisers (train.py's --seed)")
+    approx_steps: int = flag_field(20000, "IniLoRA: Adam steps of the approximation, eq. 3 (0: the Iter=0 row)",
                                "--approx-steps", int, lambda v: None if v >= 0 else
                                f"approx_steps={v!r} is negative; expected 0 (the N(0, σ̄²) start) or more.")
-    approx_lr: float = option(5e-4, "IniLoRA: approximation learning rate", "--approx-lr", float, lambda v: None if
+    approx_lr: float = flag_field(5e-4, "IniLoRA: approximation learning rate", "--approx-lr", float, lambda v: None if
                               0 < v < math.inf else f"approx_lr={v!r} must be a finite number > 0, e.g. 5e-4.")
-    approx_seed: int = option(0, "IniLoRA: seed of the approximation's N(0, σ̄²) start", "--approx-seed", int)
+    approx_seed: int = flag_field(0, "IniLoRA: seed of the approximation's N(0, σ̄²) start", "--approx-seed", int)
+
+    @property
+    def full_finetuning(self):
+        """init "full": no adapter, every weight trains."""
+        return self.init == FULL
+
+    @property
+    def label(self):
+        """How a run directory names the method: "lora-r8", or "full" (full fine-tuning has no rank)."""
+        return FULL if self.full_finetuning else f"{self.init}-r{self.rank}"
 
     @property
     def scale(self):
@@ -298,7 +315,7 @@ def inject(model, cfg, model_id, cache_dir=None):
     approximate.py's cache, or fills it). Returns the fingerprint of the base model's target weights."""
     cfg.validate()
     fingerprint = base_fingerprint(model, cfg.targets)
-    if cfg.init == "full":
+    if cfg.full_finetuning:
         return fingerprint
     linears = target_linears(model, cfg.targets)
     name, smallest = min(linears.items(), key=lambda item: min(item[1].weight.shape))
@@ -351,7 +368,7 @@ def mark_trainable(model, cfg, verbose=True):
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         is_adapter = leaf in ("A", "B") and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), LoRALinear)
-        p.requires_grad_(cfg.init == "full" or is_adapter or name.startswith("head."))
+        p.requires_grad_(cfg.full_finetuning or is_adapter or name.startswith("head."))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if verbose:
@@ -366,7 +383,7 @@ def mark_trainable(model, cfg, verbose=True):
 def adapter_tensors(model, cfg):
     """The tensors an adapter checkpoint holds: A, B, A0, B0 of every LoRALinear and the
     task head; with init="full", every parameter of the model."""
-    if cfg.init == "full":
+    if cfg.full_finetuning:
         return dict(model.named_parameters())
     tensors = {}
     for name, m in model.named_modules():
@@ -380,7 +397,7 @@ def adapter_tensors(model, cfg):
 def adapter_shapes(model, cfg):
     """{name: shape} that adapter_tensors will hold once `cfg` is put on the base `model`:
     A (r, d_in), B (d_out, r), A0 (r, d_in), B0 (d_out, r) per target, and the head."""
-    if cfg.init == "full":
+    if cfg.full_finetuning:
         return {n: tuple(p.shape) for n, p in model.named_parameters()}
     shapes, r = {}, cfg.rank
     for name, linear in target_linears(model, cfg.targets).items():
@@ -426,7 +443,7 @@ def load_adapter(model, path, model_id=None):
     labels = f" ({meta['num_labels']})" if "num_labels" in meta else ""
     check_tensors(saved_head, head, path, f"The task head is for another number of labels: load the model with "
                   f"the adapter's num_labels{labels}.")
-    if cfg.init != "full":
+    if not cfg.full_finetuning:
         for name, linear in target_linears(model, cfg.targets).items():
             _adapt(model, name, linear, tensors[f"{name}.A0"], tensors[f"{name}.B0"], cfg)
     for key, dst in adapter_tensors(model, cfg).items():
@@ -438,20 +455,25 @@ def load_adapter(model, path, model_id=None):
 # command line: the flags train.py shares (derived from LoRAConfig), and a step-0 check
 
 
+def config_flags():
+    """{LoRAConfig field: its command-line flag}, for every field that declares one."""
+    return {f.name: f.metadata["flag"] for f in fields(LoRAConfig) if f.metadata["flag"]}
+
+
 def add_lora_args(parser):
     """One flag per LoRAConfig field that declares one, plus --cache-dir (where, not what)."""
     for f in fields(LoRAConfig):
         if flag := f.metadata["flag"]:
+            text = f.metadata["help"]
             parser.add_argument(flag, type=f.metadata["parse"], default=f.metadata["flag_default"],
-                                help=f.metadata["help"])
+                                help=text() if callable(text) else text)
     parser.add_argument("--cache-dir", default=None,
                         help="approximation cache; None: $INILORA_CACHE, else ~/.cache/inilora")
 
 
 def lora_config_from_args(args, seed, default_targets=DEFAULT_TARGETS["encoder"]):
     """LoRAConfig from add_lora_args' flags; `default_targets` where --targets was left out."""
-    values = {f.name: getattr(args, f.metadata["flag"].lstrip("-").replace("-", "_"))
-              for f in fields(LoRAConfig) if f.metadata["flag"]}
+    values = {name: getattr(args, flag.lstrip("-").replace("-", "_")) for name, flag in config_flags().items()}
     if values["targets"] is None:
         values["targets"] = tuple(default_targets)
     return LoRAConfig(**values, seed=seed).validate()

@@ -2,7 +2,7 @@
 
 Only A, B (and an encoder's task head) train, AdamW over those parameters, evaluation on dev
 after every epoch, and the best epoch's dev score is the result (paper Section 4.2). The task's
-kind (data.task.KINDS) picks the model, the batches, the loss and the evaluation, never the loop:
+kind (data.task.KINDS) picks the model, the batches, the objective and the evaluation; the loop is one:
 
   classification / regression (BERT/RoBERTa, models/encoder.py): cross-entropy (MSE for STS-B) over the
       examples of a step; dev metrics from data.prepare.TASKS.
@@ -20,14 +20,16 @@ t < W, then (progress p = (t - W) / (T - W))
     linear  lr_t = lr * (1 - p)                         (the NLU protocol; the default)
     cosine  lr_t = lr * 0.5 * (1 + cos(pi * p))          (transformers' cosine schedule, the LLM scripts)
 
---preset paper-llm is the paper's LLM protocol (PRESETS; flags beside it override it). --dtype bfloat16
-keeps the frozen weights and R = W0 - s B0 A0 (computed in float32, rounded once) in bfloat16 and trains
-under bf16 autocast, with the adapters, head and optimizer state in float32; the run says at its start
-how far rounding R moves the step-0 weights (inilora.report_rounding). --grad-checkpointing recomputes
-decoder blocks in backward.
+The file reads in nanoGPT's order: configuration, learning-rate schedule, data order, objectives, building
+the job, one step, the loop, the command line. --preset paper-llm is the paper's LLM protocol (PRESETS;
+flags beside it override it). --dtype bfloat16 keeps the frozen weights and R = W0 - s B0 A0 (computed in
+float32, rounded once) in bfloat16 and trains under bf16 autocast, with the adapters, head and optimizer
+state in float32; the run says at its start how far rounding R moves the step-0 weights
+(inilora.report_rounding). --grad-checkpointing recomputes decoder blocks in backward. --dry-run prints
+the memory estimate of the run (tools/memory.py) and trains nothing.
 
-Every check happens before the run directory exists (lib/runs.py: directories, checkpoints, resume,
-signals); Ctrl-C saves a checkpoint and exits 130; `python train.py --resume --out DIR` continues.
+Every check happens before the run directory exists (lib/runs.py owns it: checkpoints, resume, signals);
+Ctrl-C saves a checkpoint and exits 130; `python train.py --resume --out DIR` continues.
 `torchrun --nproc_per_node N train.py ...` trains data-parallel (lib/distributed.py): the same global batch of
 batch_size x grad_accum examples, shared by the N processes; a plain `python train.py` is one process.
 
@@ -43,6 +45,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,34 +54,30 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lib import distributed
 import inilora
-from tools import memory
-from lib.common import EXIT_INTERRUPTED, pick_device, run_cli, write_json
+import models
 from data.prepare import TASKS, load_split, loss_units, training_batch
 from data.sft import IGNORE_INDEX
-from models import DEFAULT_TARGETS
 from evaluate import dev_scores
-from evaluate import load_base as load_base_model
-from lib.runs import (StopRequest, TensorPeak, TrainingDiverged, check_new_run_dir, default_run_dir, last_checkpoint,
-                  memory_report, peak_memory, remove_failed_start, restore_state, rng_states, save_checkpoint,
-                  stored_configs)
+from lib import distributed, runs
+from lib.common import DTYPES, EXIT_INTERRUPTED, TRAIN_DTYPES, pick_device, run_cli, write_json
 
-# bfloat16: the frozen weights (and R) in bfloat16, bf16 autocast; what trains (adapters, head, full fine-tuning's
-# weights) and its optimizer state in float32
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULES = ("linear", "cosine")
-DEFAULT_MODELS = {"generation": "smollm2"}  # --model left out: the packaged decoder, else the packaged encoder
 # the paper's LLM protocol (Section 4.2, the authors' MetaMath-style scripts); train and LoRA flags by dest
 PRESETS = {"paper-llm": dict(lr=2e-5, warmup_ratio=0.03, schedule="cosine", epochs=3, batch_size=8, grad_accum=8,
                              max_length=512, weight_decay=0.0, lora_alpha=None, lora_dropout=0.0, seed=11)}
+PACKAGED_MODELS = {"encoder": "minilm", "decoder": "smollm2"}  # --model left out: by the task's model family
+ROOT = Path(__file__).resolve().parent  # the repository: `python -m tools.memory` runs from here
+
+# -----------------------------------------------------------------------------
+# configuration
 
 
 @dataclass
 class TrainConfig:
-    model: str | None = None       # local directory, hub id, "minilm" or "smollm2"; None: by the task's kind
+    model: str | None = None       # local directory, hub id, "minilm" or "smollm2"; None: by the task's family
     task: str = "rotten-tomatoes"
-    glue_dir: str | None = None    # GLUE TSV files, or the directory / file of the paper's math files
+    data_dir: str | None = None    # GLUE TSV files, or the directory / file of the paper's math files
     lr: float = 3e-4
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
@@ -101,8 +100,9 @@ class TrainConfig:
     def validate(self):
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is not one of {sorted(TASKS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype not in TRAIN_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {list(TRAIN_DTYPES)} (float16 would need loss "
+                             "scaling, which this loop does not do); pass --dtype float32 or bfloat16.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {list(SCHEDULES)}; pass --schedule linear "
                              "(the NLU protocol) or cosine (the LLM protocol).")
@@ -117,13 +117,17 @@ class TrainConfig:
                              "weight_decay >= 0, save_every >= 0.")
         if self.eval_limit < 0:
             raise ValueError(f"eval_limit={self.eval_limit} is negative; pass 0 (the whole dev split) or a count.")
-        if TASKS[self.task].kind == "generation" and self.model == "minilm":
+        if TASKS[self.task].generates and self.model == "minilm":
             raise ValueError(f"task {self.task!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
                              "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
-        if self.grad_checkpointing and TASKS[self.task].kind != "generation":
+        if self.grad_checkpointing and not TASKS[self.task].generates:
             raise ValueError(f"--grad-checkpointing recomputes decoder blocks, but task {self.task!r} trains an "
                              "encoder; leave the flag out, or pick a generation task.")
         return self
+
+
+# -----------------------------------------------------------------------------
+# the learning-rate schedule and the data order
 
 
 def lr_at(step, total, cfg):
@@ -137,6 +141,20 @@ def lr_at(step, total, cfg):
         p = (step - warmup) / max(1, total - warmup)
         return cfg.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * p)))
     return cfg.lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+GROUP_STEPS = 50  # --group-by-length: steps per length-sorted chunk (transformers' mega-batch of 50 batches)
+
+
+def epoch_order(n, seed, epoch, lengths=None, per_step=1):
+    # one permutation per (seed, epoch): the data order needs no state to be restored
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    if lengths is None:
+        return order
+    # --group-by-length (transformers' LengthGroupedSampler): cut the permutation into chunks of 50 steps and
+    # sort each chunk by length, longest first; a step then pads to about its own examples' length
+    return torch.cat([chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+                      for chunk in order.split(GROUP_STEPS * per_step)])
 
 
 # -----------------------------------------------------------------------------
@@ -180,27 +198,14 @@ def sft_loss(model, batch, units):
 OBJECTIVES = {False: classification_loss, True: sft_loss}  # Task.generates -> its loss
 
 
-GROUP_STEPS = 50  # --group-by-length: steps per length-sorted chunk (transformers' mega-batch of 50 batches)
-
-
-def epoch_order(n, seed, epoch, lengths=None, per_step=1):
-    # one permutation per (seed, epoch): the data order needs no state to be restored
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    if lengths is None:
-        return order
-    # --group-by-length (transformers' LengthGroupedSampler): cut the permutation into chunks of 50 steps and
-    # sort each chunk by length, longest first; a step then pads to about its own examples' length
-    return torch.cat([chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
-                      for chunk in order.split(GROUP_STEPS * per_step)])
-
-
 # -----------------------------------------------------------------------------
-# set-up (every check, before the run directory exists) and the training loop
+# building the job: every check, before the run directory exists
 
 
 @dataclass
-class Setup:
+class Job:
     """What the loop needs, built and checked before the run directory is made."""
+    run_dir: Path
     model: torch.nn.Module
     tokenizer: object
     pad_id: int
@@ -208,16 +213,9 @@ class Setup:
     fingerprint: str
     splits: dict
     opt: torch.optim.Optimizer
-    state: dict                    # {"step", "best"}: what a checkpoint's sidecar holds
+    state: dict                    # {"step", "best", ...}: what a checkpoint's sidecar holds
     extra: dict                    # stored in every adapter sidecar
     world: distributed.World = distributed.World()  # torchrun's ranks (one process: rank 0 of 1)
-    estimated: tuple | None = None  # memory.py's estimate of (the peak, the tensors' peak), MiB, at the start
-
-
-def estimate(cfg, lcfg, device, runtime=None):
-    """(lines, the peak, the tensors' peak; bytes): memory.py's estimate of this run (its --dry-run)."""
-    return memory.dry_run(cfg.model, cfg.task, lcfg.init, lcfg.rank, lcfg.targets, cfg.batch_size, cfg.max_length,
-                          cfg.dtype, cfg.grad_checkpointing, device.type, cfg.glue_dir, runtime=runtime)
 
 
 def compile_model(model, device):
@@ -229,28 +227,28 @@ def compile_model(model, device):
     model.compile()
 
 
-def build(cfg, lcfg, device, ckpt=None, cache_dir=None, world=distributed.World()):
+def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distributed.World()):
     """Loads the model and the task's splits, injects the adapters (or loads checkpoint `ckpt`'s),
     and restores its optimizer state: every error a run can meet at its start happens here."""
     task = TASKS[cfg.task]
     # a causal LM for generation tasks, else an encoder with a head; in --dtype (what trains is made float32 below)
-    model, tokenizer, model_id = load_base_model(cfg.model, task, head_seed=cfg.seed, dtype=DTYPES[cfg.dtype])
-    splits = {s: load_split(cfg.task, s, tokenizer, cfg.max_length, cfg.glue_dir)
+    model, tokenizer, model_id, _, _ = models.load(cfg.model, task.family, task.num_labels, cfg.seed, DTYPES[cfg.dtype])
+    splits = {s: load_split(cfg.task, s, tokenizer, cfg.max_length, cfg.data_dir)
               for s in ("train", "dev") if s in task.splits or s == "train"}
-    if task.kind == "generation" and not splits["train"]["input_ids"]:
+    if task.generates and not splits["train"]["input_ids"]:
         n = len(splits["train"]["prompt_ids"])
         raise ValueError(f"--max-length {cfg.max_length} leaves no response token in any of the {n} training "
                          f"examples of {cfg.task!r} (every prompt fills it): raise --max-length.")
-    fingerprint = inilora.base_fingerprint(model, lcfg.targets)
+    fingerprint = inilora.base_fingerprint(model, lora_cfg.targets)
     if not world.main:
         distributed.barrier(world)  # under torchrun, rank 0 injects first: an approximation is computed once
     if ckpt is not None:
-        inilora.load_adapter(model, ckpt / "adapter.safetensors", model_id)
+        inilora.load_adapter(model, ckpt / runs.ADAPTER, model_id)
     else:
-        inilora.inject(model, lcfg, model_id, cache_dir)  # checks the rank against every target's shape
+        inilora.inject(model, lora_cfg, model_id, cache_dir)  # checks the rank against every target's shape
     if world.main:
         distributed.barrier(world)
-    trainable, total_params = inilora.mark_trainable(model, lcfg)  # decoders: A, B only (no head.*)
+    trainable, total_params = inilora.mark_trainable(model, lora_cfg)  # decoders: A, B only (no head.*)
     for p in model.parameters():  # what trains is float32, whatever the frozen weights' dtype
         if p.requires_grad:
             p.data = p.data.float()
@@ -261,137 +259,170 @@ def build(cfg, lcfg, device, ckpt=None, cache_dir=None, world=distributed.World(
         compile_model(model, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    state = restore_state(ckpt, model, opt, device, world.rank) if ckpt is not None else {"step": 0, "best": None}
+    state = runs.restore_state(ckpt, model, opt, device, world.rank) if ckpt is not None else {"step": 0, "best": None}
     extra = {"task": cfg.task, "num_labels": task.num_labels, "max_length": cfg.max_length,
              "trainable_params": trainable, "total_params": total_params}
-    return Setup(model, tokenizer, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra, world)
+    return Job(run_dir, model, tokenizer, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra, world)
 
 
-def settle(pending, step, steps_per_epoch, run, world=distributed.World()):
-    """The losses of the steps up to `step` not yet read, as floats, and `pending` emptied: the loop's one host
-    sync, at log and save steps rather than every step. A non-finite loss raises TrainingDiverged naming its
-    step, before anything after it is saved (its update already reached the weights in memory, not on disk)."""
-    # under torchrun each rank holds its share of every step's loss: summed, the whole step's
-    values = distributed.sum_tensor(torch.stack(pending), world).tolist() if pending else []
-    pending.clear()
-    for i, value in enumerate(values):
-        if not math.isfinite(value):
-            bad = step - len(values) + 1 + i
-            kept = (f"the last good checkpoint is named in {run / 'last.json'}" if (run / "last.json").is_file()
-                    else "no checkpoint was written yet, so the run is removed")
-            raise TrainingDiverged(f"the loss is {value} at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}): "
-                                   f"training diverged. Nothing was saved after it; {kept}. Lower --lr, or "
-                                   "train in --dtype float32.")
-    return values
+# -----------------------------------------------------------------------------
+# one optimizer step, and what the loop does around steps
 
 
-def train(cfg, lcfg, run, device, s: Setup):
+def train_step(cfg, job, examples, lr, device):
+    """One AdamW step over `examples`, the step's global batch: this rank's share of it, in micro-batches
+    whose gradients add up to the whole batch's. Returns the step's loss, left on the device (no host sync)."""
+    task, model = TASKS[cfg.task], job.model
+    for group in job.opt.param_groups:
+        group["lr"] = lr
+    units = loss_units(task, job.splits["train"], examples)  # the WHOLE step's examples or response tokens
+    mine = distributed.share(examples, job.world)  # this rank's examples (all of them in one process)
+    job.opt.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=device)
+    for i in range(0, len(mine), cfg.batch_size):  # micro-batches: one step of the whole batch
+        batch = training_batch(task, job.splits["train"], mine[i:i + cfg.batch_size], job.pad_id, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            loss = OBJECTIVES[task.generates](model, batch, units)  # forward and this micro-batch's share of L
+        loss.backward()
+        step_loss = step_loss + loss.detach()
+    distributed.sum_gradients([p for p in model.parameters() if p.requires_grad], job.world)  # torchrun: all ranks'
+    job.opt.step()
+    return step_loss
+
+
+class StepLosses:
+    """The step losses since the last log line. They stay on the device until `read` (the loop's one host sync,
+    at log and save steps rather than every step), which checks them: a non-finite loss raises TrainingDiverged
+    naming its step, before anything after it is saved (its update reached the weights in memory, not disk)."""
+
+    def __init__(self):
+        self.pending, self.values, self.start = [], [], time.perf_counter()
+
+    def read(self, job, steps_per_epoch):
+        step = job.state["step"]
+        # under torchrun each rank holds its share of every step's loss: summed, the whole step's
+        values = distributed.sum_tensor(torch.stack(self.pending), job.world).tolist() if self.pending else []
+        self.pending.clear()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                bad = step - len(values) + 1 + i
+                kept = ("the last good checkpoint is named in " + str(job.run_dir / runs.LAST)
+                        if runs.has_checkpoint(job.run_dir) else "no checkpoint was written yet, so the run is removed")
+                raise runs.TrainingDiverged(f"the loss is {value} at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}): "
+                                            f"training diverged. Nothing was saved after it; {kept}. Lower --lr, or "
+                                            "train in --dtype float32.")
+        self.values += values
+
+    def log_line(self, cfg, job, epoch, lr, total, log):
+        """Prints and logs the mean loss since the last log line, then starts the next interval."""
+        dt = (time.perf_counter() - self.start) / len(self.values)
+        record = {"step": job.state["step"], "epoch": epoch + 1, "loss": sum(self.values) / len(self.values), "lr": lr}
+        per_step = cfg.batch_size * cfg.grad_accum
+        print(f"step {record['step']}/{total} | loss {record['loss']:.4f} | lr {lr:.1e} | "
+              f"{1000 * dt:.1f} ms/step | {per_step / dt:.0f} samples/s", flush=True)
+        runs.append_record(log, record)
+        self.values, self.start = [], time.perf_counter()
+
+
+def save_checkpoint(job, lora_cfg):
+    """Every rank's RNG state goes to rank 0, which alone writes the checkpoint."""
+    rngs = distributed.gather(runs.rng_states(), job.world)
+    if job.world.main:
+        write_adapter = lambda path: inilora.save_adapter(job.model, path, lora_cfg, job.model_id,  # noqa: E731
+                                                           job.fingerprint, job.extra)
+        runs.save_checkpoint(job.run_dir, write_adapter, job.model, job.opt, job.state, rngs)
+    distributed.barrier(job.world)
+
+
+def end_of_epoch(cfg, lora_cfg, job, epoch, device, log):
+    """Dev evaluation, the best epoch so far (the paper's protocol: best dev over epochs) and a checkpoint."""
+    task, state = TASKS[cfg.task], job.state
+    dev, score, better = None, None, True  # no dev split: best/ is the last epoch
+    if "dev" in job.splits:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            dev, what = dev_scores(cfg, task, job, device)
+        print(f"epoch {epoch + 1}/{cfg.epochs} | {what} " + " | ".join(f"{k} {v:.4f}" for k, v in dev.items()))
+        record = {"step": state["step"], "epoch": epoch + 1, "dev": dev}
+        runs.append_record(log, record if what == "dev" else {**record, "dev_subset": what})
+        score = dev[task.metrics[0]]
+        better = state["best"] is None or score > state["best"]["score"]
+    if better:
+        state["best"] = {"epoch": epoch + 1, "step": state["step"], "score": score, "dev": dev}
+        if job.world.main:
+            inilora.save_adapter(job.model, runs.best_adapter(job.run_dir), lora_cfg, job.model_id, job.fingerprint,
+                                 {**job.extra, "epoch": epoch + 1, "dev": dev})
+    save_checkpoint(job, lora_cfg)
+
+
+def stop_now(job, lora_cfg, losses, steps_per_epoch, total, signum):
+    """A signal came during the last step or dev evaluation (on any rank): save, say how to continue, stop."""
+    losses.read(job, steps_per_epoch)
+    save_checkpoint(job, lora_cfg)
+    step = job.state["step"]
+    print(f"stopped at step {step}/{total}, saved as {runs.checkpoint_dir(job.run_dir, step)}; continue with: "
+          f"python train.py --resume --out {shlex.quote(str(job.run_dir))}", flush=True)
+    return {**job.state, "signal": signum or signal.SIGINT}
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg, lora_cfg, job, device):
     """The loop. Returns the final state, with "signal" added when a signal stopped it. Under torchrun each
     rank runs it on its share of every step (lib/distributed.py); rank 0 alone writes."""
-    task, model, opt, state, world = TASKS[cfg.task], s.model, s.opt, s.state, s.world
-    objective = OBJECTIVES[task.generates]
-    params = [p for p in model.parameters() if p.requires_grad]
-    n = len(s.splits["train"]["input_ids"])
+    state, world = job.state, job.world
+    n = len(job.splits["train"]["input_ids"])
     per_step = cfg.batch_size * cfg.grad_accum  # examples per optimizer step (all ranks together)
     steps_per_epoch = math.ceil(n / per_step)
     total = cfg.epochs * steps_per_epoch
-    tokens = torch.tensor([len(x) for x in s.splits["train"]["input_ids"]])
-    lengths = tokens if cfg.group_by_length else None
-    watch = TensorPeak(int(tokens.argmax()), device)  # the longest example's step: what memory.py sizes
-    metrics_path = run / "metrics.jsonl"
-    if world.main and state["step"] > 0 and metrics_path.exists():  # drop what was logged after the checkpoint
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+    lengths = torch.tensor([len(x) for x in job.splits["train"]["input_ids"]]) if cfg.group_by_length else None
+    if world.main and state["step"] > 0:
+        runs.keep_records_until(job.run_dir, state["step"])  # drop what was logged after the checkpoint
     state["world_size"] = world.size
     accum = f" ({cfg.grad_accum} micro-batches of {cfg.batch_size})" if cfg.grad_accum > 1 else ""
     ranks = f", shared by {world.size} processes" if world.size > 1 else ""
     print(f"{n} training examples, {per_step} a step{accum}{ranks}, {steps_per_epoch} steps/epoch, {total} steps; "
-          f"run directory {run}")
-    if "dev" not in s.splits:
-        print(f"task {task.name!r} has no dev split: no evaluation after each epoch, best/ is the last epoch")
-
-    def checkpoint():  # every rank's RNG state goes to rank 0, which alone writes
-        rngs = distributed.gather(rng_states(), world)
-        if world.main:
-            save_checkpoint(run, model, opt, state, lcfg, s.model_id, s.fingerprint, s.extra, rngs)
-        distributed.barrier(world)
-
-    log_file = metrics_path if world.main else os.devnull
-    with open(log_file, "a") as log, StopRequest("stopping after this step (a second Ctrl-C is not needed)") as stop:
+          f"run directory {job.run_dir}")
+    if "dev" not in job.splits:
+        print(f"task {cfg.task!r} has no dev split: no evaluation after each epoch, best/ is the last epoch")
+    log_file = runs.metrics_file(job.run_dir) if world.main else os.devnull
+    with open(log_file, "a") as log, runs.StopRequest("stopping after this step (a second Ctrl-C is not needed)") as stop:
         while state["step"] < total:
             epoch, done = divmod(state["step"], steps_per_epoch)
-            order = epoch_order(n, cfg.seed, epoch, lengths, per_step)[done * per_step:]
-            model.train()
-            t0, losses, pending = time.perf_counter(), [], []  # losses: floats since the last log line
+            order = epoch_order(n, cfg.seed, epoch, lengths, per_step)[done * per_step:].tolist()
+            job.model.train()
+            losses = StepLosses()
             for start in range(0, len(order), per_step):
-                # it came during the last step or dev evaluation (on any rank): save, then stop before this step
                 if distributed.any_rank(stop.signum, world, device):
-                    losses += settle(pending, state["step"], steps_per_epoch, run, world)
-                    checkpoint()
-                    print(f"stopped at step {state['step']}/{total}, saved as {run / ('checkpoint-%d' % state['step'])}"
-                          f"; continue with: python train.py --resume --out {shlex.quote(str(run))}", flush=True)
-                    return {**state, "signal": stop.signum or signal.SIGINT}
+                    return stop_now(job, lora_cfg, losses, steps_per_epoch, total, stop.signum)
                 lr = lr_at(state["step"], total, cfg)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                step_order = order[start:start + per_step].tolist()
-                units = loss_units(task, s.splits["train"], step_order)  # the WHOLE step's examples or response tokens
-                mine = distributed.share(step_order, world)  # this rank's examples (all of them in one process)
-                opt.zero_grad(set_to_none=True)
-                with watch.watching(mine, model, opt, state["step"] + 1):  # the CPU's tensor peak, in one step
-                    micro = [training_batch(task, s.splits["train"], mine[i:i + cfg.batch_size], s.pad_id, device)
-                             for i in range(0, len(mine), cfg.batch_size)]
-                    step_loss = torch.zeros((), device=device)
-                    for batch in micro:  # gradients add up over the micro-batches: one step of the whole batch
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-                            loss = objective(model, batch, units)
-                        loss.backward()
-                        step_loss = step_loss + loss.detach()  # stays on the device: no host sync per step
-                    distributed.sum_gradients(params, world)  # torchrun: the sum over ranks, the whole batch's
-                    opt.step()
+                losses.pending.append(train_step(cfg, job, order[start:start + per_step], lr, device))
                 state["step"] += 1
-                pending.append(step_loss)
-                end_of_epoch = state["step"] % steps_per_epoch == 0
+                end = state["step"] % steps_per_epoch == 0
                 saving = cfg.save_every and state["step"] % cfg.save_every == 0
-                if state["step"] % cfg.log_every == 0 or end_of_epoch or saving:
-                    losses += settle(pending, state["step"], steps_per_epoch, run, world)  # checked before any save
-                if state["step"] % cfg.log_every == 0 or end_of_epoch:
-                    dt = (time.perf_counter() - t0) / len(losses)
-                    record = {"step": state["step"], "epoch": epoch + 1, "loss": sum(losses) / len(losses), "lr": lr}
-                    print(f"step {state['step']}/{total} | loss {record['loss']:.4f} | lr {lr:.1e} | "
-                          f"{1000 * dt:.1f} ms/step | {per_step / dt:.0f} samples/s", flush=True)
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    t0, losses = time.perf_counter(), []
+                if state["step"] % cfg.log_every == 0 or end or saving:
+                    losses.read(job, steps_per_epoch)  # checked before any save
+                if state["step"] % cfg.log_every == 0 or end:
+                    losses.log_line(cfg, job, epoch, lr, total, log)
                 if saving:
-                    checkpoint()
-            # end of an epoch: evaluate on dev, keep the best epoch (the paper's protocol) and the last
-            if "dev" in s.splits:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-                    dev, what = dev_scores(cfg, task, s, device)
-                print(f"epoch {epoch + 1}/{cfg.epochs} | {what} " + " | ".join(f"{k} {v:.4f}" for k, v in dev.items()))
-                record = {"step": state["step"], "epoch": epoch + 1, "dev": dev}
-                log.write(json.dumps(record if what == "dev" else {**record, "dev_subset": what}) + "\n")
-                log.flush()
-                score = dev[task.metrics[0]]
-                better = state["best"] is None or score > state["best"]["score"]
-            else:
-                dev, score, better = None, None, True  # no dev split: best/ is the last epoch
-            if better:
-                state["best"] = {"epoch": epoch + 1, "step": state["step"], "score": score, "dev": dev}
-                if world.main:
-                    inilora.save_adapter(model, run / "best" / "adapter.safetensors", lcfg, s.model_id, s.fingerprint,
-                                         {**s.extra, "epoch": epoch + 1, "dev": dev})
-            checkpoint()
-    peaks = distributed.gather((peak_memory(device), watch.bytes, watch.step), world)  # every rank's
-    lines, memory_fields = memory_report(peaks, s.estimated, int(tokens.max()), device)
-    best = state["best"]
-    scored = f"dev {task.metrics[0]} {best['score']:.4f}" if best["score"] is not None else "no dev split"
-    print(f"best epoch {best['epoch']}: {scored}; " + "\n".join(lines))
-    if world.main:
-        write_json(run / "final.json", {"step": state["step"], "best": best, "device": str(device),
-                                        "world_size": world.size, **memory_fields})
-    return state
+                    save_checkpoint(job, lora_cfg)
+            end_of_epoch(cfg, lora_cfg, job, epoch, device, log)
+    return finish(cfg, job, device)
+
+
+def finish(cfg, job, device):
+    """The best epoch, and final.json with the measured peak memory (the largest of the ranks')."""
+    (mib, measure), *_ = sorted(distributed.gather(runs.peak_memory(device), job.world), reverse=True)
+    best = job.state["best"]
+    scored = f"dev {TASKS[cfg.task].metrics[0]} {best['score']:.4f}" if best["score"] is not None else "no dev split"
+    ranks = f"the largest of {job.world.size} processes" if job.world.size > 1 else "this process"
+    print(f"best epoch {best['epoch']}: {scored}; peak memory {mib:,.0f} MiB ({measure}, {ranks})")
+    if job.world.main:
+        write_json(runs.final_file(job.run_dir), {"step": job.state["step"], "best": best, "device": str(device),
+                                                  "world_size": job.world.size, "peak_memory_mib": round(mib, 1),
+                                                  "peak_memory_measure": measure})
+    return job.state
 
 
 # -----------------------------------------------------------------------------
@@ -403,12 +434,14 @@ def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune a classifier or a causal LM with LoRA / IniLoRA / baselines.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help=f"a protocol's settings, which flags given beside it override: {PRESETS}")
+                   help="a protocol's settings, which flags given beside it override; paper-llm: " +
+                   ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["paper-llm"].items()))
     p.add_argument("--model", default=d.model, help="local directory, hub id, .gguf, 'minilm' or 'smollm2' "
                    "(packaged); None: smollm2 for generation tasks, minilm otherwise")
     p.add_argument("--task", default=d.task, help=f"one of {sorted(TASKS)}")
-    p.add_argument("--glue-dir", "--data-dir", dest="glue_dir", default=d.glue_dir,
-                   help="directory with the GLUE TSV files, or with the paper's math files (gsm8k, metamathqa, ...)")
+    p.add_argument("--data-dir", "--glue-dir", dest="data_dir", default=d.data_dir,
+                   help="the task's data: the directory with the GLUE TSV files, or with the paper's math files "
+                   "(gsm8k, metamathqa, ...); --glue-dir is its old name")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps of linear warmup")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate decay after warmup")
@@ -422,7 +455,7 @@ def build_parser():
                    help="steps of examples of similar length: the shuffle cut into chunks of 50 steps, each "
                    "sorted by length (less padding, faster; off keeps the plain shuffle of published numbers)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of data order, head, dropout and adapters")
-    p.add_argument("--dtype", default=d.dtype, help=f"one of {sorted(DTYPES)}")
+    p.add_argument("--dtype", default=d.dtype, help=f"one of {list(TRAIN_DTYPES)}")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="decoders: recompute each block in the backward pass (less memory, ~1/3 more compute)")
     p.add_argument("--compile", action="store_true",
@@ -441,8 +474,8 @@ def build_parser():
     p.add_argument("--device", default=None, help="cuda, mps or cpu (None: the first available)")
     p.add_argument("--out", default=None, help="run directory (None: runs/MODEL-TASK-INIT-rRANK-seedSEED)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the memory estimate (memory.py: the model on the meta device, no weight read) and "
-                   "exit: nothing is trained or written")
+                   help="print the memory estimate of this run (python -m tools.memory with these settings: the model "
+                   "on the meta device, no weight read) and exit: nothing is trained or written")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the configuration stored there")
     inilora.add_lora_args(p)
@@ -462,12 +495,25 @@ def parse(argv, defaults=None):
 
 def configs_from_args(args):
     values = {k: getattr(args, k) for k in asdict(TrainConfig())}
-    kind = TASKS[args.task].kind if args.task in TASKS else None
-    values["model"] = values["model"] or DEFAULT_MODELS.get(kind, "minilm")
+    family = TASKS[args.task].family if args.task in TASKS else "encoder"
+    values["model"] = values["model"] or PACKAGED_MODELS[family]
     cfg = TrainConfig(**values).validate()
-    # decoders adapt q_proj, v_proj (Section 4.2), the same in every family models/decoder.py knows
-    targets = DEFAULT_TARGETS["decoder" if kind == "generation" else "encoder"]
-    return cfg, inilora.lora_config_from_args(args, cfg.seed, default_targets=targets)
+    # the family's targets: query, value for encoders, q_proj, v_proj for every decoder family (Section 4.2)
+    return cfg, inilora.lora_config_from_args(args, cfg.seed, default_targets=models.DEFAULT_TARGETS[family])
+
+
+def dry_run(cfg, lora_cfg, device):
+    """python -m tools.memory with this run's settings: its estimate, printed; nothing is trained or written."""
+    flags = {"--model": cfg.model, "--task": cfg.task, "--init": lora_cfg.init, "--rank": lora_cfg.rank,
+             "--targets": ",".join(lora_cfg.targets), "--batch-size": cfg.batch_size, "--max-length": cfg.max_length,
+             "--dtype": cfg.dtype, "--device": device.type, **({"--data-dir": cfg.data_dir} if cfg.data_dir else {})}
+    command = [sys.executable, "-m", "tools.memory", *(str(x) for kv in flags.items() for x in kv),
+               *(["--grad-checkpointing"] if cfg.grad_checkpointing else [])]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    print(done.stdout, end="")
+    if done.returncode != 0:
+        raise ValueError((done.stderr.strip().splitlines() or ["the estimate failed"])[-1].removeprefix("error: "))
+    return {}
 
 
 def main(argv=None):
@@ -480,54 +526,56 @@ def main(argv=None):
         distributed.finish(world)
 
 
+def lora_flags():
+    """LoRAConfig field -> the argparse name of its flag (inilora declares each flag beside its field)."""
+    return {name: flag.lstrip("-").replace("-", "_") for name, flag in inilora.config_flags().items()}
+
+
 def run(args, argv, world, ddp_device):
-    runtime = memory.runtime_now()  # the estimate's runtime term: this process before any model or data
     if args.dry_run:
-        cfg, lcfg = configs_from_args(args)
-        print(f"configuration: {json.dumps({'train': asdict(cfg), 'lora': asdict(lcfg)})}")
-        print("\n".join(estimate(cfg, lcfg, pick_device(args.device)[0], runtime)[0]))
-        return {}
+        cfg, lora_cfg = configs_from_args(args)
+        print(f"configuration: {json.dumps({'train': asdict(cfg), 'lora': asdict(lora_cfg)})}")
+        return dry_run(cfg, lora_cfg, pick_device(args.device)[0])
     ckpt = None
     if args.resume:
         run_dir = Path(args.out) if args.out else default_run_dir(*configs_from_args(args))
-        cfg, lcfg = stored_configs(run_dir, argv, lambda stored: configs_from_args(parse(argv, stored)), TrainConfig())
-        ckpt = last_checkpoint(run_dir)
+        cfg, lora_cfg = runs.stored_configs(run_dir, lambda stored: configs_from_args(parse(argv, stored)),
+                                            TrainConfig(), lora_flags())
+        ckpt = runs.last_checkpoint(run_dir)
     else:
-        cfg, lcfg = configs_from_args(args)
-        run_dir = Path(args.out) if args.out else default_run_dir(cfg, lcfg)
-        if check_new_run_dir(run_dir):
+        cfg, lora_cfg = configs_from_args(args)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg, lora_cfg)
+        if runs.check_new_run_dir(run_dir):
             print(f"{run_dir} holds only the config.json of a run that never started: starting it afresh")
-    resolved = {"train": asdict(cfg), "lora": asdict(lcfg)}
+    resolved = {"train": asdict(cfg), "lora": asdict(lora_cfg)}
     print(f"configuration: {json.dumps(resolved)}")
     torch.manual_seed(cfg.seed + world.rank)  # the one seed call: dropout (the rest use their own generators)
     device, why = (ddp_device, f"rank {world.rank} of {world.size}") if ddp_device else pick_device(args.device)
     print(f"device {device} ({why}), dtype {cfg.dtype}")
-    # the estimate before anything loads (its data term is what loading the data adds); checked against the
-    # measured peak at the end
-    estimated = tuple(n / 2**20 for n in estimate(cfg, lcfg, device, runtime)[1:]) if world.main else None
-    if world.main:
-        print(f"memory estimate {estimated[0]:,.0f} MiB (python train.py ... --dry-run lists its terms)")
-    setup = build(cfg, lcfg, device, ckpt, args.cache_dir, world)
-    setup.estimated = estimated
+    job = build(cfg, lora_cfg, run_dir, device, ckpt, args.cache_dir, world)
     if ckpt is not None:
-        best = setup.state["best"]
-        print(f"resuming {run_dir} from {ckpt.name} at step {setup.state['step']}" + (f" (best so far: epoch "
+        best = job.state["best"]
+        print(f"resuming {run_dir} from {ckpt.name} at step {job.state['step']}" + (f" (best so far: epoch "
               f"{best['epoch']}, dev {best['score']:.4f})" if best and best["score"] is not None else ""))
-        note = distributed.steps_note(world, setup.state.get("world_size"))
-        if note:
+        if note := distributed.steps_note(world, job.state.get("world_size")):
             print(f"note: {note}")
-        return train(cfg, lcfg, run_dir, device, setup)
+        return train(cfg, lora_cfg, job, device)
     made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # what to remove if it fails at once
     distributed.barrier(world)  # every rank has checked the directory before rank 0 makes it
     try:
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "config.json", resolved)
-        return train(cfg, lcfg, run_dir, device, setup)
+            write_json(runs.config_file(run_dir), resolved)
+        return train(cfg, lora_cfg, job, device)
     except BaseException:
-        if world.main and run_dir.is_dir() and not (run_dir / "last.json").exists():
-            remove_failed_start(run_dir, made)
+        if world.main and run_dir.is_dir() and not runs.has_checkpoint(run_dir):
+            runs.remove_failed_start(run_dir, made)
         raise
+
+
+def default_run_dir(cfg, lora_cfg):
+    """runs/MODEL-TASK-INIT-rRANK-seedSEED (full fine-tuning has no rank)."""
+    return runs.default_run_dir(cfg.model, cfg.task, lora_cfg.label, cfg.seed)
 
 
 def cli():

@@ -28,12 +28,12 @@ import torch
 
 import inilora
 from lib.common import DTYPES, run_cli
-from data.prepare import TASKS, load_split, pad_batch
+from data.prepare import load_split, pad_batch
 from models.decoder import load_causal_lm
 from models.encoder import load_model
 from models import DEFAULT_TARGETS, target_linears
 
-INITS = [name for name in inilora.INIT_NAMES if name != "full"]
+INITS = sorted(inilora.INITIALISERS)  # the initialisers with an adapter (every --init but "full")
 PARTS = ("minilm", "smollm2", "7b-layer")
 
 

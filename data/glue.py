@@ -176,7 +176,7 @@ def ensure_glue_file(task, split, glue_dir):
     layout = GLUE[task]
     if glue_dir is None:
         raise ValueError(
-            f"task {task!r} reads the GLUE TSV files: pass --glue-dir DIR (glue_dir=DIR), the directory "
+            f"task {task!r} reads the GLUE TSV files: pass --data-dir DIR (data_dir=DIR), the directory "
             f"that holds (or will receive) {layout.folder}/train.tsv and {layout.folder}/dev.tsv."
         )
     path = glue_path(task, split, glue_dir)

@@ -15,6 +15,8 @@ import torch
 # devices and dtypes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# those train.py trains in (and tools/memory.py estimates): float16 would need loss scaling, which it does not do
+TRAIN_DTYPES = ("float32", "bfloat16")
 
 
 def parse_dtype(name: str) -> torch.dtype:

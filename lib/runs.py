@@ -1,41 +1,89 @@
-"""The run directory of train.py: checkpoints, resume, the directory's name and clean-up, signals, memory.
+"""The run directory of train.py: the one module that knows its layout, spells its file names, and reads and
+writes it; it knows nothing of IniLoRA (what an adapter holds is the caller's `write_adapter`).
 
-A run directory (default runs/MODEL-TASK-INIT-rRANK-seedSEED) holds config.json, metrics.jsonl,
-best/ (the best epoch's adapter), checkpoint-STEP/ with last.json naming the latest, and final.json
-once training has ended. A checkpoint is the adapter (inilora's artifact) plus one more lib/artifacts.py
-artifact, the optimizer moments, RNG state and position, so that `train.py --resume` continues to
-the same result, bit for bit. A checkpoint is written to checkpoint-STEP.tmp and renamed, and only
-then does last.json name it: last.json never names a partial checkpoint.
+    RUN/config.json          the resolved configuration (written when the run starts)
+    RUN/metrics.jsonl        one JSON record per log line and per dev evaluation
+    RUN/best/                the best epoch's adapter (adapter.safetensors + adapter.json)
+    RUN/checkpoint-STEP/     the latest checkpoint: the adapter and state.safetensors (optimizer, RNG, position)
+    RUN/last.json            names the latest checkpoint
+    RUN/final.json           once training has ended: steps, best epoch, device, measured peak memory
 
+A checkpoint is written to checkpoint-STEP.tmp and renamed, and only then does last.json name it: last.json
+never names a partial checkpoint, and `train.py --resume` continues from it to the same result, bit for bit.
 `stored_configs` reads a run's config.json back for --resume, and refuses a flag given beside it that
 disagrees with the stored value. Ctrl-C or SIGTERM inside `StopRequest` only sets a flag; the training loop
-saves a checkpoint at its next step and exits 130 (143). At the end a run reports its memory
-(`memory_report`): the peak it measured (`peak_memory`; on the CPU also the tensor peak of one step,
-`TensorPeak`) beside memory.py's estimate.
+saves a checkpoint at its next step and exits 130 (143).
 
     python train.py --resume --out runs/smollm2-arithmetic-lora-r8-seed0   (continues a run)
 """
-import contextlib
 import json
-import os
 import re
 import shlex
 import shutil
 import signal
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-import inilora
 from lib.artifacts import ArtifactError, read_artifact, save_artifact
 from lib.common import write_json
 
 STATE_FORMAT, STATE_VERSION = "inilora-train-state", 1  # a checkpoint's optimizer, RNG and position
-# settings a --resume may change: they do not change the result (checkpointing recomputes the same values;
-# the evaluation batch changes dev scores by float rounding at most)
-HARMLESS = {"log_every", "save_every", "grad_checkpointing", "eval_batch_size"}
+# settings a --resume may change, because they do not change the result (checkpointing recomputes the same
+# values; the evaluation batch changes dev scores by float rounding at most)
+RESUME_MAY_CHANGE = {"log_every", "save_every", "grad_checkpointing", "eval_batch_size"}
+
+# -----------------------------------------------------------------------------
+# the layout: every name in the run directory, spelled here only
+
+CONFIG, METRICS, BEST, LAST, FINAL = "config.json", "metrics.jsonl", "best", "last.json", "final.json"
+ADAPTER, STATE = "adapter.safetensors", "state.safetensors"
+
+
+def config_file(run) -> Path:
+    return Path(run) / CONFIG
+
+
+def metrics_file(run) -> Path:
+    return Path(run) / METRICS
+
+
+def best_adapter(run) -> Path:
+    return Path(run) / BEST / ADAPTER
+
+
+def final_file(run) -> Path:
+    return Path(run) / FINAL
+
+
+def checkpoint_dir(run, step) -> Path:
+    return Path(run) / f"checkpoint-{step}"
+
+
+def has_checkpoint(run) -> bool:
+    return (Path(run) / LAST).is_file()
+
+
+def started(run):
+    """Whether train.py's loop ever ran in `run`: it opens metrics.jsonl first and then writes checkpoints.
+    A directory with config.json alone is the leftover of a start that failed (train.py no longer leaves one)."""
+    return metrics_file(run).is_file() or has_checkpoint(run)
+
+
+def append_record(log, record):
+    """One line of metrics.jsonl (`log` is the open file, or os.devnull's off rank 0), flushed at once."""
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
+def keep_records_until(run, step):
+    """Drops the metrics.jsonl records logged after `step` (a resumed run logs them again)."""
+    path = metrics_file(run)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 # -----------------------------------------------------------------------------
 # checkpoints: written to a new directory, then last.json names it (atomic replace)
@@ -46,13 +94,14 @@ def rng_states():
     return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
-def save_checkpoint(run, model, opt, state, lcfg, model_id, fingerprint, extra, rngs):
-    """rngs: [rng_states() of rank 0, of rank 1, ...] (one process: [rng_states()]), stored as rng_cpu,
-    rng_cpu.rank1, ..."""
-    ckpt = run / f"checkpoint-{state['step']}"
+def save_checkpoint(run, write_adapter, model, opt, state, rngs):
+    """Checkpoint state["step"]: the adapter (`write_adapter(path)` writes it) and the optimizer moments, RNG
+    states and position. rngs: [rng_states() of rank 0, of rank 1, ...] (one process: [rng_states()]), stored
+    as rng_cpu, rng_cpu.rank1, ..."""
+    ckpt = checkpoint_dir(run, state["step"])
     tmp = run / f"{ckpt.name}.tmp"  # filled completely, then renamed: last.json never names a partial one
     shutil.rmtree(tmp, ignore_errors=True)
-    inilora.save_adapter(model, tmp / "adapter.safetensors", lcfg, model_id, fingerprint, extra)
+    write_adapter(tmp / ADAPTER)
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = {f"rng_{kind}" + (f".rank{rank}" if rank else ""): value
                for rank, states in enumerate(rngs) for kind, value in states.items()}
@@ -61,19 +110,20 @@ def save_checkpoint(run, model, opt, state, lcfg, model_id, fingerprint, extra, 
             for key, value in opt.state.get(p, {}).items():  # AdamW: step, exp_avg, exp_avg_sq
                 tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
     # optimizer moments and RNG as tensors, the position and best epoch in the sidecar: one artifact
-    save_artifact(tmp / "state.safetensors", tensors, {"state": state}, STATE_FORMAT, STATE_VERSION)
+    save_artifact(tmp / STATE, tensors, {"state": state}, STATE_FORMAT, STATE_VERSION)
     if ckpt.exists():  # this step is saved already (a resume stopped at once): the same state
         shutil.rmtree(tmp)
     else:
         tmp.rename(ckpt)
-    write_json(run / "last.json", {"checkpoint": ckpt.name, "step": state["step"]})
+    write_json(run / LAST, {"checkpoint": ckpt.name, "step": state["step"]})
     for old in run.glob("checkpoint-*"):  # keep only the newest
         if old != ckpt:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def last_checkpoint(run):
-    pointer = run / "last.json"
+    """The directory of the checkpoint last.json names."""
+    pointer = run / LAST
     if not pointer.is_file():
         raise FileNotFoundError(f"nothing to resume in {str(run)!r}: it has no last.json, so no checkpoint was "
                                 "written. Start the run again without --resume.")
@@ -83,7 +133,7 @@ def last_checkpoint(run):
 def restore_state(ckpt, model, opt, device, rank=0):
     """Optimizer moments, RNG state (rank `rank`'s, under torchrun; left as seeded when the checkpoint has
     none for it) and position of checkpoint `ckpt` (the adapter is loaded already)."""
-    path = ckpt / "state.safetensors"
+    path = ckpt / STATE
     tensors, meta = read_artifact(path, STATE_FORMAT, STATE_VERSION,
                                   "This checkpoint cannot be resumed: start a new run with another --out.")
     params = dict(model.named_parameters())
@@ -107,14 +157,12 @@ def restore_state(ckpt, model, opt, device, rank=0):
 # the run directory: named by the configuration, made only once every check has passed; resumed by it
 
 
-def default_run_dir(cfg, lcfg):
-    """runs/MODEL-TASK-INIT-rRANK-seedSEED, MODEL the last component of a directory or hub id
-    (full fine-tuning has no rank)."""
-    path = Path(cfg.model).expanduser()
-    last = path.resolve().name if path.exists() else cfg.model.rstrip("/\\").rsplit("/", 1)[-1]
+def default_run_dir(model, task, method, seed):
+    """runs/MODEL-TASK-METHOD-seedSEED, MODEL the last component of a directory or hub id, METHOD e.g. lora-r8."""
+    path = Path(model).expanduser()
+    last = path.resolve().name if path.exists() else model.rstrip("/\\").rsplit("/", 1)[-1]
     model = re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip(".-") or "model"
-    rank = "" if lcfg.init == "full" else f"-r{lcfg.rank}"
-    return Path("runs") / f"{model}-{cfg.task}-{lcfg.init}{rank}-seed{cfg.seed}"
+    return Path("runs") / f"{model}-{task}-{method}-seed{seed}"
 
 
 def check_new_run_dir(run):
@@ -123,11 +171,11 @@ def check_new_run_dir(run):
     if run.exists() and not run.is_dir():
         raise ValueError(f"--out {str(run)!r} is a file; pass a directory for the run.")
     content = sorted(p.name for p in run.iterdir()) if run.exists() else []
-    if content not in ([], ["config.json"]):
-        hint = ("Pass --resume to continue it, or choose another --out." if (run / "last.json").is_file()
+    if content not in ([], [CONFIG]):
+        hint = ("Pass --resume to continue it, or choose another --out." if has_checkpoint(run)
                 else "It has no checkpoint to resume: choose another --out, or delete it.")
         raise ValueError(f"run directory {str(run)!r} already exists and is not empty; nothing was overwritten. {hint}")
-    return content == ["config.json"]
+    return content == [CONFIG]
 
 
 def remove_failed_start(run, made):
@@ -146,23 +194,26 @@ def remove_failed_start(run, made):
     print(f"removed {run}: the run stopped before its first checkpoint, so there is nothing to resume")
 
 
-def stored_configs(run, argv, resolve, train_defaults):
-    """(cfg, lcfg) stored in run/config.json, with the flags given beside --resume applied: they must agree
-    with it, except the HARMLESS ones, which they override. resolve(stored flag values) -> (cfg, lcfg) parses
-    the command line over the stored values; train_defaults is a default TrainConfig (its known settings)."""
-    path = run / "config.json"
+def stored_configs(run, resolve, train_defaults, lora_flags, launcher="python train.py"):
+    """(cfg, lora_cfg) stored in run/config.json, with the flags given beside --resume applied: they must agree
+    with it, except the RESUME_MAY_CHANGE ones, which they override. resolve(stored flag values) ->
+    (cfg, lora_cfg) parses the command line over the stored values; train_defaults is a default TrainConfig
+    (its known settings); lora_flags maps each LoRA setting that has a flag to its argparse name."""
+    path = config_file(run)
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume in {str(run)!r}: it has no config.json. Pass the --out "
                                 "directory of an earlier run, or start a new run without --resume.")
     try:
         saved = json.loads(path.read_text())
         train_saved, lora_saved = dict(saved["train"]), dict(saved["lora"])
+        # --glue-dir was renamed --data-dir: a run stored before the rename resumes as it was
+        if "glue_dir" in train_saved:
+            train_saved["data_dir"] = train_saved.pop("glue_dir")
+            saved["train"] = dict(train_saved)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{str(path)!r} is not a train.py configuration ({type(e).__name__}: {e}): "
                          "restore it, or start a new run with another --out.") from None
-    # LoRAConfig field -> the argparse name of its flag (inilora declares each flag beside its field)
-    dests = {f.name: f.metadata["flag"].lstrip("-").replace("-", "_") for f in fields(inilora.LoRAConfig)
-             if f.metadata.get("flag")}
+    dests = lora_flags
     unknown = sorted(set(train_saved) - set(asdict(train_defaults)) | set(lora_saved) - set(dests) - {"seed"})
     if unknown:
         raise ValueError(f"{str(path)!r} holds settings {unknown} that this train.py does not know: it was "
@@ -174,17 +225,110 @@ def stored_configs(run, argv, resolve, train_defaults):
     diffs, flags = [], set()
     for section, values in resolved.items():
         for key, value in values.items():
-            if key not in HARMLESS and saved[section].get(key) != value:
+            if key not in RESUME_MAY_CHANGE and saved[section].get(key) != value:
                 flag = "--" + (dests.get(key, "seed") if section == "lora" else key).replace("_", "-")
                 how = flag if key in saved[section] else "config.json lacks it: this train.py's default"
                 flags |= {flag} if key in saved[section] else set()
                 diffs.append(f"{section}.{key}: {saved[section].get(key)!r} -> {value!r} ({how})")
     if diffs:
-        advice = (f"Leave out {' '.join(sorted(flags))} to continue with the stored values (python train.py --resume "
+        advice = (f"Leave out {' '.join(sorted(flags))} to continue with the stored values ({launcher} --resume "
                   f"--out {shlex.quote(str(run))})" if flags else "An older train.py wrote it: resume it with that one")
         raise ValueError(f"run directory {str(run)!r} was made with a different configuration ({'; '.join(diffs)}). "
                          f"{advice}, or start a new run with another --out.")
     return cfg, lcfg
+
+
+# -----------------------------------------------------------------------------
+# reading a run: its adapter, its settings, its best epoch
+
+
+def read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({e}): the file is damaged. "
+                         "Train the run again, or restore the file.") from None
+
+
+
+def find_adapter(path, checkpoint=None):
+    """(adapter file, its run directory or None) for a run directory (train.py's --out) or an adapter file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run directory written by train.py "
+                                "(it holds config.json) or an adapter file such as RUN/best/adapter.safetensors.")
+    if path.is_file():
+        if path.suffix != ".safetensors" or not path.with_suffix(".json").is_file():
+            raise ValueError(f"{str(path)!r} is not an adapter: an adapter is a .safetensors file with a .json "
+                             "sidecar beside it (e.g. RUN/best/adapter.safetensors). Pass that file or the run directory.")
+        if checkpoint is not None:
+            raise ValueError(f"--checkpoint {checkpoint} picks an adapter inside a run directory, but {str(path)!r} "
+                             "is already an adapter file: drop --checkpoint, or pass the run directory.")
+        return path, None
+    if not config_file(path).is_file():
+        raise ValueError(f"{str(path)!r} is neither a run directory (it has no config.json) nor an adapter file; "
+                         "pass train.py's --out directory (e.g. runs/minilm-rotten-tomatoes-lora-r8-seed0) or an adapter .safetensors.")
+    if not started(path):
+        raise FileNotFoundError(f"run directory {str(path)!r} never started: it holds a config.json but no checkpoint "
+                                "or metrics (an older train.py left it when its start failed). Delete it and train again.")
+    if checkpoint in (None, "best"):
+        adapter = best_adapter(path)
+        if not adapter.is_file():
+            raise FileNotFoundError(
+                f"run directory {str(path)!r} has no best/adapter.safetensors: training has not finished an epoch "
+                "yet (the best adapter is saved after each epoch's dev evaluation). Wait for the first epoch, or "
+                "evaluate the latest checkpoint with --checkpoint last.")
+        return adapter, path
+    if not has_checkpoint(path):
+        raise FileNotFoundError(f"run directory {str(path)!r} has no last.json: no checkpoint was written yet. "
+                                "Wait for the end of the first epoch (or --save-every steps).")
+    adapter = path / read_json(path / LAST, "checkpoint pointer").get("checkpoint", "?") / ADAPTER
+    if not adapter.is_file():
+        raise FileNotFoundError(f"{str(path / LAST)!r} names {str(adapter)!r}, which does not exist: the "
+                                "run directory is incomplete. Use --checkpoint best, or resume the training.")
+    return adapter, path
+
+
+
+def adapter_settings(adapter, run):
+    """task, max_length, model and data_dir to evaluate `adapter` with: from its sidecar, else config.json."""
+    meta = read_json(adapter.with_suffix(".json"), "adapter sidecar")
+    train = read_json(config_file(run), "run configuration").get("train", {}) if run else {}
+    s = {"task": meta.get("task", train.get("task")), "max_length": meta.get("max_length", train.get("max_length")),
+         "model": meta.get("model_id", train.get("model")),
+         "data_dir": train.get("data_dir", train.get("glue_dir"))}  # glue_dir: its name in runs made before 2026-12
+    if None in (s["task"], s["max_length"], s["model"]):
+        raise ValueError(f"{str(adapter)!r} does not record its task, max_length and base model (got {s}): it was "
+                         "not saved by train.py. Pass the run directory that train.py wrote instead.")
+    return s
+
+
+
+
+
+
+def best_dev(run, first):
+    """The dev record of the best epoch in RUN/metrics.jsonl: the largest `first` metric, the earliest
+    epoch on ties (as train.py keeps it). None if no epoch has been evaluated yet."""
+    metrics_path = metrics_file(run)
+    if not metrics_path.is_file():
+        return None
+    text, best = metrics_path.read_text(), None
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            dev = json.loads(line).get("dev")
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the line train.py is writing right now
+            raise ValueError(f"{metrics_path}:{number} is not valid JSON: the log is damaged. "
+                             "Leave this run out of --compare, or train it again.") from None
+        if dev is not None and first not in dev:
+            raise ValueError(f"{metrics_path}:{number} has dev metrics {sorted(dev)} but no {first!r}, the "
+                             "metric that picks the best epoch: was it trained on another task?")
+        if dev is not None and (best is None or dev[first] > best[first]):
+            best = dev
+    return best
 
 
 # -----------------------------------------------------------------------------
@@ -230,89 +374,3 @@ def peak_resident() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
-
-
-def memory_report(peaks, estimated, tokens, device) -> tuple[list[str], dict]:
-    """(lines, final.json's fields): the measured peak beside memory.py's estimate made at the start.
-    peaks: [((MiB, measure), tensor bytes or None, its step), ...] of every rank (peak_memory, TensorPeak);
-    estimated: (the peak, the tensors' peak) in MiB, None off rank 0; tokens: the longest example's."""
-    (mib, measure), _, _ = max(peaks, key=lambda p: p[0][0])  # the largest rank's
-    ranks = f"the largest of {len(peaks)} processes" if len(peaks) > 1 else "this process"
-    lines, fields = [f"peak memory {mib:,.0f} MiB ({measure}, {ranks})"], {
-        "peak_memory_mib": round(mib, 1), "peak_memory_measure": measure}
-    if estimated is None:
-        return lines, fields
-    glibc = "; glibc's malloc keeps freed activations in its heap, see memory.py" if device.type != "cuda" else ""
-    lines.append(f"memory.py's estimate for this run: {estimated[0]:,.0f} MiB (measured / estimated "
-                 f"{mib / estimated[0]:.2f}{glibc})")
-    fields["estimated_peak_mib"] = round(estimated[0], 1)
-    measured = [(nbytes / 2**20, step) for _, nbytes, step in peaks if nbytes is not None]
-    if measured:  # the CPU: tensors alone, in the step of the longest example (TensorPeak)
-        tensors, step = max(measured)
-        lines.append(f"tensor memory at most {tensors:,.0f} MiB in step {step} (the longest example, {tokens} "
-                     f"tokens; TensorPeak); memory.py's estimate of it {estimated[1]:,.0f} MiB (measured / "
-                     f"estimated {tensors / estimated[1]:.2f})")
-        fields.update(tensor_peak_mib=round(tensors, 1), tensor_peak_step=step,
-                      estimated_tensor_peak_mib=round(estimated[1], 1))
-    return lines, fields
-
-
-class TensorPeak:
-    """The CPU's counterpart of torch.cuda.max_memory_allocated, measured over the training step that holds
-    `example` (train.py passes the longest: the step memory.py sizes its estimate for):
-
-        peak = bytes of the model's parameters and buffers and the optimizer's state when the step starts
-               + the most bytes of the tensors allocated during the step alive at once
-
-    The second term comes from c10's CPU allocator itself: torch.profiler with profile_memory reports each
-    allocation and each free of a block allocated while it records ("[memory]" events, +/- bytes), so their
-    running sum is what the step holds beyond what it started with. It leaves out what glibc's malloc keeps
-    after a free, which the resident set (peak_memory) includes. One step is recorded; the others run as
-    usual. On CUDA peak_memory is already this measure; off the CPU nothing is recorded."""
-
-    def __init__(self, example: int, device):
-        self.example, self.on = example, device.type == "cpu"
-        self.bytes = self.step = None  # once measured
-
-    def watching(self, examples, model, opt, step):
-        """A context for the step's work (its batches, forward, backward, optimizer step): records it when
-        the step holds the example and nothing was measured yet, else does nothing."""
-        if not self.on or self.bytes is not None or self.example not in examples:
-            return contextlib.nullcontext()
-        return self.record(model, opt, step)
-
-    @contextlib.contextmanager
-    def record(self, model, opt, step):
-        from torch.profiler import ProfilerActivity, profile
-
-        alive = [*model.parameters(), *model.buffers(),
-                 *(t for state in opt.state.values() for t in state.values() if torch.is_tensor(t))]
-        start = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
-        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        with quiet_stderr():  # kineto prints a line when recording starts and one when it stops
-            prof.start()
-        try:
-            yield
-        finally:
-            with quiet_stderr():
-                prof.stop()
-        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        now = most = 0
-        for _, nbytes in sorted(events, key=lambda e: e[0]):  # stable: same-instant events keep their order
-            now += nbytes
-            most = max(most, now)
-        self.bytes, self.step = start + most, step
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """File descriptor 2 goes to /dev/null inside (what C++ libraries print there), back after."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)

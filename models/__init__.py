@@ -56,6 +56,12 @@ def load(name: str, family: str | None = None, num_labels: int = 2, head_seed: i
 # target layers: the single place that decides what a LoRA / approximation target is
 
 
+def parse_targets(text: str) -> tuple[str, ...]:
+    """--targets "query, value" -> ("query", "value"): the one parser of the flag (an empty list is refused
+    where the targets are used, by target_linears)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def target_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
     """Every nn.Linear (or subclass) whose last name component is in `targets`, by full module name,
     e.g. {"encoder.layers.0.attn.query": Linear, ...} for targets ("query", "value")."""

@@ -269,7 +269,7 @@ def test_missing_glue_dir_names_expected_paths(tmp_path, tokenizer, no_network):
     assert "URLError" in message and "network disabled in tests" in message
     assert "download_glue_data.py" in message and "--tasks CoLA" in message
     assert no_network == [glue.GLUE["cola"].url]  # tried once, only because the files were missing
-    with pytest.raises(ValueError, match="pass --glue-dir DIR"):
+    with pytest.raises(ValueError, match="pass --data-dir DIR"):
         load_split("cola", "train", tokenizer, 128, None, tmp_path / "cache")
 
 

@@ -9,7 +9,7 @@ Checks:
 - the activation term measured on fake tensors equals what the real tiny models hold: the bytes autograd
   saves (counted with torch's own saved_tensors_hooks) and the peak of live tensors in forward + backward,
   with and without gradient checkpointing (tolerance 1%: the same code paths, shapes only);
-- runs.TensorPeak, the CPU's measured tensor peak, counts exactly what c10's allocator hands out in the step
+- tools.memory.TensorPeak, the CPU's measured tensor peak, counts exactly what c10's allocator hands out in the step
   it records (a known pattern of allocations), on top of the model and optimizer, and records only the step
   holding its example;
 - on the real packaged models, one training step's measured tensor peak is within 25% of the estimate's
@@ -32,7 +32,7 @@ from tools import memory
 from models import DEFAULT_TARGETS
 from models.decoder import load_causal_lm
 from models.encoder import load_model
-from lib.runs import TensorPeak
+from tools.memory import TensorPeak
 
 LLAMA2 = {  # LLaMA-2's config.json (meta-llama/Llama-2-7b-hf), hidden size and depth per model size
     "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008),
@@ -192,7 +192,7 @@ def test_tensor_peak_counts_the_allocations_of_its_step():
 
 
 def one_step_peak(model, cfg, loss):
-    """runs.TensorPeak of one training step, as train.py takes it: adapters on, AdamW, forward + backward."""
+    """tools.memory.TensorPeak of one training step, as train.py runs it: adapters on, AdamW, forward + backward."""
     inilora.mark_trainable(model, cfg, verbose=False)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

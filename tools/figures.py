@@ -28,7 +28,8 @@ import inilora
 from approximate import ApproxConfig, cached_approximation, target_weights
 from lib.common import run_cli, write_atomic
 from data.prepare import TASKS
-from evaluate import best_dev
+from lib import runs
+from models import parse_targets
 
 # Shapes: W0 (d_out, d_in), A (r, d_in), B (d_out, r), U_r (d_out, r), V_r (d_in, r).
 
@@ -71,14 +72,14 @@ def save(fig, out, header, rows):
 def read_run(run):
     """(config, [metrics records]) of a train.py run directory; a sentence if it cannot be plotted."""
     run = Path(run)
-    if not (run / "config.json").is_file():
+    if not runs.config_file(run).is_file():
         raise ValueError(f"{str(run)!r} is not a run directory (it has no config.json): pass --out "
                          "directories written by train.py.")
-    if not (run / "metrics.jsonl").is_file():
+    if not runs.metrics_file(run).is_file():
         raise ValueError(f"run {str(run)!r} has no metrics.jsonl: it never trained a step. Leave it out, "
                          f"or train it (python train.py --resume --out {run}, or start it again).")
-    config = json.loads((run / "config.json").read_text())
-    lines = (run / "metrics.jsonl").read_text().splitlines()
+    config = json.loads(runs.config_file(run).read_text())
+    lines = runs.metrics_file(run).read_text().splitlines()
     return config, [json.loads(line) for line in lines if line.strip()]
 
 
@@ -191,7 +192,7 @@ def fig_alpha_std(args):
             raise ValueError(f"run {str(run)!r} is scored by {task.metrics[0]!r}, the others by {metric!r}: "
                              "plot the runs of one task together.")
         metric = task.metrics[0]
-        dev = best_dev(Path(run) / "metrics.jsonl", metric)
+        dev = runs.best_dev(run, metric)
         if dev is None:
             raise ValueError(f"run {str(run)!r} has no dev record yet (no epoch finished): leave it out, or "
                              "let it finish an epoch.")
@@ -337,7 +338,7 @@ def parse_args(argv):
     for name in ("approx", "subspace", "init-hist"):
         q = parsers[name]
         q.add_argument("--model", default="minilm", help="model name, directory or .gguf (as train.py's --model)")
-        q.add_argument("--targets", default=None, type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
+        q.add_argument("--targets", default=None, type=parse_targets,
                        help="comma-separated target layers; None: query,value (encoders), q_proj,v_proj (decoders)")
         q.add_argument("--rank", type=int, default=8, help="rank r")
         q.add_argument("--cache-dir", default=None, help="approximation cache; None: $INILORA_CACHE, else ~/.cache/inilora")

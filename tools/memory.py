@@ -16,7 +16,7 @@ The fake run takes the CPU code paths: for CUDA, SDPA's CPU flash kernel saves w
 an encoder's written-out CPU attention (dropout on the probabilities) counts more than CUDA's fused kernel.
 
     CUDA peak (torch.cuda.max_memory_allocated) = parameters + gradients + optimizer + activations
-    CPU tensor peak (runs.TensorPeak)           = the same sum
+    CPU tensor peak (TensorPeak below)           = the same sum
     CPU peak  (the process's ru_maxrss)         = runtime + data + mapped + parameters
                                                   + max(loading, gradients + optimizer + activations)
 
@@ -27,7 +27,7 @@ pages (its reader maps the file for the whole run), and `loading` what reading t
 the model for a moment: an encoder's state dict, or one float32 GGUF tensor dequantised, then copied.
 glibc's malloc raises its mmap threshold (up to 32 MiB) after the first large free, so freed activations
 then stay in its heap, cut up by batches of other lengths: a whole CPU run's ru_maxrss exceeded these totals
-by 40-140% (MiniLM, SmolLM2) while its tensor peak (runs.TensorPeak) matched the tensor terms within 3%; with
+by 40-140% (MiniLM, SmolLM2) while its tensor peak (TensorPeak below) matched the tensor terms within 3%; with
 the threshold fixed (MALLOC_MMAP_THRESHOLD_=65536: each large block mapped, and returned when freed) ru_maxrss
 matched the total within 6%, at the price of fresh pages for every activation (a MiniLM epoch: 1.7x as long).
 
@@ -35,7 +35,10 @@ matched the total within 6%, at the price of fresh pages for every activation (a
     python -m tools.memory --model path/to/Llama-2-7b/config.json --batch-size 1 --max-length 512 --dtype bfloat16
 """
 import argparse
+import contextlib
 import copy
+import os
+import sys
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +52,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from models import decoder
-from models import DEFAULT_TARGETS, encoder, target_linears
+from models import DEFAULT_TARGETS, encoder, parse_targets, target_linears
 from models.checkpoint import HUB_ID, PACKAGED, read_json, resolve_model
 from models.gguf_file import gguf_config, open_gguf
-from lib.common import DTYPES, parse_dtype, run_cli
-from inilora import INIT_NAMES, LoRAConfig, LoRALinear, mark_trainable
+from lib.common import TRAIN_DTYPES, parse_dtype, run_cli
+from inilora import LoRAConfig, LoRALinear, init_names, mark_trainable
 from lib.runs import peak_resident
 
 # Shapes in comments: B batch, T tokens, C hidden size, V vocabulary, N loss tokens, L layers.
@@ -125,7 +128,7 @@ def add_adapters(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> nn.Mo
     """What inilora.inject + mark_trainable make of `model`, on the meta device: each target nn.Linear
     W0 (d_out, d_in) becomes R (d_out, d_in) frozen, A (r, d_in) and B (d_out, r) trained, A0, B0 buffers."""
     model = model.to(dtype)
-    if cfg.init != "full":
+    if not cfg.full_finetuning:
         for name, linear in target_linears(model, cfg.targets).items():
             d_out, d_in = linear.weight.shape
             A0 = torch.empty(cfg.rank, d_in, device="meta")  # (r, d_in)
@@ -246,7 +249,7 @@ class Estimate:
         return self.gradients + self.optimizer + acts
 
     def tensors(self, checkpointing: bool = False) -> int:
-        """The peak of tensor memory: the CUDA total; on the CPU what runs.TensorPeak measures."""
+        """The peak of tensor memory: the CUDA total; on the CPU what TensorPeak below measures."""
         return sum(self.parameters.values()) + self.training(checkpointing)
 
     def total(self, checkpointing: bool = False) -> int:
@@ -282,6 +285,9 @@ def estimate(model_name: str, init: str = "lora", rank: int = 8, targets=None, b
     if batch_size < 1 or max_length < 2:
         raise ValueError(f"batch_size={batch_size}, max_length={max_length}: expected at least 1 and 2.")
     runtime = runtime_now() if runtime is None else runtime  # before a GGUF's metadata is read
+    if dtype not in TRAIN_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {list(TRAIN_DTYPES)}, the dtypes train.py trains in; "
+                         "pass --dtype float32 or bfloat16.")
     torch_dtype = parse_dtype(dtype)
     raw, source = read_config(model_name)
     kind = model_kind(raw, source)
@@ -360,7 +366,7 @@ def report(e: Estimate) -> list[str]:
     lines.append(f"  total            {size(e.total())} ({measure})")
     if e.device_type != "cuda":
         lines += [f"  tensors          {size(e.tensors())} (weights + gradients + optimizer + activations: the peak "
-                  "of tensor memory, which a run measures in the step of its longest example, runs.TensorPeak)",
+                  "of tensor memory, measured in the step of the longest example by TensorPeak below)",
                   "  (glibc's malloc keeps freed activations for reuse: a whole run's ru_maxrss has measured 1.4-2.4x "
                   "the total, unless its mmap threshold is fixed, e.g. MALLOC_MMAP_THRESHOLD_=65536)"]
     if e.activations_checkpointed is not None:
@@ -445,6 +451,71 @@ def dry_run(model_name: str, task: str | None, init: str = "lora", rank: int = 8
     return lines, total, e.tensors(grad_checkpointing)
 
 
+# -----------------------------------------------------------------------------
+# measuring on the CPU what the estimate counts (tests/test_memory.py checks the estimate against it)
+
+
+class TensorPeak:
+    """The CPU's counterpart of torch.cuda.max_memory_allocated, measured over the training step that holds
+    `example` (tests/test_memory.py passes the longest: the step the estimate sizes):
+
+        peak = bytes of the model's parameters and buffers and the optimizer's state when the step starts
+               + the most bytes of the tensors allocated during the step alive at once
+
+    The second term comes from c10's CPU allocator itself: torch.profiler with profile_memory reports each
+    allocation and each free of a block allocated while it records ("[memory]" events, +/- bytes), so their
+    running sum is what the step holds beyond what it started with. It leaves out what glibc's malloc keeps
+    after a free, which the resident set (peak_memory) includes. One step is recorded; the others run as
+    usual. On CUDA peak_memory is already this measure; off the CPU nothing is recorded."""
+
+    def __init__(self, example: int, device):
+        self.example, self.on = example, device.type == "cpu"
+        self.bytes = self.step = None  # once measured
+
+    def watching(self, examples, model, opt, step):
+        """A context for the step's work (its batches, forward, backward, optimizer step): records it when
+        the step holds the example and nothing was measured yet, else does nothing."""
+        if not self.on or self.bytes is not None or self.example not in examples:
+            return contextlib.nullcontext()
+        return self.record(model, opt, step)
+
+    @contextlib.contextmanager
+    def record(self, model, opt, step):
+        from torch.profiler import ProfilerActivity, profile
+
+        alive = [*model.parameters(), *model.buffers(),
+                 *(t for state in opt.state.values() for t in state.values() if torch.is_tensor(t))]
+        start = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with quiet_stderr():  # kineto prints a line when recording starts and one when it stops
+            prof.start()
+        try:
+            yield
+        finally:
+            with quiet_stderr():
+                prof.stop()
+        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        now = most = 0
+        for _, nbytes in sorted(events, key=lambda e: e[0]):  # stable: same-instant events keep their order
+            now += nbytes
+            most = max(most, now)
+        self.bytes, self.step = start + most, step
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """File descriptor 2 goes to /dev/null inside (what C++ libraries print there), back after."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -452,22 +523,23 @@ def main(argv=None):
                    "holding one, or a Hub id (its config.json alone is fetched)")
     p.add_argument("--task", default=None, help="size the batches from this task's prepared data (train.py's "
                    "--task); None: B x --max-length tokens, all of them loss tokens")
-    p.add_argument("--glue-dir", "--data-dir", dest="glue_dir", default=None, help="as train.py's --glue-dir")
-    p.add_argument("--init", default="lora", help=f"one of {INIT_NAMES} (full: every weight trains)")
+    p.add_argument("--data-dir", "--glue-dir", dest="data_dir", default=None, help="as train.py's --data-dir "
+                   "(--glue-dir is its old name)")
+    p.add_argument("--init", default="lora", help=f"one of {init_names()} (full: every weight trains)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--targets", default=None, help="comma-separated adapted layers; None: the family's "
                    f"({','.join(DEFAULT_TARGETS['encoder'])} or {','.join(DEFAULT_TARGETS['decoder'])})")
     p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example at most")
-    p.add_argument("--dtype", default="float32", help=f"one of {sorted(DTYPES)}: frozen weights in it, "
+    p.add_argument("--dtype", default="float32", help=f"one of {list(TRAIN_DTYPES)}: frozen weights in it, "
                    "adapters and optimizer state in float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="decoders: the run recomputes blocks")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="cpu, mps: peak resident set; cuda: "
                    "torch.cuda.max_memory_allocated")
     args = p.parse_args(argv)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
+    targets = parse_targets(args.targets) if args.targets else None
     print("\n".join(dry_run_lines(args.model, args.task, args.init, args.rank, targets, args.batch_size,
-                                  args.max_length, args.dtype, args.grad_checkpointing, args.device, args.glue_dir)))
+                                  args.max_length, args.dtype, args.grad_checkpointing, args.device, args.data_dir)))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import argparse
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, replace
+
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ import inilora
 from models import encoder, target_linears
 from models.checkpoint import MINILM, SMOLLM2, read_json, resolve_model
 from models.gguf_file import gguf_config, open_gguf
-from lib.artifacts import check_tensors, save_artifact
+from lib.artifacts import check_tensors
 from lib.common import run_cli, write_atomic, write_json
 from data.prepare import TASKS
 from evaluate import find_adapter
@@ -105,7 +105,7 @@ def peft_adapter(path):
     """(PEFT tensors, adapter_config.json content) for our adapter file `path`."""
     tensors, meta = inilora.read_adapter(path)
     cfg = inilora.LoRAConfig.from_dict(meta["config"])
-    if cfg.init == "full":
+    if cfg.full_finetuning:
         raise ValueError(f"{str(path)!r} is a full fine-tuning checkpoint (init 'full'): every weight changed, so it "
                          "is not a low-rank adapter and PEFT's LoRA cannot hold it. Export a run trained with a LoRA "
                          "initialiser, e.g. --init inilora.")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib.common import EXIT_INTERRUPTED, run_cli, write_atomic
+from lib import runs
 from lib.runs import StopRequest
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: train.py and evaluate.py live here
@@ -52,11 +53,11 @@ class Run:
     group: str                     # the axis value ("" without an axis): one comparison table per group
 
     def state(self):
-        if (self.dir / "final.json").is_file():
+        if runs.final_file(self.dir).is_file():
             return "finished"
-        if (self.dir / "last.json").is_file():
+        if runs.has_checkpoint(self.dir):
             return "resume"
-        if self.dir.exists() and any(p.name != "config.json" for p in self.dir.iterdir()):
+        if self.dir.exists() and any(p.name != runs.CONFIG for p in self.dir.iterdir()):
             return "blocked"  # output but no checkpoint: train.py would refuse to start over it
         return "new"
 
@@ -157,7 +158,7 @@ def last_progress(log_path):
 
 def outcome(run):
     """A few words on a finished run: its best epoch and dev score (final.json)."""
-    best = json.loads((run.dir / "final.json").read_text())["best"]
+    best = json.loads(runs.final_file(run.dir).read_text())["best"]
     score = "no dev split" if best["score"] is None else f"dev {best['score']:.4f}"
     return f"best epoch {best['epoch']}, {score}"
 
