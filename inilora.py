@@ -52,7 +52,9 @@ class LoRALinear(nn.Module):
     def __init__(self, W0, bias, A0, B0, s, dropout=0.0):
         super().__init__()
         dtype = W0.dtype
-        W0, A0, B0 = W0.float(), A0.float(), B0.float()
+        # row-major whatever the initialiser returned (an SVD's U, V^T are column-major views): the layout
+        # picks the GEMM path, so a layer made from a checkpoint's (row-major) A0, B0 computes the same bits
+        W0, A0, B0 = W0.float(), A0.float().contiguous(), B0.float().contiguous()
         # R = W0 - s * B0 A0  (docs/method.md: the frozen residual; in float32, then rounded ONCE to W0's dtype)
         R = W0 - s * (B0 @ A0)  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
         self.R = nn.Parameter(R.to(dtype), requires_grad=False)

@@ -5,6 +5,7 @@
 - the shares of a step: contiguous, sizes differ by at most one, every example once;
 - a 2-process run stopped by a real SIGINT (the whole process group, as Ctrl-C in a terminal) exits 130,
   and `torchrun ... train.py --resume --out DIR` ends bit-identical to the uninterrupted 2-process run;
+  so does one stopped at an exact step (mid-epoch, and at an epoch's end) by tests/stop_at_step.py;
 - resuming with another number of processes says what that means.
 """
 import json
@@ -45,8 +46,8 @@ def command(setup, out, procs, *extra):
             "--cache-dir", str(tmp_path / "approx"), "--out", str(tmp_path / out), *extra]
 
 
-def run(cmd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def run(cmd, timeout=300, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -115,6 +116,26 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_result(setup):
     x, y = adapter(tmp_path / "full", "checkpoint-150"), adapter(tmp_path / "stopped", "checkpoint-150")
     for key in x:
         assert_close(y[key], x[key], atol=0, rtol=0, msg=key)
+
+
+def test_a_two_process_run_stopped_at_any_step_resumes_to_the_same_result(setup):
+    # a real SIGINT at an exact step (tests/stop_at_step.py), not wherever a timed one lands: mid-epoch, and at
+    # an epoch's end (the signal comes before dev evaluation and the epoch's checkpoint)
+    tmp_path, _ = setup
+    full = run(command(setup, "full", 2, "--epochs", "4"))
+    assert full.returncode == 0, full.stdout + full.stderr
+    for step in (3, 10):
+        out = f"stopped-{step}"
+        cmd = command(setup, out, 2, "--epochs", "4")
+        stopped = run([*cmd[:6], "tests/stop_at_step.py", *cmd[7:]], env={"STOP_AT_STEP": str(step)})
+        assert stopped.returncode != 0 and f"stopped at step {step}/20" in stopped.stdout, stopped.stdout + stopped.stderr
+        resumed = run([*cmd[:6], "train.py", "--resume", "--out", str(tmp_path / out)])
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert f"at step {step}" in resumed.stdout
+        assert records(tmp_path / out) == records(tmp_path / "full"), step
+        x, y = adapter(tmp_path / "full", "checkpoint-20"), adapter(tmp_path / out, "checkpoint-20")
+        for key in x:
+            assert torch.equal(y[key], x[key]), (step, key)
 
 
 def test_resuming_with_another_number_of_processes_says_what_it_means(setup):

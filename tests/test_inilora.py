@@ -268,6 +268,24 @@ def test_save_then_load_on_the_base_gives_the_same_outputs(init, x, tmp_path):
         assert_close(fresh(x), expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("init", sorted(INITIALISERS))
+def test_a_loaded_adapter_has_the_layout_and_gradients_of_the_injected_one(init, x, tmp_path):
+    # train.py --resume rebuilds the layers from a checkpoint; the run it continues injected them. A layout that
+    # differs (PiSSA's SVD factors were column-major views) takes another GEMM path: other last bits, so a
+    # resumed run drifted from the uninterrupted one
+    model, cfg, fp = adapted(init, tmp_path)
+    path = inilora.save_adapter(model, tmp_path / "adapter.safetensors", cfg, "toy", fp)
+    loaded = toy()
+    inilora.load_adapter(loaded, path)
+    inilora.mark_trainable(loaded, cfg, verbose=False)
+    tensors = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in (model, loaded)]
+    assert {n: t.stride() for n, t in tensors[0].items()} == {n: t.stride() for n, t in tensors[1].items()}
+    for m in (model, loaded):
+        (m(x).pow(2).mean() - m(x)[:, 0].mean()).backward()
+    for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+
+
 def as_rank2r(src, dst):
     """The adapter file `src` written as its rank-2r plain LoRA (inilora.rank2r), so load_adapter can read it."""
     tensors, meta = inilora.read_adapter(src)
