@@ -73,15 +73,10 @@ class LoRALinear(nn.Module):
         return y + self.low_rank(x)
 
     def low_rank(self, x):
-        """s * (dropout(x) A^T) B^T: the trained term alone (models/encoder.py's fused q/k/v adds it to x R^T + b),
-        computed in A's float32 (autocast may lower it) and returned in x's dtype."""
+        """s * (dropout(x) A^T) B^T: the trained term alone, computed in A's float32 (autocast may lower it) and
+        returned in x's dtype."""
         h = F.linear(self.dropout(x).to(self.A.dtype), self.A)  # (..., d_in) -> (..., r)
         return (self.s * F.linear(h, self.B)).to(x.dtype)       # (..., r) -> (..., d_out)
-
-    @property
-    def frozen(self):
-        """(R, b): the frozen affine part, x R^T + b."""
-        return self.R, self.bias
 
     @torch.no_grad()
     def merge(self):

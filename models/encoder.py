@@ -10,9 +10,10 @@ one visible name map, with a shape check per copy and a final leftover/missing c
 A model is "minilm" (the packaged all-MiniLM-L6-v2, the default), a local directory, or a Hub id; finding
 and reading its files is checkpoint.py's job.
 
-The fast path changes no output, only the work: q, k, v come from one fused product; a batch without
-padding gets no mask; the last block computes position 0 alone (the head reads nothing else); and dropout
-on the CPU draws its masks 4x cheaper than torch's (`dropout` below).
+The fast path changes no output, only the work: a batch without padding gets no mask; the last block
+computes position 0 alone (the head reads nothing else); and dropout on the CPU draws its masks 4x cheaper
+than torch's (`dropout` below). q, k and v are the layers' own products: when IniLoRA adapts `query` and
+`value`, they are inilora.LoRALinear, whose forward is the one adapter equation of the project.
 
 Nothing here runs on its own: `python inilora.py --init inilora` loads a model, injects adapters and
 checks that its logits are unchanged.
@@ -182,37 +183,25 @@ class SelfAttention(nn.Module):
         attends to every position's keys and values."""
         B, T, C = x.shape
         nh, hs = self.nh, C // self.nh
-        layers = (self.query, self.key, self.value)
-        # q, k, v = x W^T + b of each layer, as ONE product with the stacked frozen weights [W_q; W_k; W_v]
-        # (3C, C) (one read of x, one larger GEMM); an adapted layer's W is its residual R = W0 - s B0 A0
-        W, b = zip(*(frozen_part(layer) for layer in layers))
-        qkv = F.linear(x, torch.cat(W), torch.cat(b))  # (B, T, C) -> (B, T, 3C)
-        # ... then each adapted layer adds its trained term: y = x R^T + b + s (x A^T) B^T (inilora.LoRALinear)
-        q, k, v = (y + layer.low_rank(x) if hasattr(layer, "low_rank") else y
-                   for y, layer in zip(qkv.split(C, dim=-1), layers))
-        q, k, v = (y.view(B, T, nh, hs).transpose(1, 2) for y in (q, k, v))  # (B, T, C) -> (B, nh, T, hs)
-        if first_only:
-            q = q[:, :, :1]  # (B, nh, 1, hs): one query, all T keys
+        Tq = 1 if first_only else T  # first_only: one query (position 0), which attends to all T keys
+        # the layers' own products; an adapted layer is an inilora.LoRALinear: x R^T + b + s (x A^T) B^T
+        q, k, v = self.query(x[:, :Tq]), self.key(x), self.value(x)  # (B, Tq, C), (B, T, C), (B, T, C)
+        q = q.view(B, Tq, nh, hs).transpose(1, 2)  # (B, Tq, C) -> (B, nh, Tq, hs)
+        k, v = (y.view(B, T, nh, hs).transpose(1, 2) for y in (k, v))  # (B, T, C) -> (B, nh, T, hs)
         # softmax(q k^T / sqrt(hs) + mask) v, padded keys masked out: key_mask is (B, 1, 1, T), True = attend;
         # None when the batch has no padding (SDPA's unmasked path, as transformers does)
         if self.training and self.dropout_p > 0 and x.device.type == "cpu":
             # SDPA's CPU kernels do not fuse dropout (they fall back to these same steps): written out, so
             # that the attention probabilities take the cheaper dropout above
-            scores = (q @ k.transpose(-2, -1)) / hs**0.5  # (B, nh, T_q, T)
+            scores = (q @ k.transpose(-2, -1)) / hs**0.5  # (B, nh, Tq, T)
             if key_mask is not None:
                 scores = scores.masked_fill(~key_mask, float("-inf"))
-            y = dropout(scores.softmax(dim=-1), self.dropout_p, True) @ v  # (B, nh, T_q, hs)
+            y = dropout(scores.softmax(dim=-1), self.dropout_p, True) @ v  # (B, nh, Tq, hs)
         else:
             dropout_p = self.dropout_p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)  # (B, nh, T_q, hs)
-        y = y.transpose(1, 2).reshape(B, q.shape[2], C)  # (B, nh, T_q, hs) -> (B, T_q, C)
-        return self.out(y)  # (B, T_q, C)
-
-
-def frozen_part(layer):
-    """(W, b): the frozen affine part of a q/k/v layer, its residual (R, b) if IniLoRA adapted it
-    (inilora.LoRALinear.frozen), else the nn.Linear's own weight and bias (trained in full fine-tuning)."""
-    return layer.frozen if hasattr(layer, "frozen") else (layer.weight, layer.bias)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)  # (B, nh, Tq, hs)
+        y = y.transpose(1, 2).reshape(B, Tq, C)  # (B, nh, Tq, hs) -> (B, Tq, C)
+        return self.out(y)  # (B, Tq, C)
 
 
 class MLP(nn.Module):

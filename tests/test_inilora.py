@@ -30,6 +30,7 @@ from torch.testing import assert_close
 
 from lib import artifacts as common
 import inilora
+import models
 from models import DEFAULT_TARGETS
 from inilora import INITIALISERS, LoRAConfig, LoRALinear, init_names
 
@@ -597,3 +598,32 @@ def test_rounding_R_is_measured_and_a_start_that_loses_W0_is_reported(capsys):
         assert (figure == 0) == (init == "lora")
         assert ("cannot keep the base model's function at step 0 in bfloat16" in out) == warned
         assert (figure > torch.finfo(torch.bfloat16).eps) == warned
+
+
+# --- one adapter equation
+
+
+# invariant: every adapted layer, in both model families, computes its output through LoRALinear.forward, the
+# project's one adapter equation y = x R^T + b + s (x A^T) B^T: replacing it changes the packaged MiniLM's
+# logits and a decoder's (no model computes the adapter's arithmetic on its own)
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_lora_linear_forward_is_what_both_model_families_run(family, tiny_decoder, monkeypatch, tmp_path):
+    if family == "encoder":
+        model, tok, model_id, _, targets = models.load("minilm")
+        ids, types = tok.encode(["a gripping, beautifully shot film"], ["dull and far too long"])
+        batch = (torch.tensor(ids), None, torch.tensor(types))
+    else:
+        model, tok, model_id, _, targets = models.load(str(tiny_decoder("LlamaForCausalLM")))
+        batch = (torch.tensor([[1, 5, 9, 12, 3]]),)
+    cfg = LoRAConfig(init="alpha", rank=2, targets=targets).validate()
+    inilora.inject(model, cfg, model_id, tmp_path)
+    adapted = sum(isinstance(m, LoRALinear) for m in model.modules())
+    real, calls = LoRALinear.forward, []
+    monkeypatch.setattr(LoRALinear, "forward", lambda self, x: calls.append(self) or real(self, x))
+    with torch.no_grad():
+        before = model(*batch)
+    assert len(calls) == adapted > 0  # each adapted layer once per forward
+    monkeypatch.setattr(LoRALinear, "forward", lambda self, x: 2 * real(self, x))
+    with torch.no_grad():
+        after = model(*batch)
+    assert (after - before).abs().max() > 1e-3
