@@ -22,7 +22,9 @@ only r x r work besides. Matrices of one shape are stacked into (L, d_out, d_in)
 together with bmm; Adam is element-wise, so one Adam over the stack is one Adam per matrix.
 The report compares every final L_i to the best rank-r error (Eckart-Young, Section 4.3.2).
 
-The file reads in that order: 1) statistics, 2) start, 3) gradient, 4) Adam, 5) report; then the
+The file reads in that order: 1) statistics; the paper's algorithm as its authors ran it (one autograd Adam
+loop per matrix, `reference_approximation`), then the same computed fast: 2) start, 3) gradient, 4) Adam;
+5) report; then the
 cache (6: in --cache-dir, else $INILORA_CACHE, else ~/.cache/inilora) that every later --init inilora run
 reads, and 7) the command line.
 
@@ -171,6 +173,29 @@ def pooled(stats):
     return (sum(row["mu"] for row in stats.values()) / len(stats),
             sum(row["sigma"] for row in stats.values()) / len(stats))
 
+
+# -----------------------------------------------------------------------------
+# eq. 3 as the paper's authors ran it: one matrix at a time, autograd, torch.optim.Adam and StepLR. Sections 2-4
+# below compute exactly these steps for every matrix at once, without autograd (tests/test_approximate.py's
+# test_batched_closed_form_equals_per_matrix_autograd_adam pins the two equal, step for step)
+
+
+def reference_approximation(W, A0, B0, cfg, on_step=None):
+    """eq. 3 for one W (d_out, d_in) from A0 (r, d_in), B0 (d_out, r): cfg.steps Adam steps at cfg.lr, StepLR
+    (cfg.lr_step, cfg.lr_gamma). Returns (A, B); on_step(loss, A, B), if given, sees every step's loss (before
+    the step) and the A, B after it (detached views: copy them to keep them)."""
+    A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
+    opt = torch.optim.Adam([A, B], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    for _ in range(cfg.steps):
+        loss = ((W - B @ A) ** 2).mean()  # L = mean((W - B A)^2): (d_out, r) @ (r, d_in) -> (d_out, d_in)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(loss.detach(), A.detach(), B.detach())
+    return A.detach(), B.detach()
 
 # -----------------------------------------------------------------------------
 # 2) the start: the stacks, and A0, B0 ~ N(0, sigma_bar^2)

@@ -23,7 +23,7 @@ import importlib.util
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 # run as `python -m bench.approximate`: import the repository's modules, not this folder's
 # (here `approximate` would otherwise be this very file)
@@ -103,18 +103,9 @@ class PeakMemory:
 
 
 def reference_one(W, A0, B0, cfg, steps):
-    """The paper's loop for one matrix (eq. 3 by autograd); returns the final A, B."""
-    A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
-    opt = torch.optim.Adam([A, B], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    for _ in range(steps):
-        loss = ((W - B @ A) ** 2).mean()  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss.item()  # the authors log the loss every step: one sync per step
-    return A.detach(), B.detach()
+    """The paper's loop for one matrix (approximate.reference_approximation: eq. 3 by autograd), with the loss
+    read every step as the authors log it (one host sync per step); returns the final A, B."""
+    return ap.reference_approximation(W, A0, B0, replace(cfg, steps=steps), lambda loss, A, B: loss.item())
 
 
 def worst_ratio(weights, factors, optimal):

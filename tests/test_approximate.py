@@ -52,19 +52,11 @@ def random_weights(seed=0, shapes=(("s", 48, 32, 3), ("t", 24, 56, 2))):
 
 
 def reference(W, A0, B0, cfg):
-    """The paper's algorithm for one matrix: autograd, torch.optim.Adam and StepLR."""
-    A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
-    opt = torch.optim.Adam([A, B], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    """The paper's algorithm for one matrix (approximate.reference_approximation: autograd, Adam, StepLR), with
+    every step's A, B and loss kept."""
     params, losses = [], []
-    for _ in range(cfg.steps):
-        loss = ((W - B @ A) ** 2).mean()
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        params.append((A.detach().clone(), B.detach().clone()))
+    ap.reference_approximation(W, A0, B0, cfg, lambda loss, A, B: (losses.append(loss.item()),
+                                                                   params.append((A.clone(), B.clone()))))
     return params, losses
 
 
