@@ -411,3 +411,31 @@ def test_dry_run_writes_nothing_and_a_run_reports_its_peak(setup, capsys):
     train.main(args(setup, "real", "--init", "pissa"))
     final = json.loads((tmp_path / "real" / "final.json").read_text())
     assert final["peak_memory_mib"] > 0 and "estimated_peak_mib" not in final
+
+
+# coursework is one place: a new initialiser is one function and one line in inilora.INITIALISERS; it then
+# appears in --init and --help, a sweep grid accepts it, the figures draw it, and a run trains with it
+def test_a_new_initialiser_is_one_function_and_one_table_entry(setup, monkeypatch, capsys):
+    import argparse
+
+    from tools import figures, sweep
+
+    @torch.no_grad()
+    def init_toy(W0, cfg, g, approx):
+        """A toy: A0 = 0.01, B0 = -0.01 everywhere (the residual keeps the step-0 function)."""
+        d_out, d_in = W0.shape
+        return torch.full((cfg.rank, d_in), 0.01), torch.full((d_out, cfg.rank), -0.01)
+
+    monkeypatch.setitem(inilora.INITIALISERS, "toy", init_toy)
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert "'toy'" in capsys.readouterr().out  # --init's help lists the table as it is now
+    tmp_path, model_dir = setup
+    sweep.check_flags(args(setup, "grid-run", "--init", "toy"), "a grid")  # a sweep accepts it
+    figure_args = argparse.Namespace(model=str(model_dir), targets=None, target=None, rank=2, alpha_std=0.5,
+                                     approx_steps=20, seed=0, cache_dir=tmp_path / "approx")
+    factors, W0, _, _ = figures.init_factors(figure_args, ["toy", "lora"])  # the figures draw it
+    assert torch.equal(factors["toy"][0], torch.full((2, W0.shape[1]), 0.01))
+    state = train.main(args(setup, "toy", "--init", "toy", "--epochs", "1", "--batch-size", "12"))
+    assert state["step"] == 2  # 24 examples, 12 a step: two steps trained
+    assert json.loads((tmp_path / "toy" / "config.json").read_text())["lora"]["init"] == "toy"

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib.common import EXIT_INTERRUPTED, run_cli, write_atomic
+import train
 from lib import runs
 from lib.runs import StopRequest
 
@@ -89,9 +90,8 @@ def as_flags(options, where):
 
 
 def check_flags(flags, where):
-    """Parses the flags as train.py would (its parser and its configuration checks), without training."""
-    import train  # the parser only: the runs themselves are subprocesses
-
+    """Parses the flags as train.py would (its parser and its configuration checks), without training (the runs
+    themselves are subprocesses)."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
