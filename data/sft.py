@@ -193,26 +193,6 @@ def sft_batch(examples_ids, type_ids, pad_id):
     return input_ids, attention_mask, labels
 
 
-def generation_batch(prompt_ids, pad_id):
-    """Prompts left-padded for batched greedy generation: (input_ids, attention_mask, position_ids), (B, T).
-
-    Left padding puts every prompt's last token in column T-1, so the next token of all rows is
-    read from the same position; position_ids count real tokens only (0 at each prompt's start).
-    """
-    if len(prompt_ids) == 0:
-        raise ValueError("generation_batch got no prompts; pass at least one.")
-    lengths = torch.tensor([len(p) for p in prompt_ids])  # (B,)
-    if int(lengths.min()) == 0:
-        raise ValueError("generation_batch got an empty prompt; every prompt needs at least one token.")
-    T = int(lengths.max())
-    input_ids = torch.full((len(prompt_ids), T), pad_id, dtype=torch.long)  # (B, T)
-    for b, p in enumerate(prompt_ids):
-        input_ids[b, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
-    attention_mask = (torch.arange(T)[None, :] >= (T - lengths)[:, None]).long()  # (B, T)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
-    return input_ids, attention_mask, position_ids
-
-
 # -----------------------------------------------------------------------------
 # answers: extraction and exact match
 

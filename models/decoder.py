@@ -370,16 +370,6 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens:
     return out
 
 
-def stop_after_line(tokenizer, marker: str = "####") -> Callable[[list[int]], bool]:
-    """A `stop` for generate: true once the new text holds `marker` and the line it is on has ended,
-    e.g. GSM8K's answer line "#### 42\n" (Section 4.2 scores the number after ####)."""
-    def stop(new_ids: list[int]) -> bool:
-        text = tokenizer.decode(new_ids)
-        at = text.find(marker)
-        return at >= 0 and "\n" in text[at:]
-    return stop
-
-
 # -----------------------------------------------------------------------------
 # loading a checkpoint: one name map, a shape check per copy, nothing left over or unfilled
 

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from data import arithmetic, competition_math, gsm_symbolic, metamathqa, prepare, sft
 from data.prepare import load_split, read_examples
-from data.sft import exact_match, extract_gsm8k, extract_math, generation_batch, last_boxed, sft_batch
+from data.sft import exact_match, extract_gsm8k, extract_math, last_boxed, sft_batch
 from data.task import Task
 from models.tokenizer import ChatTokenizer
 
@@ -142,13 +142,6 @@ def test_batches(bpe):
     assert labels.tolist() == [[-100, -100, 7, 8], [-100, 9, -100, -100]]
     with pytest.raises(ValueError, match="no response token.*--max-length"):
         sft_batch([torch.tensor([5, 6])], [torch.tensor([0, 0])], PAD)
-    # invariant: prompts are left-padded, so every row's last prompt token is in the last column
-    input_ids, attention_mask, position_ids = generation_batch([[5, 6, 7], [8]], PAD)
-    assert input_ids.tolist() == [[5, 6, 7], [PAD, PAD, 8]]
-    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
-    with pytest.raises(ValueError, match="empty prompt"):
-        generation_batch([[5], []], PAD)
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import checkpoint
-from models.decoder import generate, load_causal_lm, stop_after_line
+from models.decoder import generate, load_causal_lm
 from models import DEFAULT_TARGETS, family_of
 from models import target_linears
 
@@ -117,16 +117,6 @@ def test_eos_and_stop_end_rows_early(tiny_decoder):
     # stop(new ids) ends a row at the token that made it true
     rows = generate(model, prompts, 8, [], tok.pad_id, stop=lambda new: len(new) == 2)
     assert rows == [free[0][:2], free[1][:2]]
-
-
-def test_stop_after_line_waits_for_the_end_of_the_answer_line():
-    class Chars:  # token id = character code
-        def decode(self, ids):
-            return "".join(map(chr, ids))
-
-    stop = stop_after_line(Chars())
-    assert not any(stop(list(map(ord, text))) for text in ("Step 1\n", "so #### 4", "so #### 42"))
-    assert stop(list(map(ord, "so #### 42\n"))) and stop(list(map(ord, "#### 7\nmore")))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_decoder):
