@@ -219,9 +219,9 @@ def stored_configs(run, resolve, train_defaults, lora_flags, launcher="python tr
         raise ValueError(f"{str(path)!r} holds settings {unknown} that this train.py does not know: it was "
                          "written by another version. Resume it with that version, or start a new run.")
     # the stored values become the defaults: only a flag given on the command line can differ from them
-    cfg, lcfg = resolve({**train_saved, **{  # a string default is parsed: targets joined
+    cfg, lora_cfg = resolve({**train_saved, **{  # a string default is parsed: targets joined
         dests[k]: ",".join(v) if k == "targets" else v for k, v in lora_saved.items() if k in dests}})
-    resolved = json.loads(json.dumps({"train": asdict(cfg), "lora": asdict(lcfg)}))  # tuples become lists
+    resolved = json.loads(json.dumps({"train": asdict(cfg), "lora": asdict(lora_cfg)}))  # tuples become lists
     diffs, flags = [], set()
     for section, values in resolved.items():
         for key, value in values.items():
@@ -235,7 +235,7 @@ def stored_configs(run, resolve, train_defaults, lora_flags, launcher="python tr
                   f"--out {shlex.quote(str(run))})" if flags else "An older train.py wrote it: resume it with that one")
         raise ValueError(f"run directory {str(run)!r} was made with a different configuration ({'; '.join(diffs)}). "
                          f"{advice}, or start a new run with another --out.")
-    return cfg, lcfg
+    return cfg, lora_cfg
 
 
 # -----------------------------------------------------------------------------

@@ -336,7 +336,7 @@ def size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
 
 
-def report(e: Estimate) -> list[str]:
+def estimate_lines(e: Estimate) -> list[str]:
     """The estimate as printable lines, one per term, with and without gradient checkpointing."""
     B, T, N = e.batch
     params = ", ".join(f"{size(n)} {name}" for name, n in sorted(e.parameters.items()))
@@ -447,7 +447,7 @@ def dry_run(model_name: str, task: str | None, init: str = "lora", rank: int = 8
     e = estimate(model_name, init, rank, targets, batch_size, T, dtype, device_type, N, nbytes, num_labels, runtime)
     how = "with" if grad_checkpointing and e.activations_checkpointed else "without"
     total = e.total(grad_checkpointing)
-    lines = report(e) + [f"  sized from {sized}", f"  this run: {size(total)} ({how} gradient checkpointing)"]
+    lines = estimate_lines(e) + [f"  sized from {sized}", f"  this run: {size(total)} ({how} gradient checkpointing)"]
     return lines, total, e.tensors(grad_checkpointing)
 
 

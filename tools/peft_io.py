@@ -233,17 +233,17 @@ def load_peft(model, peft_dir, model_id=None):
                          f"adapter was made for another base ({base!r}), or adapts modules this project cannot adapt "
                          "(embeddings, lm_head). Load it on its own base model.")
     targets = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[-1] for k in given if not is_head(k)})
-    lcfg = inilora.LoRAConfig(init="lora", rank=cfg.get("r"), lora_alpha=float(cfg.get("lora_alpha", cfg.get("r"))),
+    lora_cfg = inilora.LoRAConfig(init="lora", rank=cfg.get("r"), lora_alpha=float(cfg.get("lora_alpha", cfg.get("r"))),
                               targets=tuple(targets), dropout=float(cfg.get("lora_dropout") or 0.0)).validate()
-    linears = target_linears(model, lcfg.targets)
+    linears = target_linears(model, lora_cfg.targets)
     # lora_A (r, d_in), lora_B (d_out, r) per target; the head as the model has it
     expected = {}
     for name, linear in linears.items():
         d_out, d_in = linear.weight.shape
-        expected |= {f"{name}.A": (lcfg.rank, d_in), f"{name}.B": (d_out, lcfg.rank)}
+        expected |= {f"{name}.A": (lora_cfg.rank, d_in), f"{name}.B": (d_out, lora_cfg.rank)}
     params = dict(model.named_parameters())
     expected |= {k: tuple(params[k].shape) for k in given if is_head(k) and k in params}
-    check_tensors(given, {k: expected[k] for k in given}, peft_dir, f"Its r={lcfg.rank} or its layers "
+    check_tensors(given, {k: expected[k] for k in given}, peft_dir, f"Its r={lora_cfg.rank} or its layers "
                   f"do not fit this model: it was made for another base model ({base!r}) or another number of labels. "
                   "Load it on its own base model.")
     if skipped := sorted(k.rsplit(".", 1)[0] for k in expected.keys() - given.keys()):
@@ -251,7 +251,7 @@ def load_peft(model, peft_dir, model_id=None):
                          f"{skipped[:2]}...: it was made for another base model ({base!r}) with fewer layers, or for "
                          "some layers only. Adapters here cover every layer of a target name: load it on its own "
                          f"base model, or make it with target_modules={targets} on all layers.")
-    fingerprint = inilora.inject(model, lcfg, model_id)  # init "lora": R = W0 - s 0 A0 = W0
+    fingerprint = inilora.inject(model, lora_cfg, model_id)  # init "lora": R = W0 - s 0 A0 = W0
     for name in linears:
         layer = model.get_submodule(name)
         A, B = given[f"{name}.A"], given[f"{name}.B"]
@@ -264,9 +264,9 @@ def load_peft(model, peft_dir, model_id=None):
         if is_head(k):
             params[k].copy_(t)
     head = sorted({k.rsplit(".", 1)[0] for k in given if is_head(k)})
-    print(f"loaded PEFT LoRA {peft_dir}: r={lcfg.rank}, s={lcfg.scale:g}, {len(linears)} layers {list(targets)}"
+    print(f"loaded PEFT LoRA {peft_dir}: r={lora_cfg.rank}, s={lora_cfg.scale:g}, {len(linears)} layers {list(targets)}"
           + (f"; {', '.join(head)} from its modules_to_save, replacing the head reported above" if head else ""))
-    return lcfg, fingerprint
+    return lora_cfg, fingerprint
 
 
 def num_labels_of(peft_dir, config):
@@ -290,9 +290,9 @@ def import_peft(peft_dir, out, model_name, num_labels=None, task=None, max_lengt
         num_labels = num_labels or (TASKS[task].num_labels if task else num_labels_of(peft_dir, config))
         model, _, model_id = encoder.load_model(model_name, num_labels=num_labels)
         extra["num_labels"] = num_labels
-    lcfg, fingerprint = load_peft(model, peft_dir, model_id)
+    lora_cfg, fingerprint = load_peft(model, peft_dir, model_id)
     extra["imported_from"] = {"peft_dir": str(Path(peft_dir).resolve()), "config": read_json(Path(peft_dir) / CONFIG)}
-    return inilora.save_adapter(model, out, lcfg, model_id, fingerprint, extra), lcfg
+    return inilora.save_adapter(model, out, lora_cfg, model_id, fingerprint, extra), lora_cfg
 
 
 # -----------------------------------------------------------------------------
@@ -327,8 +327,8 @@ def main(argv=None):
     else:
         if Path(args.out).suffix != ".safetensors":
             raise ValueError(f"out={args.out!r} must end in .safetensors (a .json sidecar is written beside it).")
-        path, lcfg = import_peft(args.peft_dir, args.out, args.model, args.num_labels, args.task, args.max_length)
-        print(f"wrote {path} (init {lcfg.init!r}, A0 = lora_A, B0 = 0)")
+        path, lora_cfg = import_peft(args.peft_dir, args.out, args.model, args.num_labels, args.task, args.max_length)
+        print(f"wrote {path} (init {lora_cfg.init!r}, A0 = lora_A, B0 = 0)")
 
 
 if __name__ == "__main__":

@@ -249,7 +249,8 @@ def module_env():
     return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
 
 
-def report(grid, runs, out):
+def compare_and_draw(grid, runs, out):
+    """Runs report_commands: the comparison tables go to OUT/compare.md (and stdout), the figures to OUT/*.png."""
     tables = []
     for what, command, target in report_commands(grid, runs, out):
         result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=module_env())
@@ -302,7 +303,7 @@ def main(argv=None):
     if signum is not None:
         print(f"stopped: run `python -m tools.sweep {shlex.quote(args.grid)}` again to resume the unfinished runs")
         raise SystemExit(128 + signum)
-    report(grid, runs, out)
+    compare_and_draw(grid, runs, out)
     if failed:
         raise ValueError(f"{len(failed)} of {len(runs)} runs did not finish: " + "; ".join(
             f"{run.name}: {why}" for run, why in failed))
