@@ -138,7 +138,7 @@ def score_generation(model, tokenizer, split, task, batch_size=16, max_new_token
     stop = stop_rule(tokenizer, task.answer_format)
     records = []
     for i in tqdm(range(0, n, batch_size), desc=desc or f"generating {task.name}", unit="batch", leave=False):
-        prompts = [p.tolist() for p in split["prompt_ids"][i:i + batch_size]]  # B lists of ids
+        prompts = [p.tolist() for p in split["prompt_ids"][i:min(i + batch_size, n)]]  # B lists of ids, never past n
         outputs = generate(model, prompts, max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id, stop=stop)
         for j, ids in enumerate(outputs):
             text = tokenizer.decode(ids)  # special tokens (EOS) left out

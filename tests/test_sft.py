@@ -264,6 +264,20 @@ def test_evaluation_writes_predictions_and_counts_exact_matches(sft, monkeypatch
     assert records[1]["extracted"] == "0" and records[0]["extracted"] == records[0]["gold"]
 
 
+# invariant: --limit N scores exactly the first N examples, whatever the batch size (a batch size that does not
+# divide N once scored the whole last batch: 8 examples at --limit 5 and --batch-size 4)
+def test_limit_scores_exactly_the_first_n_examples_at_any_batch_size(sft, monkeypatch):
+    tmp_path, model_dir = sft
+    FAKE["tokenizer"] = load_causal_lm(str(model_dir))[1]
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    for batch_size in (1, 2, 3, 4, 8):
+        out = tmp_path / f"base-{batch_size}"
+        evaluate.main(["--base", "--model", str(model_dir), "--task", "tiny-sum", "--split", "test", "--out", str(out),
+                       "--batch-size", str(batch_size), "--limit", "5"])
+        records = [json.loads(l) for l in (out / "predictions-base-test.jsonl").read_text().splitlines()]
+        assert [r["question"] for r in records] == sums("test").texts[:5], batch_size
+
+
 # invariant: --compare reads decoder runs: their best epoch's dev exact match, x100
 def test_compare_reads_decoder_runs(sft):
     tmp_path, _ = sft
