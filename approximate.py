@@ -51,7 +51,7 @@ from tqdm import tqdm
 import models
 from lib import distributed
 from lib.artifacts import ArtifactError, check_tensors, save_artifact, sidecar_path, weights_fingerprint
-from lib.cache import check_writable, key_hash, lookup
+from lib.cache import cache_root, check_writable, key_hash, lookup
 from lib.common import pick_device, run_cli
 from lib.distributed import World
 
@@ -424,7 +424,7 @@ ARTIFACT_VERSION = 2  # bump when the cache's layout or meaning changes (1: its 
 
 
 def default_cache_dir():
-    return Path(os.environ.get("INILORA_CACHE") or "~/.cache/inilora").expanduser()
+    return cache_root()
 
 
 def cache_path(cache_dir, model_id, fingerprint, cfg):

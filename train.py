@@ -117,9 +117,14 @@ class TrainConfig:
                              "weight_decay >= 0, save_every >= 0.")
         if self.eval_limit < 0:
             raise ValueError(f"eval_limit={self.eval_limit} is negative; pass 0 (the whole dev split) or a count.")
-        if TASKS[self.task].generates and self.model == "minilm":
-            raise ValueError(f"task {self.task!r} fine-tunes a causal LM, but --model minilm is an encoder; pass "
+        family = models.family_of(self.model)  # reads config.json or the .gguf suffix: no weight is loaded yet
+        if TASKS[self.task].generates and family == "encoder":
+            raise ValueError(f"task {self.task!r} fine-tunes a causal LM, but --model {self.model} is an encoder; pass "
                              "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
+        if not TASKS[self.task].generates and family == "decoder":
+            raise ValueError(f"task {self.task!r} fine-tunes an encoder with a classification head, but --model "
+                             f"{self.model} is a decoder (a causal LM); pass --model minilm (offline), a BERT/RoBERTa "
+                             "directory, or a Hub id such as roberta-base.")
         if self.grad_checkpointing and not TASKS[self.task].generates:
             raise ValueError(f"--grad-checkpointing recomputes decoder blocks, but task {self.task!r} trains an "
                              "encoder; leave the flag out, or pick a generation task.")
@@ -227,6 +232,19 @@ def compile_model(model, device):
     model.compile()
 
 
+def check_content(split, tokenizer, cfg):
+    """Refuses a --max-length that leaves most training examples nothing but special tokens ([CLS] [SEP]), and
+    says so when some are: a classifier trained on those learns the majority class and nothing else."""
+    special = set(tokenizer.encode([""], [""])[0][0])  # the ids the tokenizer adds around a (pair of) text(s)
+    empty = sum(set(ids.tolist()) <= special for ids in split["input_ids"])
+    share = empty / max(1, len(split["input_ids"]))
+    what = (f"--max-length {cfg.max_length} leaves {empty} of the {len(split['input_ids'])} training examples of "
+            f"{cfg.task!r} ({share:.0%}) with no token but the special ones")
+    if share > 0.5:
+        raise ValueError(f"{what}: raise --max-length (e.g. 128; the examples' lengths are printed above).")
+    if empty:
+        print(f"warning: {what}; they train on nothing but the label.")
+
 def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distributed.World()):
     """Loads the model and the task's splits, injects the adapters (or loads checkpoint `ckpt`'s),
     and restores its optimizer state: every error a run can meet at its start happens here."""
@@ -239,6 +257,8 @@ def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distr
         n = len(splits["train"]["prompt_ids"])
         raise ValueError(f"--max-length {cfg.max_length} leaves no response token in any of the {n} training "
                          f"examples of {cfg.task!r} (every prompt fills it): raise --max-length.")
+    if not task.generates:
+        check_content(splits["train"], tokenizer, cfg)
     fingerprint = inilora.base_fingerprint(model, lora_cfg.targets)
     if not world.main:
         distributed.barrier(world)  # under torchrun, rank 0 injects first: an approximation is computed once

@@ -17,7 +17,7 @@ Adding a task is one new file defining a Task and one entry in TASKS below; noth
 knows any task by name.
 
 `load_split` is what train.py and evaluate.py call: it returns unpadded token ids per
-example and caches them under data/cache/ (git-ignored) as an artifact of lib/artifacts.py
+example and caches them in $INILORA_CACHE/data, else ~/.cache/inilora/data, as an artifact of lib/artifacts.py
 (safetensors plus a JSON sidecar whose checksum covers both), keyed by task, label kind, split,
 tokenizer fingerprint, max length and the source file's path, size and mtime. A cache that
 is missing, damaged, edited or stale is rebuilt, with the reason printed in one line.
@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from models.checkpoint import MINILM, resolve_model
 from lib.artifacts import check_tensors, save_artifact
-from lib.cache import lookup
+from lib.cache import cache_root, lookup
 from lib.common import run_cli
 from data import sft
 from data.arithmetic import ARITHMETIC
@@ -87,7 +87,7 @@ def read_examples(task, split, data_dir=None) -> Examples:
 CACHE_KIND = "inilora-data"
 CACHE_VERSION = 2  # bump when reading, splitting or tokenizing changes: old caches are rebuilt
 CACHE_REMEDY = "It is rebuilt from the task's source file."
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / "cache"
+DEFAULT_CACHE_DIR = None  # None: lib.cache.cache_root() / "data" ($INILORA_CACHE/data, else ~/.cache/inilora/data)
 TOKENIZE_CHUNK = 4096  # examples per tokenizer call (progress granularity)
 
 
@@ -175,7 +175,7 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
     if spec.kind == "generation":  # the prompt's form and the generator's settings shape the tokens too
         key |= {"prompt_format": sft.prompt_format(tokenizer), "split_rule": spec.split_rule}
     stem = f"{task}-{split}-tok{tokenizer.fingerprint}-len{max_length}"
-    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR or cache_root() / "data")
     path = cache_dir / f"{stem}.safetensors"  # the sidecar is {stem}.json beside it
     data = _read_cache(path, key, spec.kind)
     if data is not None:
@@ -365,7 +365,7 @@ def main(argv=None):
     parser.add_argument("--test-file", default=defaults.test_file,
                         help="the test split's file of gsm8k or competition-math (overrides --data-dir)")
     parser.add_argument("--cache-dir", default=defaults.cache_dir,
-                        help=f"where prepared splits are cached; None means {DEFAULT_CACHE_DIR}")
+                        help="where prepared splits are cached; None: $INILORA_CACHE/data, else ~/.cache/inilora/data")
     cfg = PrepareConfig(**vars(parser.parse_args(argv)))
     print(f"config: {json.dumps(asdict(cfg))}")
     spec = TASKS[cfg.task]

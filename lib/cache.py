@@ -8,10 +8,17 @@ and the caller computes the result again and `save_artifact`s it.
 """
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
 from lib.artifacts import read_artifact, sidecar_path
+
+
+def cache_root() -> Path:
+    """Where the project caches what it computes once (the approximation; the tokenised splits in data/):
+    $INILORA_CACHE, else ~/.cache/inilora, never inside the repository."""
+    return Path(os.environ.get("INILORA_CACHE") or "~/.cache/inilora").expanduser()
 
 
 def key_hash(fields: dict) -> str:

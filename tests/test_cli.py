@@ -24,6 +24,8 @@ CASES = [
     (["evaluate.py", "{tmp}/missing-run"], "missing-run"),
     # generation tasks (causal LMs)
     (["train.py", "--task", "arithmetic", "--model", "minilm", "--out", "{tmp}/run"], "--model minilm is an encoder"),
+    (["train.py", "--task", "rotten-tomatoes", "--model", "smollm2", "--out", "{tmp}/run"], "--model smollm2 is a decoder"),
+    (["train.py", "--max-length", "2", "--out", "{tmp}/run"], "leaves 9915 of the 9915 training examples"),
     (["train.py", "--grad-accum", "0", "--out", "{tmp}/run"], "grad_accum=0 must be at least 1"),
     (["train.py", "--grad-checkpointing", "--out", "{tmp}/run"], "'rotten-tomatoes' trains an encoder"),
     (["evaluate.py", "--base", "--task", "rotten-tomatoes", "--out", "{tmp}/base"], "--task 'rotten-tomatoes' is not one of"),

@@ -192,6 +192,17 @@ def test_task_record_is_checked():
                 split_rule="").num_labels == 1
 
 
+# invariant: by default nothing is written into the repository: prepared splits go to $INILORA_CACHE/data
+# (else ~/.cache/inilora/data), and the figures to runs/figures/
+def test_default_outputs_are_outside_tracked_paths(glue_dir, tokenizer, tmp_path, monkeypatch):
+    from tools import figures
+
+    monkeypatch.setenv("INILORA_CACHE", str(tmp_path / "user-cache"))
+    load_split("stsb", "dev", tokenizer, 32, glue_dir)
+    assert list((tmp_path / "user-cache" / "data").glob("stsb-dev-*.safetensors"))
+    assert str(figures.parse_args(["curves", "some-run"]).out).startswith("runs/figures/")
+
+
 def test_load_split_glue_tensors(glue_dir, tokenizer, tmp_path):
     data = load_split("stsb", "dev", tokenizer, 128, glue_dir, tmp_path / "cache")
     assert data["labels"].dtype == torch.float32

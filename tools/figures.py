@@ -10,7 +10,7 @@
              values of s B0 A0 against W0's (Fig. 4)
   curves     training loss and dev metric of any runs, from their metrics.jsonl (Fig. 5)
 
-Each writes OUT (default docs/figures/NAME.png) and OUT with .csv. matplotlib draws headless (Agg).
+Each writes OUT (default runs/figures/NAME.png) and OUT with .csv. matplotlib draws headless (Agg).
 
 Run: python -m tools.figures init-hist --model minilm
      python -m tools.figures curves runs/minilm-rotten-tomatoes-*
@@ -334,7 +334,8 @@ def parse_args(argv):
     for name, fn in commands.items():
         parsers[name] = q = sub.add_parser(name, help=fn.__doc__.splitlines()[0], formatter_class=fmt)
         q.set_defaults(run=fn)
-        q.add_argument("--out", default=f"docs/figures/{name}.png", help="PNG to write; the CSV goes beside it")
+        q.add_argument("--out", default=f"runs/figures/{name}.png", help="PNG to write (docs/figures/ holds the "
+                       "README's copies); the CSV goes beside it")
     for name in ("approx", "subspace", "init-hist"):
         q = parsers[name]
         q.add_argument("--model", default="minilm", help="model name, directory or .gguf (as train.py's --model)")
