@@ -117,7 +117,7 @@ def minilm_dir() -> Path:
 
 
 # -----------------------------------------------------------------------------
-# tiny decoders (decoder.py): LLaMA, Mistral, Qwen2, Gemma
+# tiny decoders (models/decoder.py): LLaMA, Mistral, Qwen2, Gemma
 
 DECODER_SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 DECODER_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -5,7 +5,7 @@
   and the closed-form loss equals the directly computed MSE;
 - the method: A0, B0 ~ N(0, sigma_bar^2) drawn in the documented order (--steps 0), and on the
   packaged MiniLM every matrix is within 1.001x of its Eckart-Young optimum after 4000 steps;
-- the cache (an artifact of common.py): hit without recomputation, a miss on every changed
+- the cache (an artifact of lib/artifacts.py): hit without recomputation, a miss on every changed
   setting; a damaged, edited, non-finite, wrongly shaped or other-settings cache is reported in
   one line and recomputed; nothing written on a diverged run or an unwritable directory;
 - bad input: each a ValueError sentence naming the bad value and advice that fits it;
@@ -212,7 +212,7 @@ def cache_files(tmp_path):
 
 
 def forge(st, js, tensors, sidecar):
-    """Writes tensors and sidecar with a checksum recomputed as common.py documents it,
+    """Writes tensors and sidecar with a checksum recomputed as lib/artifacts.py documents it,
     sha256(sha256(tensor bytes) || canonical JSON without "sha256"): a forgery that passes it."""
     data = safetensors_save(tensors)
     body = json.dumps({k: v for k, v in sidecar.items() if k != "sha256"}, sort_keys=True,

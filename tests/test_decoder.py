@@ -1,4 +1,4 @@
-"""Tests for decoder.py (and the decoder half of checkpoint.py and data/tokenizer.py).
+"""Tests for models/decoder.py (and the decoder half of models/checkpoint.py, gguf_file.py and tokenizer.py).
 
 Checks:
 - equivalence to transformers (test-only reference) on tiny random LLaMA (also LLaMA-3 RoPE scaling and

@@ -1,4 +1,4 @@
-"""Tests of figures.py on tiny inputs: a tiny BERT (approx, subspace, init-hist) and run directories
+"""Tests of tools/figures.py on tiny inputs: a tiny BERT (approx, subspace, init-hist) and run directories
 written here (alpha-std, curves). Each figure is a PNG with a CSV beside it that holds the plotted
 numbers, checked against their source; principal angles against scipy; bad input gets a sentence.
 """

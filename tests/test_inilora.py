@@ -45,7 +45,7 @@ class Block(nn.Module):
 
 
 class Toy(nn.Module):
-    """A small stand-in with the layer names of model.py: query/key/value linears and a `head`."""
+    """A small stand-in with the layer names of models/encoder.py: query/key/value linears and a `head`."""
 
     def __init__(self, C=24, num_labels=3):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Tests for memory.py: the memory estimate built from a config.json on the meta device.
+"""Tests for tools/memory.py: the memory estimate built from a config.json on the meta device.
 
 Checks:
 - the meta model with adapters has exactly the parameter and trainable counts of the real tiny model after
@@ -204,7 +204,7 @@ def one_step_peak(model, cfg, loss):
 
 
 # the check of issue 11: the estimate within 25% of a measured peak (tensors; the resident set adds glibc's
-# retained heap, see memory.py), on the real models at the README's batch shapes
+# retained heap, see tools/memory.py), on the real models at the README's batch shapes
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
 def test_estimate_is_within_25_percent_of_the_measured_tensor_peak(name, minilm_dir, smollm2_gguf):
     g = torch.Generator().manual_seed(0)

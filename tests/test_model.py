@@ -1,4 +1,4 @@
-"""Tests for model.py: our BERT/RoBERTa against transformers, checkpoint loading, and its errors.
+"""Tests for models/encoder.py: our BERT/RoBERTa against transformers, checkpoint loading, and its errors.
 
 Checks:
 - equivalence to transformers (the reference implementation, test-only) on tiny random checkpoints:

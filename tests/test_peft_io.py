@@ -1,4 +1,4 @@
-"""Tests of peft_io.py against Hugging Face PEFT and transformers (test-only references).
+"""Tests of tools/peft_io.py against Hugging Face PEFT and transformers (test-only references).
 
 - export: for every initialiser, after two optimizer steps, PeftModel.from_pretrained on the original
   transformers model gives our logits, and PEFT's merge_and_unload gives our merged model's logits

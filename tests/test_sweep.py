@@ -1,4 +1,4 @@
-"""Tests of sweep.py on a tiny grid: tiny BERT, a tiny SST-2 in the GLUE layout, 2 initialisers.
+"""Tests of tools/sweep.py on a tiny grid: tiny BERT, a tiny SST-2 in the GLUE layout, 2 initialisers.
 
 - --dry-run prints every train.py command (with its thread limit) and the compare/figure commands,
   and runs nothing;
