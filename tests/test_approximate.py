@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 import approximate as ap
+import models
 from lib import artifacts as common
 
 
@@ -405,7 +406,7 @@ def fake_models_package():
         return found
     def load(name):
         return types.SimpleNamespace(model=FakeModel(), model_id="fake-" + name, targets=("query", "value"))
-    return types.SimpleNamespace(load=load, target_linears=target_linears)
+    return types.SimpleNamespace(load=load, target_linears=target_linears, parse_targets=models.parse_targets)
 
 
 def test_cli_runs_caches_and_prints_the_report(tmp_path, monkeypatch, capsys):
