@@ -496,7 +496,7 @@ def main(argv=None):
     inject(model, cfg, model_id, args.cache_dir)
     mark_trainable(model, cfg)
     difference = (model(*batch) - before).abs().max().item()
-    print(f"largest |logit| {before.abs().max().item():.1f}\nmax |difference| at step 0: {difference:.2e}")
+    print(f"largest |logit| {before.abs().max().item():.3g}\nmax |difference| at step 0: {difference:.2e}")
 
 
 if __name__ == "__main__":

@@ -117,14 +117,6 @@ class TrainConfig:
                              "weight_decay >= 0, save_every >= 0.")
         if self.eval_limit < 0:
             raise ValueError(f"eval_limit={self.eval_limit} is negative; pass 0 (the whole dev split) or a count.")
-        family = models.family_of(self.model)  # reads config.json or the .gguf suffix: no weight is loaded yet
-        if TASKS[self.task].generates and family == "encoder":
-            raise ValueError(f"task {self.task!r} fine-tunes a causal LM, but --model {self.model} is an encoder; pass "
-                             "--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id.")
-        if not TASKS[self.task].generates and family == "decoder":
-            raise ValueError(f"task {self.task!r} fine-tunes an encoder with a classification head, but --model "
-                             f"{self.model} is a decoder (a causal LM); pass --model minilm (offline), a BERT/RoBERTa "
-                             "directory, or a Hub id such as roberta-base.")
         if self.grad_checkpointing and not TASKS[self.task].generates:
             raise ValueError(f"--grad-checkpointing recomputes decoder blocks, but task {self.task!r} trains an "
                              "encoder; leave the flag out, or pick a generation task.")
@@ -221,6 +213,8 @@ class Job:
     state: dict                    # {"step", "best", ...}: what a checkpoint's sidecar holds
     extra: dict                    # stored in every adapter sidecar
     world: distributed.World = distributed.World()  # torchrun's ranks (one process: rank 0 of 1)
+    started: float = 0.0  # time.perf_counter() when this process started building the job
+    progress: dict | None = None  # seconds and peak memory of the earlier segments of a resumed run
 
 
 def compile_model(model, device):
@@ -248,7 +242,15 @@ def check_content(split, tokenizer, cfg):
 def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distributed.World()):
     """Loads the model and the task's splits, injects the adapters (or loads checkpoint `ckpt`'s),
     and restores its optimizer state: every error a run can meet at its start happens here."""
+    started = time.perf_counter()
     task = TASKS[cfg.task]
+    family = models.family_of(cfg.model)  # reads config.json or the .gguf suffix: no weight is loaded yet
+    if task.family != family:
+        wanted = "a causal LM" if task.generates else "an encoder with a classification head"
+        remedy = ("--model smollm2 (offline), a decoder's directory or .gguf file, or a Hub id" if task.generates else
+                  "--model minilm (offline), a BERT/RoBERTa directory, or a Hub id such as roberta-base")
+        raise ValueError(f"task {cfg.task!r} fine-tunes {wanted}, but --model {cfg.model} is "
+                         f"{'an encoder' if family == 'encoder' else 'a decoder (a causal LM)'}; pass {remedy}.")
     # a causal LM for generation tasks, else an encoder with a head; in --dtype (what trains is made float32 below)
     model, tokenizer, model_id, _, _ = models.load(cfg.model, task.family, task.num_labels, cfg.seed, DTYPES[cfg.dtype])
     splits = {s: load_split(cfg.task, s, tokenizer, cfg.max_length, cfg.data_dir)
@@ -279,10 +281,12 @@ def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distr
         compile_model(model, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    state = runs.restore_state(ckpt, model, opt, device, world.rank) if ckpt is not None else {"step": 0, "best": None}
+    state, progress = (runs.restore_state(ckpt, model, opt, device, world.rank) if ckpt is not None
+                       else ({"step": 0, "best": None}, {}))
     extra = {"task": cfg.task, "num_labels": task.num_labels, "max_length": cfg.max_length,
              "trainable_params": trainable, "total_params": total_params}
-    return Job(run_dir, model, tokenizer, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra, world)
+    return Job(run_dir, model, tokenizer, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra, world,
+               started, progress)
 
 
 # -----------------------------------------------------------------------------
@@ -344,13 +348,23 @@ class StepLosses:
         self.values, self.start = [], time.perf_counter()
 
 
-def save_checkpoint(job, lora_cfg):
+def progress(job, device):
+    """The whole run's seconds and peak memory so far (the largest of the ranks'), earlier segments included."""
+    (mib, measure), *_ = sorted(distributed.gather(runs.peak_memory(device), job.world), reverse=True)
+    before = job.progress or {}
+    if before.get("peak_memory_mib", 0) > mib:
+        mib, measure = before["peak_memory_mib"], before["peak_memory_measure"]
+    return {"seconds": round(before.get("seconds", 0) + time.perf_counter() - job.started, 1),
+            "peak_memory_mib": round(mib, 1), "peak_memory_measure": measure}
+
+
+def save_checkpoint(job, lora_cfg, device):
     """Every rank's RNG state goes to rank 0, which alone writes the checkpoint."""
-    rngs = distributed.gather(runs.rng_states(), job.world)
+    rngs, so_far = distributed.gather(runs.rng_states(), job.world), progress(job, device)
     if job.world.main:
         write_adapter = lambda path: inilora.save_adapter(job.model, path, lora_cfg, job.model_id,  # noqa: E731
                                                            job.fingerprint, job.extra)
-        runs.save_checkpoint(job.run_dir, write_adapter, job.model, job.opt, job.state, rngs)
+        runs.save_checkpoint(job.run_dir, write_adapter, job.model, job.opt, job.state, rngs, so_far)
     distributed.barrier(job.world)
 
 
@@ -371,16 +385,17 @@ def end_of_epoch(cfg, lora_cfg, job, epoch, device, log):
         if job.world.main:
             inilora.save_adapter(job.model, runs.best_adapter(job.run_dir), lora_cfg, job.model_id, job.fingerprint,
                                  {**job.extra, "epoch": epoch + 1, "dev": dev})
-    save_checkpoint(job, lora_cfg)
+    save_checkpoint(job, lora_cfg, device)
 
 
-def stop_now(job, lora_cfg, losses, steps_per_epoch, total, signum):
+def stop_now(job, lora_cfg, losses, steps_per_epoch, total, signum, device):
     """A signal came during the last step or dev evaluation (on any rank): save, say how to continue, stop."""
     losses.read(job, steps_per_epoch)
-    save_checkpoint(job, lora_cfg)
+    save_checkpoint(job, lora_cfg, device)
     step = job.state["step"]
+    launcher = f"torchrun --nproc_per_node {job.world.size} train.py" if job.world.size > 1 else "python train.py"
     print(f"stopped at step {step}/{total}, saved as {runs.checkpoint_dir(job.run_dir, step)}; continue with: "
-          f"python train.py --resume --out {shlex.quote(str(job.run_dir))}", flush=True)
+          f"{launcher} --resume --out {shlex.quote(str(job.run_dir))}", flush=True)
     return {**job.state, "signal": signum or signal.SIGINT}
 
 
@@ -397,6 +412,9 @@ def train(cfg, lora_cfg, job, device):
     steps_per_epoch = math.ceil(n / per_step)
     total = cfg.epochs * steps_per_epoch
     lengths = torch.tensor([len(x) for x in job.splits["train"]["input_ids"]]) if cfg.group_by_length else None
+    if state["step"] >= total and runs.final_file(job.run_dir).is_file():
+        print(f"{job.run_dir} has finished ({total} steps): nothing to train; its final.json is kept as it was")
+        return state
     if world.main and state["step"] > 0:
         runs.keep_records_until(job.run_dir, state["step"])  # drop what was logged after the checkpoint
     state["world_size"] = world.size
@@ -415,7 +433,7 @@ def train(cfg, lora_cfg, job, device):
             losses = StepLosses()
             for start in range(0, len(order), per_step):
                 if distributed.any_rank(stop.signum, world, device):
-                    return stop_now(job, lora_cfg, losses, steps_per_epoch, total, stop.signum)
+                    return stop_now(job, lora_cfg, losses, steps_per_epoch, total, stop.signum, device)
                 lr = lr_at(state["step"], total, cfg)
                 losses.pending.append(train_step(cfg, job, order[start:start + per_step], lr, device))
                 state["step"] += 1
@@ -426,22 +444,22 @@ def train(cfg, lora_cfg, job, device):
                 if state["step"] % cfg.log_every == 0 or end:
                     losses.log_line(cfg, job, epoch, lr, total, log)
                 if saving:
-                    save_checkpoint(job, lora_cfg)
+                    save_checkpoint(job, lora_cfg, device)
             end_of_epoch(cfg, lora_cfg, job, epoch, device, log)
     return finish(cfg, job, device)
 
 
 def finish(cfg, job, device):
-    """The best epoch, and final.json with the measured peak memory (the largest of the ranks')."""
-    (mib, measure), *_ = sorted(distributed.gather(runs.peak_memory(device), job.world), reverse=True)
-    best = job.state["best"]
+    """The best epoch, and final.json with the whole run's time and measured peak memory (the largest of the
+    ranks', and of every segment of a resumed run)."""
+    so_far, best = progress(job, device), job.state["best"]
     scored = f"dev {TASKS[cfg.task].metrics[0]} {best['score']:.4f}" if best["score"] is not None else "no dev split"
-    ranks = f"the largest of {job.world.size} processes" if job.world.size > 1 else "this process"
-    print(f"best epoch {best['epoch']}: {scored}; peak memory {mib:,.0f} MiB ({measure}, {ranks})")
+    ranks = f"the largest of {job.world.size} processes" if job.world.size > 1 else "one process"
+    print(f"best epoch {best['epoch']}: {scored}; peak memory {so_far['peak_memory_mib']:,.0f} MiB "
+          f"({so_far['peak_memory_measure']}, {ranks}); {so_far['seconds']:,.0f} s in all (loading, training, evaluation)")
     if job.world.main:
         write_json(runs.final_file(job.run_dir), {"step": job.state["step"], "best": best, "device": str(device),
-                                                  "world_size": job.world.size, "peak_memory_mib": round(mib, 1),
-                                                  "peak_memory_measure": measure})
+                                                  "world_size": job.world.size, **so_far})
     return job.state
 
 

@@ -278,7 +278,7 @@ def subset(split, idx):
 def describe(task, split, data, max_length):
     """One line: size, label balance and token-length statistics of a prepared split."""
     if task_spec(task).kind == "generation":  # counts of truncated and dropped examples
-        return sft.describe_sft(f"{task}/{split}", data, max_length)
+        return sft.describe_sft(f"{task}/{split}", data, max_length, training=split == "train")
     spec, labels = task_spec(task), data["labels"]
     if spec.kind != "classification":
         balance = f"score mean {labels.mean():.2f}, std {labels.std():.2f}"

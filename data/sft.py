@@ -156,12 +156,14 @@ def unflatten_sft(tensors, meta) -> dict:
     }
 
 
-def describe_sft(name, data, max_length) -> str:
-    """One line: sizes, truncation and drop counts, token lengths of the training sequences."""
+def describe_sft(name, data, max_length, training=True) -> str:
+    """One line: sizes, truncation and drop counts, token lengths of the sequences (trained on, for the training
+    split; an evaluation split is scored by generating from its prompts, so it trains on nothing)."""
     s = data["stats"]
     lengths = torch.tensor([len(x) for x in data["input_ids"]] or [0], dtype=torch.float32)
     loss_tokens = sum(int(t.sum()) for t in data["token_type_ids"])
-    return (f"{name}: {s['num_examples']} examples, {s['num_kept']} trained on | prompt {s['prompt_format']} | "
+    kept = f"{s['num_kept']} trained on" if training else f"scored by generation ({s['num_kept']} fit with their response)"
+    return (f"{name}: {s['num_examples']} examples, {kept} | prompt {s['prompt_format']} | "
             f"{s['num_truncated']} truncated to max_length {max_length}, {s['num_dropped']} dropped (no response "
             f"token left), {s['num_long_prompts']} prompts reach max_length | tokens mean {lengths.mean():.1f}, "
             f"max {lengths.max():.0f}, {loss_tokens} loss tokens")

@@ -94,10 +94,11 @@ def rng_states():
     return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
-def save_checkpoint(run, write_adapter, model, opt, state, rngs):
+def save_checkpoint(run, write_adapter, model, opt, state, rngs, progress=None):
     """Checkpoint state["step"]: the adapter (`write_adapter(path)` writes it) and the optimizer moments, RNG
     states and position. rngs: [rng_states() of rank 0, of rank 1, ...] (one process: [rng_states()]), stored
-    as rng_cpu, rng_cpu.rank1, ..."""
+    as rng_cpu, rng_cpu.rank1, ... `progress` (the run's seconds and peak memory so far, across resumes) goes
+    in the sidecar beside the state, so a resumed run's final.json describes the whole run."""
     ckpt = checkpoint_dir(run, state["step"])
     tmp = run / f"{ckpt.name}.tmp"  # filled completely, then renamed: last.json never names a partial one
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,7 +111,7 @@ def save_checkpoint(run, write_adapter, model, opt, state, rngs):
             for key, value in opt.state.get(p, {}).items():  # AdamW: step, exp_avg, exp_avg_sq
                 tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
     # optimizer moments and RNG as tensors, the position and best epoch in the sidecar: one artifact
-    save_artifact(tmp / STATE, tensors, {"state": state}, STATE_FORMAT, STATE_VERSION)
+    save_artifact(tmp / STATE, tensors, {"state": state, "progress": progress or {}}, STATE_FORMAT, STATE_VERSION)
     if ckpt.exists():  # this step is saved already (a resume stopped at once): the same state
         shutil.rmtree(tmp)
     else:
@@ -132,7 +133,7 @@ def last_checkpoint(run):
 
 def restore_state(ckpt, model, opt, device, rank=0):
     """Optimizer moments, RNG state (rank `rank`'s, under torchrun; left as seeded when the checkpoint has
-    none for it) and position of checkpoint `ckpt` (the adapter is loaded already)."""
+    none for it) and position of checkpoint `ckpt` (the adapter is loaded already). Returns (state, progress)."""
     path = ckpt / STATE
     tensors, meta = read_artifact(path, STATE_FORMAT, STATE_VERSION,
                                   "This checkpoint cannot be resumed: start a new run with another --out.")
@@ -150,7 +151,7 @@ def restore_state(ckpt, model, opt, device, rank=0):
     for key, value in tensors.items():
         name, slot = key.rsplit(".", 1)
         opt.state[params[name]][slot] = value if slot == "step" else value.to(device)
-    return meta["state"]
+    return meta["state"], meta.get("progress", {})
 
 
 # -----------------------------------------------------------------------------

@@ -271,7 +271,8 @@ def test_command_line_with_a_test_file(bpe, tmp_path, capsys):
     prepare.main(["--task", "gsm8k", "--test-file", str(data_file), "--tokenizer", str(model_dir),
                   "--max-length", "64", "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
-    assert "gsm8k/test: 1 examples, 1 trained on" in out and "gsm8k/train" not in out
+    # a test split is scored by generating, so it says so instead of "trained on" (it once said "1 trained on")
+    assert "gsm8k/test: 1 examples, scored by generation" in out and "trained on" not in out and "gsm8k/train" not in out
     with pytest.raises(ValueError, match="causal LM's tokenizer.*--model smollm2"):
         prepare.main(["--task", "gsm8k", "--test-file", str(data_file), "--tokenizer", str(model_dir / "tokenizer.json")])
     with pytest.raises(ValueError, match="minilm is an encoder.*--model smollm2"):

@@ -103,7 +103,7 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_result(setup):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert "stopped at step" in out and "continue with: python train.py --resume" in out, out
+    assert "stopped at step" in out and "continue with: torchrun --nproc_per_node 2 train.py --resume" in out, out
     assert proc.returncode != 0  # torchrun reports the workers' exit code 130 as a failure
     stopped_at = json.loads((tmp_path / "stopped" / "last.json").read_text())["step"]
     assert 7 <= stopped_at < 150

@@ -104,9 +104,18 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(order, setup,
     monkeypatch.setattr(train, "loss_fn", interrupted_loss)
     stopped = train.main(args(setup, "resumed", *common))
     assert stopped["step"] == 4 and stopped["signal"] == signal.SIGINT
+    first = read_artifact(tmp_path / "resumed" / "checkpoint-4" / "state.safetensors", runs.STATE_FORMAT,
+                          runs.STATE_VERSION, "")[1]["progress"]
     monkeypatch.setattr(train, "loss_fn", real_loss)
     resumed = train.main(args(setup, "resumed", *common, "--resume"))
     assert resumed == full
+    # the resumed run's final.json describes the whole run: its time and peak include the stopped segment's
+    final = json.loads((tmp_path / "resumed" / "final.json").read_text())
+    assert final["seconds"] > first["seconds"] > 0 and final["peak_memory_mib"] >= first["peak_memory_mib"] > 0
+    # a finished run resumed trains nothing and leaves its final.json as it was (it once rewrote the peak)
+    before = (tmp_path / "resumed" / "final.json").read_bytes()
+    assert train.main(args(setup, "resumed", *common, "--resume")) == full
+    assert (tmp_path / "resumed" / "final.json").read_bytes() == before
 
     a, b = (inilora.read_adapter(tmp_path / run / "checkpoint-6" / "adapter.safetensors")[0]
             for run in ("full", "resumed"))
