@@ -55,7 +55,8 @@ from data.gsm_symbolic import GSM_SYMBOLIC
 from data.metamathqa import METAMATHQA
 from data.rotten_tomatoes import ROTTEN_TOMATOES
 from data.task import Examples, Task
-from models.tokenizer import Tokenizer
+from models.gguf_file import open_gguf
+from models.tokenizer import ChatTokenizer, Tokenizer
 
 # Legend: N examples in a split, B batch, T tokens (longest in the batch), S all tokens of a split
 
@@ -320,9 +321,6 @@ def tokenizer_path(cfg):
 def causal_tokenizer(cfg):
     """A causal LM's tokenizer (models.tokenizer.ChatTokenizer) for generation tasks: from --tokenizer
     (a model directory or a .gguf file), else from --model (e.g. smollm2, the packaged GGUF)."""
-    from models.gguf_file import open_gguf
-    from models.tokenizer import ChatTokenizer
-
     if cfg.tokenizer is None and cfg.model == MINILM:
         raise ValueError(f"--model {MINILM} is an encoder (BERT); the generation task {cfg.task!r} needs a causal "
                          "LM's tokenizer: pass --model smollm2 (offline), or a decoder's directory or .gguf file.")

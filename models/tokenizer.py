@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from models.gguf_file import gguf_list
+
 
 class Tokenizer:
     """Reads a model's `tokenizer.json` with the `tokenizers` library.
@@ -102,7 +104,6 @@ class ChatTokenizer:
     @classmethod
     def from_gguf(cls, reader, meta: dict, path):
         """Byte-level BPE from tokenizer.ggml.tokens / merges / token_type, as llama.cpp reads it."""
-        from models.gguf_file import gguf_list
         from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")

@@ -55,7 +55,9 @@ from models import decoder
 from models import DEFAULT_TARGETS, encoder, parse_targets, target_linears
 from models.checkpoint import HUB_ID, PACKAGED, read_json, resolve_model
 from models.gguf_file import gguf_config, open_gguf
+from models.tokenizer import ChatTokenizer, Tokenizer
 from lib.common import TRAIN_DTYPES, parse_dtype, run_cli
+from data.prepare import TASKS, load_split
 from inilora import LoRAConfig, LoRALinear, init_names, mark_trainable
 from lib.runs import peak_resident
 
@@ -149,7 +151,6 @@ class LiveBytes(TorchDispatchMode):
     """Counts the bytes of the tensors every op creates while they live (fake tensors: no memory is taken),
     and their peak: the allocator's view of forward + backward, temporaries and gradients included.
     Storages in `ignore` (the weights) and views of a storage already counted are not counted again."""
-
     def __init__(self, ignore):
         super().__init__()
         self.live, self.ignore, self.now, self.peak = {}, ignore, 0, 0
@@ -381,8 +382,6 @@ def estimate_lines(e: Estimate) -> list[str]:
 def local_tokenizer(model_name: str):
     """The tokenizer of a packaged name or a local model directory / .gguf, else None (a bare config.json or a
     Hub id: the data then cannot be sized without downloading more)."""
-    from models.tokenizer import ChatTokenizer, Tokenizer
-
     path = Path(model_name).expanduser()
     if model_name in PACKAGED:
         path, _ = resolve_model(model_name)
@@ -400,8 +399,6 @@ def data_shape(model_name: str, task: str, batch_size: int, max_length: int, dat
     """(T, N) of the task's prepared data: T the longest training sequence (the longest batch pads to it),
     N the most loss tokens one micro-batch can hold (the batch_size largest counts; a generation task's
     response tokens). None if it cannot be sized (no local tokenizer, or no training sequence)."""
-    from data.prepare import TASKS, load_split
-
     tokenizer = local_tokenizer(model_name)
     if tokenizer is None:
         return None
@@ -435,7 +432,6 @@ def dry_run(model_name: str, task: str | None, init: str = "lora", rank: int = 8
     T, N, nbytes, num_labels = max_length, None, 0, 2
     sized = "batches of --max-length tokens, every position a loss token (an upper bound)"
     if task is not None:
-        from data.prepare import TASKS
 
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not one of {sorted(TASKS)}; pass one of those, or leave --task out.")
