@@ -37,14 +37,14 @@ import torch
 from tqdm import tqdm
 
 import inilora
-from lib import distributed
-from lib.runs import adapter_settings, best_adapter, best_dev, config_file, find_adapter, read_json, started
-from lib.common import pick_device, run_cli, write_atomic, write_json
+import models
+from data.metrics import METRICS
 from data.prepare import TASKS, load_split, pad_batch, subset
 from data.sft import ANSWER_IS, exact_match
-import models
+from lib import distributed
+from lib.common import pick_device, run_cli, write_atomic, write_json
+from lib.runs import adapter_settings, best_adapter, best_dev, config_file, find_adapter, read_json, started
 from models.decoder import generate
-from data.metrics import METRICS
 
 # -----------------------------------------------------------------------------
 # evaluation: one pass over a prepared split, in order

@@ -25,14 +25,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
-# run as `python -m bench.approximate`: import the repository's modules, not this folder's
-# (here `approximate` would otherwise be this very file)
-
 import torch
 from safetensors.torch import load_file
 
 import approximate as ap
 from lib.common import pick_device, run_cli
+
+# run as `python -m bench.approximate`: import the repository's modules, not this folder's
+# (here `approximate` would otherwise be this very file)
+
+
 
 # Shape legend: d_out rows, d_in columns, r rank.
 

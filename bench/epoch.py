@@ -19,16 +19,15 @@ Run: python -m bench.epoch                 (both parts; about 6 min on 2 CPU thr
 import argparse
 import time
 
-
 import torch
 
 import inilora
 import train
-from lib.common import pick_device, run_cli
+from bench.sidebyside import interleaved, reference_encoder
 from data.prepare import TASKS, load_split, pad_batch, training_batch
 from evaluate import EVAL_BATCH, evaluate
+from lib.common import pick_device, run_cli
 from models.encoder import load_model
-from bench.sidebyside import interleaved, reference_encoder
 
 TASK = "rotten-tomatoes"
 

@@ -13,11 +13,10 @@ import argparse
 import statistics
 import time
 
-
 import torch
 
-from models.checkpoint import packaged_path
 from lib.common import run_cli
+from models.checkpoint import packaged_path
 from models.decoder import generate, load_causal_lm
 
 QUESTIONS = ["What is 12 + 30?", "Name a colour.", "Write a haiku about the sea.", "What is the capital of France?",

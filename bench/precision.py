@@ -23,15 +23,14 @@ Run: python -m bench.precision                 (about 2 minutes on 2 CPU threads
 import argparse
 import copy
 
-
 import torch
 
 import inilora
-from lib.common import DTYPES, run_cli
 from data.prepare import load_split, pad_batch
+from lib.common import DTYPES, run_cli
+from models import DEFAULT_TARGETS, target_linears
 from models.decoder import load_causal_lm
 from models.encoder import load_model
-from models import DEFAULT_TARGETS, target_linears
 
 INITS = sorted(inilora.INITIALISERS)  # the initialisers with an adapter (every --init but "full")
 PARTS = ("minilm", "smollm2", "7b-layer")

@@ -25,21 +25,23 @@ Run: python -m bench.train --batch-size 32 --seq-len 48 --pad none --steps 20
 """
 import argparse
 
-# run as `python -m bench.train`: import the repository's modules and bench/'s helpers, not this folder's
-# `train` (this very file) in place of the repository's
-
 import torch
 
 import inilora
 import train
-from models.checkpoint import packaged_path
-from lib.common import pick_device, run_cli
+from bench.sidebyside import interleaved, reference_encoder, require_references, trainable
 from data.prepare import TASKS, load_split, pad_batch, training_batch
 from data.sft import IGNORE_INDEX
+from lib.common import pick_device, run_cli
+from lib.runs import peak_memory
+from models.checkpoint import packaged_path
 from models.decoder import load_causal_lm
 from models.encoder import load_model
-from lib.runs import peak_memory
-from bench.sidebyside import interleaved, reference_encoder, require_references, trainable
+
+# run as `python -m bench.train`: import the repository's modules and bench/'s helpers, not this folder's
+# `train` (this very file) in place of the repository's
+
+
 
 PADS = ("none", "random", "real")
 

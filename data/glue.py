@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from lib.common import write_atomic
 from data.task import Examples, Task, bad_label, malformed
+from lib.common import write_atomic
 
 SPLITS = ("train", "dev")  # the GLUE splits with public labels
 

@@ -29,7 +29,6 @@ import torch
 from data.sft import EXTRACTORS
 
 
-
 @dataclass(frozen=True)
 class Kind:
     """What the kind of a task decides, for every file that asks: the rest reads these fields, never the name."""

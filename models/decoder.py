@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lib.common import parse_dtype, run_cli
 from models.checkpoint import SMOLLM2, iter_checkpoint, load_weights, read_json, resolve_model
 from models.gguf_file import gguf_config, iter_gguf_as_hf, open_gguf
-from lib.common import parse_dtype, run_cli
 from models.tokenizer import ChatTokenizer
 
 # Shapes in comments: B batch, T new tokens, S tokens attended to (cache + new), C hidden size, nh query

@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoint import MINILM, read_checkpoint, read_json, resolve_model
+from models.checkpoint import MINILM
 from models.checkpoint import load_weights as copy_weights  # the strict copy through a name map
+from models.checkpoint import read_checkpoint, read_json, resolve_model
 from models.tokenizer import Tokenizer
 
 # Shapes in comments: B batch, T tokens, C hidden size, nh heads, hs head size (C = nh * hs),

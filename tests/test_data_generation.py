@@ -14,8 +14,9 @@ import time
 
 import pytest
 import torch
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from data import arithmetic, competition_math, gsm_symbolic, metamathqa, prepare, sft
 from data.prepare import load_split, read_examples

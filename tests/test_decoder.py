@@ -22,10 +22,8 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models import checkpoint
+from models import DEFAULT_TARGETS, checkpoint, family_of, target_linears
 from models.decoder import generate, load_causal_lm
-from models import DEFAULT_TARGETS, family_of
-from models import target_linears
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

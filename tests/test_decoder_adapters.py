@@ -9,12 +9,12 @@ default q_proj, v_proj targets:
 """
 import pytest
 import torch
+from test_inilora import as_rank2r
 from torch.testing import assert_close
 
 import inilora
-from test_inilora import as_rank2r
-from models.decoder import load_causal_lm
 from models import DEFAULT_TARGETS
+from models.decoder import load_causal_lm
 
 INITS = sorted(inilora.INITIALISERS)
 

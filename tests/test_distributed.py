@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import sst2_lines
 from torch.testing import assert_close
 
-from lib import distributed
 import inilora
-from test_train import sst2_lines
+from lib import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 

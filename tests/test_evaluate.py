@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 import evaluate
-from data.prepare import TASKS
 from data.metrics import METRICS
+from data.prepare import TASKS
 from evaluate import compare, main, predict
 
 # -----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from tools import figures
 import inilora
+from tools import figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -28,11 +28,11 @@ import torch.nn as nn
 from safetensors.torch import save as safetensors_save
 from torch.testing import assert_close
 
-from lib import artifacts as common
 import inilora
 import models
-from models import DEFAULT_TARGETS
 from inilora import INITIALISERS, LoRAConfig, LoRALinear, init_names
+from lib import artifacts as common
+from models import DEFAULT_TARGETS
 
 
 class Block(nn.Module):

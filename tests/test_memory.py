@@ -28,10 +28,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import inilora
 import train
-from tools import memory
 from models import DEFAULT_TARGETS
 from models.decoder import load_causal_lm
 from models.encoder import load_model
+from tools import memory
 from tools.memory import TensorPeak
 
 LLAMA2 = {  # LLaMA-2's config.json (meta-llama/Llama-2-7b-hf), hidden size and depth per model size

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 import inilora
 from models import encoder as model
-from models.encoder import load_config, load_model, resolve_model
 from models import target_linears
+from models.encoder import load_config, load_model, resolve_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -27,10 +27,10 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 import inilora
-from tools import peft_io
-from models.decoder import load_causal_lm
 from inilora import LoRAConfig
+from models.decoder import load_causal_lm
 from models.encoder import load_model
+from tools import peft_io
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 TOLS = {"minilm": TOL, "bert": TOL, "roberta": TOL, "llama": dict(atol=2e-5, rtol=1e-5)}  # see the docstring

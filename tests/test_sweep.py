@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train import sst2_lines  # the tiny SST-2 the training tests use
 
 from tools import sweep
-from test_train import sst2_lines  # the tiny SST-2 the training tests use
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,8 +33,8 @@ from torch.testing import assert_close
 import data.prepare
 import evaluate
 import inilora
-from lib import runs
 import train
+from lib import runs
 from lib.artifacts import read_artifact
 
 

@@ -26,9 +26,9 @@ import torch
 
 import inilora
 from approximate import ApproxConfig, cached_approximation, target_weights
-from lib.common import run_cli, write_atomic
 from data.prepare import TASKS
 from lib import runs
+from lib.common import run_cli, write_atomic
 from models import parse_targets
 
 # Shapes: W0 (d_out, d_in), A (r, d_in), B (d_out, r), U_r (d_out, r), V_r (d_in, r).

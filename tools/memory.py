@@ -38,8 +38,8 @@ import argparse
 import contextlib
 import copy
 import os
-import sys
 import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +51,14 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from models import decoder
-from models import DEFAULT_TARGETS, encoder, parse_targets, target_linears
+from data.prepare import TASKS, load_split
+from inilora import LoRAConfig, LoRALinear, init_names, mark_trainable
+from lib.common import TRAIN_DTYPES, parse_dtype, run_cli
+from lib.runs import peak_resident
+from models import DEFAULT_TARGETS, decoder, encoder, parse_targets, target_linears
 from models.checkpoint import HUB_ID, PACKAGED, read_json, resolve_model
 from models.gguf_file import gguf_config, open_gguf
 from models.tokenizer import ChatTokenizer, Tokenizer
-from lib.common import TRAIN_DTYPES, parse_dtype, run_cli
-from data.prepare import TASKS, load_split
-from inilora import LoRAConfig, LoRALinear, init_names, mark_trainable
-from lib.runs import peak_resident
 
 # Shapes in comments: B batch, T tokens, C hidden size, V vocabulary, N loss tokens, L layers.
 

@@ -25,7 +25,6 @@ import argparse
 import os
 import shutil
 import tempfile
-
 from pathlib import Path
 
 import torch
@@ -33,15 +32,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from models import decoder
 import inilora
-from models import encoder, target_linears
-from models.checkpoint import MINILM, SMOLLM2, read_json, resolve_model
-from models.gguf_file import gguf_config, open_gguf
-from lib.artifacts import check_tensors
-from lib.common import run_cli, write_atomic, write_json
 from data.prepare import TASKS
 from evaluate import find_adapter
+from lib.artifacts import check_tensors
+from lib.common import run_cli, write_atomic, write_json
+from models import decoder, encoder, target_linears
+from models.checkpoint import MINILM, SMOLLM2, read_json, resolve_model
+from models.gguf_file import gguf_config, open_gguf
 
 # Shapes: r the rank, d_in / d_out a target layer's sizes, K the number of labels.
 

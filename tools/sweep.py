@@ -35,9 +35,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib.common import EXIT_INTERRUPTED, run_cli, write_atomic
 import train
 from lib import runs
+from lib.common import EXIT_INTERRUPTED, run_cli, write_atomic
 from lib.runs import StopRequest
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: train.py and evaluate.py live here
