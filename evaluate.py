@@ -286,6 +286,17 @@ INIT_ORDER = ("lora", "gaussian", "inilora", "alpha", "beta-kaiming-normal", "be
 PER_RUN_KEYS = {"train.seed", "lora.seed", "train.data_dir", "train.glue_dir", "train.log_every", "train.save_every"}
 
 
+def row_of(label, runs, task):
+    """One row of the table: every metric x100, mean ± std over the runs (one per distinct seed)."""
+    row = {"init": label, "seeds": len(runs), "params": sorted({p for *_, p in runs if p is not None})}
+    for metric in task.metrics:
+        x = [100 * dev[metric] for _, _, dev, _ in runs]  # scores x100, as the paper
+        # mean = sum_i x_i / n;  std = sqrt(sum_i (x_i - mean)^2 / (n - 1)), undefined for n = 1
+        mean = sum(x) / len(x)
+        row[metric] = (mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)) if len(x) > 1 else None)
+    return row
+
+
 def compare(run_dirs):
     """(task, rows, skipped, notes) of the comparison of the given run directories."""
     configs = {}
@@ -320,19 +331,28 @@ def compare(run_dirs):
     order = {init: i for i, init in enumerate(INIT_ORDER)}
     rows = []
     for init in sorted(groups, key=lambda i: (i == "unknown", order.get(i, len(order)), i)):
-        runs = groups[init]
-        row = {"init": init, "seeds": len(runs), "params": sorted({p for *_, p in runs if p is not None})}
-        for metric in task.metrics:
-            x = [100 * dev[metric] for _, _, dev, _ in runs]  # scores x100, as the paper
-            # mean = sum_i x_i / n;  std = sqrt(sum_i (x_i - mean)^2 / (n - 1)), undefined for n = 1
-            mean = sum(x) / len(x)
-            row[metric] = (mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)) if len(x) > 1 else None)
-        rows.append(row)
-        flat = [{f"{k}.{f}": json.dumps(v) for k in ("train", "lora") for f, v in c.get(k, {}).items()}
-                for _, c, _, _ in runs]
-        differ = sorted(k for k in set().union(*flat) - PER_RUN_KEYS if len({f.get(k) for f in flat}) > 1)
+        # one row per setting that changes a result (every key but PER_RUN_KEYS), one run per distinct seed
+        settings = [{f"{k}.{f}": json.dumps(v) for k in ("train", "lora") for f, v in c.get(k, {}).items()
+                     if f"{k}.{f}" not in PER_RUN_KEYS} for _, c, _, _ in groups[init]]
+        differ = sorted(k for k in set().union(*settings) if len({s.get(k) for s in settings}) > 1)
         if differ:
-            notes.append(f"the {init} runs differ in {', '.join(differ)}, not only in the seed: their mean mixes settings.")
+            notes.append(f"the {init} runs differ in {', '.join(differ)}, not only in the seed: one row per setting, "
+                         "not one mean over them.")
+        by_setting = {}
+        for (run, config, dev, params), setting in zip(groups[init], settings):
+            by_setting.setdefault(tuple(setting.get(k) for k in differ), []).append((run, config, dev, params))
+        for values, runs in by_setting.items():
+            label = init + "".join(f", {k.split('.', 1)[1]} {json.loads(v) if v else '-'}" for k, v in zip(differ, values))
+            kept, seen = [], {}
+            for run, config, dev, params in runs:
+                seed = config.get("train", {}).get("seed")
+                if seed in seen:
+                    skipped.append((str(run), f"seed {seed} again (as {seen[seed]}), with the same settings: counted "
+                                              "once, so the spread is over distinct seeds"))
+                    continue
+                seen[seed] = str(run)
+                kept.append((run, config, dev, params))
+            rows.append(row_of(label, kept, task))
     return task, rows, skipped, notes
 
 

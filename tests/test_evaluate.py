@@ -164,7 +164,15 @@ def test_compare_errors_and_notes(tmp_path):
     with pytest.raises(ValueError, match="needs runs of one task.*mrpc.*rte"):
         compare([a, b])
     c = make_run(tmp_path, "c", "lora", 1, [{"f1": 0.7, "accuracy": 0.8}], lr=1e-3)
-    assert compare([a, c])[3] == ["the lora runs differ in train.lr, not only in the seed: their mean mixes settings."]
+    # runs of other settings are rows of their own, not one mean (it once averaged them with a note)
+    _, rows, _, notes = compare([a, c])
+    assert notes == ["the lora runs differ in train.lr, not only in the seed: one row per setting, not one mean over them."]
+    assert [(r["init"], r["seeds"]) for r in rows] == [("lora, lr 0.0003", 1), ("lora, lr 0.001", 1)]
+    # three runs of seed 0 are one seed, not "#seeds 3 ± 0.00": the repeats are left out, and said so
+    d, e = (make_run(tmp_path, name, "lora", 0, [{"f1": 0.8, "accuracy": 0.8}]) for name in ("d", "e"))
+    _, rows, skipped, _ = compare([a, d, e])
+    assert [(r["init"], r["seeds"], r["f1"][1]) for r in rows] == [("lora", 1, None)]
+    assert [run for run, why in skipped if "seed 0 again" in why] == [str(d), str(e)]
     with pytest.raises(ValueError, match="not a run directory"):
         compare([a, tmp_path])
     untrained = make_run(tmp_path, "u", "lora", 0, [])
