@@ -354,7 +354,7 @@ def progress(job, device):
     before = job.progress or {}
     if before.get("peak_memory_mib", 0) > mib:
         mib, measure = before["peak_memory_mib"], before["peak_memory_measure"]
-    return {"seconds": round(before.get("seconds", 0) + time.perf_counter() - job.started, 1),
+    return {"seconds": round(before.get("seconds", 0) + time.perf_counter() - job.started, 3),
             "peak_memory_mib": round(mib, 1), "peak_memory_measure": measure}
 
 
