@@ -7,6 +7,7 @@ Nothing here runs on its own; every entry point ends with `run_cli(main)`.
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -79,7 +80,11 @@ EXIT_INTERRUPTED = 130  # the shell's code for a program stopped by SIGINT (128 
 
 def run_cli(main):
     """Runs an entry point's main(); a user error ends the program with `error: <sentence>`
-    (exit 1), Ctrl-C with exit code 130, so `a && b` never goes on after an interrupted `a`."""
+    (exit 1), Ctrl-C with exit code 130, so `a && b` never goes on after an interrupted `a`.
+    Under `python -m pkg.mod`, usage lines name that command, not the file (argparse reads sys.argv[0])."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", None):
+        sys.argv[0] = f"python -m {spec.name}"
     try:
         main()
     except USER_ERRORS as e:

@@ -21,6 +21,9 @@ CASES = [
     (["train.py", "--model", "does-not-exist", "--out", "{tmp}/run"], "'does-not-exist'"),
     (["train.py", "--init", "pissa", "--rank", "100000", "--out", "{tmp}/run"], "rank=100000"),
     (["train.py", "--resume", "--out", "{tmp}/run"], "nothing to resume"),
+    # a Hub model offline: training needs the weights and the tokenizer, and says so (not "pass a config.json")
+    (["train.py", "--model", "FacebookAI/roberta-base", "--out", "{tmp}/run"],
+     "Pass a local directory holding config.json, tokenizer.json and model.safetensors"),
     (["evaluate.py", "{tmp}/missing-run"], "missing-run"),
     # generation tasks (causal LMs)
     (["train.py", "--task", "arithmetic", "--model", "minilm", "--out", "{tmp}/run"], "--model minilm is an encoder"),
@@ -49,3 +52,15 @@ def test_bad_input_ends_with_one_sentence(argv, expected, tmp_path):
 def test_help_shows_the_defaults(script, default):
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and default in " ".join(result.stdout.split()), result.stdout
+
+
+# invariant: a package's command names itself as it is run (`python -m tools.sweep`), not as its file
+# (`sweep.py`), and a figure command without a figure lists the figures
+def test_module_commands_name_themselves_and_figures_lists_its_figures():
+    help_ = subprocess.run([sys.executable, "-m", "tools.sweep", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert help_.stdout.startswith("usage: python -m tools.sweep "), help_.stdout[:80]
+    bare = subprocess.run([sys.executable, "-m", "tools.figures"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr
+    assert "name a figure, e.g. `python -m tools.figures approx`" in bare.stderr
+    assert all(f"  {name} " in bare.stderr for name in ("approx", "subspace", "alpha-std", "init-hist", "curves"))

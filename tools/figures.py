@@ -327,12 +327,13 @@ def int_list(text):
 def parse_args(argv):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt)
-    sub = p.add_subparsers(dest="figure", required=True, help="which figure")
+    sub = p.add_subparsers(dest="figure", help="which figure")
     commands = {"approx": fig_approx, "subspace": fig_subspace, "alpha-std": fig_alpha_std,
                 "init-hist": fig_init_hist, "curves": fig_curves}
     parsers = {}
     for name, fn in commands.items():
-        parsers[name] = q = sub.add_parser(name, help=fn.__doc__.splitlines()[0], formatter_class=fmt)
+        first = re.split(r"[;.]\s", " ".join(fn.__doc__.split()))[0]  # the docstring's first clause
+        parsers[name] = q = sub.add_parser(name, help=first, description=first, formatter_class=fmt)
         q.set_defaults(run=fn)
         q.add_argument("--out", default=f"runs/figures/{name}.png", help="PNG to write (docs/figures/ holds the "
                        "README's copies); the CSV goes beside it")
@@ -359,7 +360,12 @@ def parse_args(argv):
     q.add_argument("--bins", type=int, default=60, help="histogram bins")
     for name in ("alpha-std", "curves"):
         parsers[name].add_argument("runs", nargs="*", help="run directories written by train.py")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.figure is None:  # the figures and what each shows, rather than argparse's bare "required: figure"
+        listing = "\n".join(f"  {name:<10} {q.description or ''}" for name, q in parsers.items())
+        p.error(f"name a figure, e.g. `{p.prog} approx`; the figures are:\n{listing}\n"
+                f"`{p.prog} FIGURE --help` gives its options.")
+    return args
 
 
 def main(argv=None):
