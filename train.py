@@ -343,7 +343,7 @@ class StepLosses:
         record = {"step": job.state["step"], "epoch": epoch + 1, "loss": sum(self.values) / len(self.values), "lr": lr}
         per_step = cfg.batch_size * cfg.grad_accum
         print(f"step {record['step']}/{total} | loss {record['loss']:.4f} | lr {lr:.1e} | "
-              f"{1000 * dt:.1f} ms/step | {per_step / dt:.0f} samples/s", flush=True)
+              f"{1000 * dt:.1f} ms/step | {per_step / dt:.3g} samples/s", flush=True)
         runs.append_record(log, record)
         self.values, self.start = [], time.perf_counter()
 

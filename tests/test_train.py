@@ -448,3 +448,16 @@ def test_a_new_initialiser_is_one_function_and_one_table_entry(setup, monkeypatc
     state = train.main(args(setup, "toy", "--init", "toy", "--epochs", "1", "--batch-size", "12"))
     assert state["step"] == 2  # 24 examples, 12 a step: two steps trained
     assert json.loads((tmp_path / "toy" / "config.json").read_text())["lora"]["init"] == "toy"
+
+
+# invariant: the log line's throughput keeps three significant digits, so a slow step (a big model on a CPU)
+# reads "0.5 samples/s", not "0 samples/s"
+def test_a_slow_steps_throughput_is_not_rounded_to_zero(tmp_path, monkeypatch, capsys):
+    losses = train.StepLosses()
+    losses.values, losses.start = [0.5], 100.0
+    monkeypatch.setattr(train.time, "perf_counter", lambda: 116.0)  # one step of 16 s
+    cfg = train.TrainConfig(batch_size=8, grad_accum=1)
+    job = type("Job", (), {"state": {"step": 1}})()
+    with open(tmp_path / "metrics.jsonl", "a") as log:
+        losses.log_line(cfg, job, 0, 1e-3, 10, log)
+    assert "| 16000.0 ms/step | 0.5 samples/s" in capsys.readouterr().out
