@@ -204,14 +204,18 @@ def score_split(model, tokenizer, task, split, max_length, data_dir, opts, devic
     if not task.generates:
         return evaluate(model.to(device), data, task, tokenizer.pad_id, opts.get("batch_size") or EVAL_BATCH, device), \
             len(data["labels"])
+    n_all, limit = len(data["prompt_ids"]), opts.get("limit")
+    if limit is not None and limit < n_all:
+        print(f"--limit {limit}: scoring the first {limit} of the {n_all} examples of {task.name}/{split}")
     metrics, records = score_generation(model.to(device), tokenizer, data, task, opts.get("batch_size") or GENERATE_BATCH,
-                                        opts.get("max_new_tokens", 256), opts.get("limit"), device)
+                                        opts.get("max_new_tokens", 256), limit, device)
     print(f"wrote {write_predictions(predictions, records)}")
     return metrics, len(records)
 
 
 def write_scores(out, task, split, metrics, **fields):
-    print(f"{task.name}/{split}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    on = f" ({fields['num_examples']} examples)" if "num_examples" in fields else ""
+    print(f"{task.name}/{split}{on}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     write_json(out, {**fields, "task": task.name, "split": split, "metrics": metrics})
     print(f"wrote {out}")
     return metrics

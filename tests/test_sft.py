@@ -266,7 +266,8 @@ def test_evaluation_writes_predictions_and_counts_exact_matches(sft, monkeypatch
 
 # invariant: --limit N scores exactly the first N examples, whatever the batch size (a batch size that does not
 # divide N once scored the whole last batch: 8 examples at --limit 5 and --batch-size 4)
-def test_limit_scores_exactly_the_first_n_examples_at_any_batch_size(sft, monkeypatch):
+# and says so on screen, with the count scored beside the score
+def test_limit_scores_exactly_the_first_n_examples_at_any_batch_size(sft, monkeypatch, capsys):
     tmp_path, model_dir = sft
     FAKE["tokenizer"] = load_causal_lm(str(model_dir))[1]
     monkeypatch.setattr(evaluate, "generate", fake_generate)
@@ -276,6 +277,9 @@ def test_limit_scores_exactly_the_first_n_examples_at_any_batch_size(sft, monkey
                        "--batch-size", str(batch_size), "--limit", "5"])
         records = [json.loads(l) for l in (out / "predictions-base-test.jsonl").read_text().splitlines()]
         assert [r["question"] for r in records] == sums("test").texts[:5], batch_size
+        shown = capsys.readouterr().out
+        assert f"--limit 5: scoring the first 5 of the {len(sums('test').texts)} examples" in shown
+        assert "tiny-sum/test (5 examples): exact_match" in shown
 
 
 # invariant: --compare reads decoder runs: their best epoch's dev exact match, x100
