@@ -52,7 +52,7 @@ import models
 from lib import distributed
 from lib.artifacts import ArtifactError, check_tensors, save_artifact, sidecar_path, weights_fingerprint
 from lib.cache import cache_root, check_writable, key_hash, lookup
-from lib.common import pick_device, run_cli
+from lib.common import choose_threads, pick_device, run_cli
 from lib.distributed import World
 
 # Shape legend: L stacked matrices of one shape, d_out rows (output features), d_in columns
@@ -524,8 +524,8 @@ def parse_args(argv):
     p.add_argument("--tol-window", type=int, default=d.tol_window, help="window of --tol, in steps")
     p.add_argument("--device", default=d.device, help="cpu, cuda, mps; None: cuda, then mps, then cpu")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads; None: torch's (one per core). On a CPU shared with "
-                        "other busy processes 1 thread can be several times faster")
+                   help="torch CPU threads; None: one per core that other programs leave free at start "
+                        "(beside a busy neighbour torch's one per core can be several times slower)")
     p.add_argument("--cache-dir", default=None,
                    help="where A, B are cached; None: $INILORA_CACHE, else ~/.cache/inilora")
     p.add_argument("--no-optimum", action="store_true",
@@ -552,10 +552,8 @@ def run(args, world):
     cfg = ApproxConfig(rank=args.rank, steps=args.steps, lr=args.lr, lr_step=args.lr_step,
                        lr_gamma=args.lr_gamma, seed=args.seed, tol=args.tol,
                        tol_window=args.tol_window, device=args.device, optimum=not args.no_optimum)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads} must be at least 1; leave it out for torch's default.")
-        torch.set_num_threads(args.threads)
+    threads, threads_why = choose_threads(args.threads)
+    print(f"CPU threads: {threads} ({threads_why})")
     cache_dir = default_cache_dir() if args.cache_dir is None else Path(args.cache_dir).expanduser()
     why = ("--cache-dir" if args.cache_dir else "$INILORA_CACHE" if os.environ.get("INILORA_CACHE")
            else "the default; move it with --cache-dir or $INILORA_CACHE")

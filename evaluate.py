@@ -42,7 +42,7 @@ from data.metrics import METRICS
 from data.prepare import TASKS, load_split, pad_batch, subset
 from data.sft import ANSWER_IS, exact_match
 from lib import distributed
-from lib.common import pick_device, run_cli, write_atomic, write_json
+from lib.common import choose_threads, pick_device, run_cli, write_atomic, write_json
 from lib.runs import adapter_settings, best_adapter, best_dev, config_file, find_adapter, read_json, started
 from models.decoder import generate
 
@@ -287,7 +287,8 @@ def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=5
 INIT_ORDER = ("lora", "gaussian", "inilora", "alpha", "beta-kaiming-normal", "beta-kaiming-uniform",
               "pissa", "milora", "full")  # then any other name, then "unknown" (no init recorded)
 # settings the runs of one row may differ in; any other difference is reported as a note
-PER_RUN_KEYS = {"train.seed", "lora.seed", "train.data_dir", "train.glue_dir", "train.log_every", "train.save_every"}
+PER_RUN_KEYS = {"train.seed", "lora.seed", "train.data_dir", "train.glue_dir", "train.log_every", "train.save_every",
+                "train.threads"}
 
 
 def row_of(label, runs, task):
@@ -399,6 +400,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None,
                    help="examples per forward pass (generation: prompts per batch); None: 128, generation 16")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; None: one per core that other programs leave free at start")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: tokens generated per example at most")
     p.add_argument("--limit", type=int, default=None, help="generation tasks: score the first N examples only; None: all")
     p.add_argument("--base", action="store_true", help="score the base --model on --task without an adapter (causal LMs)")
@@ -415,6 +418,9 @@ def main(argv=None):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1.")
     opts = dict(batch_size=args.batch_size, device=args.device, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    if args.compare is None:
+        threads, why = choose_threads(args.threads)
+        print(f"CPU threads: {threads} ({why})")
     if args.base:
         return evaluate_base(args.model or "smollm2", args.task, args.split, args.out, args.data_dir, args.max_length,
                              **opts)

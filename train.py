@@ -48,7 +48,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,7 +60,7 @@ from data.prepare import TASKS, load_split, loss_units, training_batch
 from data.sft import IGNORE_INDEX
 from evaluate import dev_scores
 from lib import distributed, runs
-from lib.common import DTYPES, EXIT_INTERRUPTED, TRAIN_DTYPES, pick_device, run_cli, write_json
+from lib.common import DTYPES, EXIT_INTERRUPTED, TRAIN_DTYPES, choose_threads, pick_device, run_cli, write_json
 
 SCHEDULES = ("linear", "cosine")
 # the paper's LLM protocol (Section 4.2, the authors' MetaMath-style scripts); train and LoRA flags by dest
@@ -96,6 +96,7 @@ class TrainConfig:
     max_new_tokens: int = 256      # generation: tokens generated per dev example at most
     log_every: int = 20            # steps between log lines
     save_every: int = 0            # steps between checkpoints (0: once per epoch)
+    threads: int | None = None     # CPU threads; None: one per free core at start, then stored (--resume reuses it)
 
     def validate(self):
         if self.task not in TASKS:
@@ -106,6 +107,8 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {list(SCHEDULES)}; pass --schedule linear "
                              "(the NLU protocol) or cosine (the LLM protocol).")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads!r} must be at least 1 (or None: one per free core).")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size={self.eval_batch_size!r} must be at least 1 (or None: the default).")
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "max_new_tokens"):
@@ -510,6 +513,9 @@ def build_parser():
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: each epoch)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (None: the first available)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch CPU threads; None: one per core that other programs leave free at start. The count "
+                   "changes float sums in their last bits, so the run stores it and --resume reuses it")
     p.add_argument("--out", default=None, help="run directory (None: runs/MODEL-TASK-INIT-rRANK-seedSEED)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory estimate of this run (python -m tools.memory with these settings: the model "
@@ -585,11 +591,17 @@ def run(args, argv, world, ddp_device):
         run_dir = Path(args.out) if args.out else default_run_dir(cfg, lora_cfg)
         if runs.check_new_run_dir(run_dir):
             print(f"{run_dir} holds only the config.json of a run that never started: starting it afresh")
+    # the CPU threads (lib/common.py): chosen once, stored with the run, so its numbers repeat on --resume
+    threads, threads_why = choose_threads(cfg.threads)
+    if cfg.threads is None:
+        cfg = replace(cfg, threads=threads)
+    elif args.resume and args.threads is None:
+        threads_why = "the run's stored count, so the resumed steps repeat its numerics"
     resolved = {"train": asdict(cfg), "lora": asdict(lora_cfg)}
     print(f"configuration: {json.dumps(resolved)}")
     torch.manual_seed(cfg.seed + world.rank)  # the one seed call: dropout (the rest use their own generators)
     device, why = (ddp_device, f"rank {world.rank} of {world.size}") if ddp_device else pick_device(args.device)
-    print(f"device {device} ({why}), dtype {cfg.dtype}")
+    print(f"device {device} ({why}), dtype {cfg.dtype}, {threads} CPU thread{'s' * (threads > 1)} ({threads_why})")
     job = build(cfg, lora_cfg, run_dir, device, ckpt, args.cache_dir, world)
     if ckpt is not None:
         best = job.state["best"]

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +48,56 @@ def pick_device(requested=None):
         raise ValueError(f"device={requested!r} was requested but is not available here; pass "
                          "--device cpu, or leave --device out to pick the best available one.")
     return device, "requested"
+
+
+# -----------------------------------------------------------------------------
+# CPU threads: one per core that is free when the program starts
+#
+# torch runs one OpenMP thread per core, and every parallel region waits for all of them. Beside a busy
+# neighbour (another run, a test suite) one of them is often descheduled, and the whole region waits for it.
+# Measured (docs/results.md "Threads"): beside a busy neighbour torch's default was several times slower than
+# one thread, and on an idle machine one thread was up to twice as slow as the default, so neither fixed
+# count is good in both cases; an entry point counts the cores other programs keep busy and takes one
+# thread per free core. The count changes float sums in their last bits, so a run records it
+# and --resume reuses it; --threads (or OMP_NUM_THREADS) pins it.
+
+
+def busy_cores(seconds=0.25):
+    """How many cores other programs kept busy over `seconds` (Linux /proc/stat, minus this process's
+    own CPU time), or None where /proc/stat does not exist."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal ...
+        mine = os.times()
+        return sum(ticks[:8]) - ticks[3] - ticks[4], mine.user + mine.system, time.monotonic()
+    try:
+        busy0, own0, t0 = sample()
+        time.sleep(seconds)
+        busy1, own1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
+    return max(0.0, ((busy1 - busy0) / ticks_per_second - (own1 - own0)) / (t1 - t0))
+
+
+def choose_threads(requested=None):
+    """Sets torch's intra-op CPU threads; returns (count, the reason), which entry points print with the device.
+    requested (--threads) wins, then OMP_NUM_THREADS; else one thread per core that is at least half free."""
+    cores = os.cpu_count() or 1
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads {requested} must be at least 1; leave it out to take one per free core.")
+        count, reason = requested, "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        count, reason = torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    elif (busy := busy_cores()) is None:
+        count, reason = torch.get_num_threads(), "torch's default, one per core (no /proc/stat to see other work)"
+    else:
+        count = max(1, min(cores, round(cores - busy)))
+        reason = (f"{cores} cores, {busy:.1f} kept busy by other programs: one per free core; "
+                  "--threads N pins it" if busy >= 0.5 else f"{cores} cores, all free: one per core")
+    torch.set_num_threads(count)
+    return count, reason
 
 
 # -----------------------------------------------------------------------------

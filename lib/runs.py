@@ -32,8 +32,8 @@ from lib.common import write_json
 
 STATE_FORMAT, STATE_VERSION = "inilora-train-state", 1  # a checkpoint's optimizer, RNG and position
 # settings a --resume may change, because they do not change the result (checkpointing recomputes the same
-# values; the evaluation batch changes dev scores by float rounding at most)
-RESUME_MAY_CHANGE = {"log_every", "save_every", "grad_checkpointing", "eval_batch_size"}
+# values; the evaluation batch and the CPU thread count change results by float rounding at most)
+RESUME_MAY_CHANGE = {"log_every", "save_every", "grad_checkpointing", "eval_batch_size", "threads"}
 
 # -----------------------------------------------------------------------------
 # the layout: every name in the run directory, spelled here only

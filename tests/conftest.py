@@ -17,11 +17,18 @@ Fixtures:
 The directories are shared by the whole session: copy one before modifying it.
 """
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+# The suite runs at one fixed CPU thread, and the programs it starts inherit it: an entry point otherwise takes
+# one thread per core left free (lib.common.choose_threads), which on a busy machine can differ between two
+# runs a test compares bit for bit, and one thread is what keeps the suite quick beside a busy neighbour.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 WORDS = (
     "the a an is are was were be of and or to in on at with for from by it this that not no yes very "

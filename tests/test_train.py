@@ -461,3 +461,25 @@ def test_a_slow_steps_throughput_is_not_rounded_to_zero(tmp_path, monkeypatch, c
     with open(tmp_path / "metrics.jsonl", "a") as log:
         losses.log_line(cfg, job, 0, 1e-3, 10, log)
     assert "| 16000.0 ms/step | 0.5 samples/s" in capsys.readouterr().out
+
+
+# invariant: a run chooses its CPU threads once (one per free core: lib.common.choose_threads), stores the count,
+# and --resume reuses it whatever the load is then, since the count changes float sums in their last bits
+def test_the_thread_count_is_chosen_once_and_kept_on_resume(setup, monkeypatch, capsys):
+    tmp_path, _ = setup
+    from lib import common
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(common, "busy_cores", lambda seconds=0.25: 0.0)  # an idle machine: 2 threads
+    try:
+        train.main(args(setup, "run", "--init", "lora", "--save-every", "1"))
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["threads"] == 2
+        assert "2 CPU threads (2 cores, all free: one per core)" in capsys.readouterr().out
+        (tmp_path / "run" / "final.json").unlink()  # as if it had stopped after its last checkpoint
+        monkeypatch.setattr(common, "busy_cores", lambda seconds=0.25: 2.0)  # now busy: a fresh run would take 1
+        train.main(args(setup, "run", "--init", "lora", "--resume"))
+        assert torch.get_num_threads() == 2
+        assert "2 CPU threads (the run's stored count" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(1)
+
