@@ -441,7 +441,9 @@ def train(cfg, lora_cfg, job, device):
                 losses.pending.append(train_step(cfg, job, order[start:start + per_step], lr, device))
                 state["step"] += 1
                 end = state["step"] % steps_per_epoch == 0
-                saving = cfg.save_every and state["step"] % cfg.save_every == 0
+                # an epoch's last step is saved by end_of_epoch, after its evaluation: a checkpoint here would be
+                # one whose epoch was never scored, and a run killed during that evaluation would resume past it
+                saving = cfg.save_every and state["step"] % cfg.save_every == 0 and not end
                 if state["step"] % cfg.log_every == 0 or end or saving:
                     losses.read(job, steps_per_epoch)  # checked before any save
                 if state["step"] % cfg.log_every == 0 or end:

@@ -483,3 +483,20 @@ def test_the_thread_count_is_chosen_once_and_kept_on_resume(setup, monkeypatch, 
     finally:
         torch.set_num_threads(1)
 
+
+# invariant: an epoch's last step is checkpointed only after its dev evaluation, so a run killed during that
+# evaluation resumes by scoring the epoch; it once resumed past it (no dev record, no best, finish() failed)
+def test_a_run_killed_while_scoring_an_epoch_resumes_to_the_same_result(setup, monkeypatch):
+    tmp_path, _ = setup
+    common = ("--epochs", "2", "--init", "lora", "--save-every", "1")
+    full = train.main(args(setup, "full", *common))
+    real = train.dev_scores
+
+    def killed(*a, **k):  # the process dies while epoch 1 is scored (a kill, an out-of-memory stop)
+        raise SystemExit(137)
+
+    monkeypatch.setattr(train, "dev_scores", killed)
+    with pytest.raises(SystemExit):
+        train.main(args(setup, "killed", *common))
+    monkeypatch.setattr(train, "dev_scores", real)
+    assert train.main(args(setup, "killed", *common, "--resume")) == full
