@@ -295,10 +295,7 @@ def row_of(label, runs, task):
     """One row of the table: every metric x100, mean ± std over the runs (one per distinct seed)."""
     row = {"init": label, "seeds": len(runs), "params": sorted({p for *_, p in runs if p is not None})}
     for metric in task.metrics:
-        x = [100 * dev[metric] for _, _, dev, _ in runs]  # scores x100, as the paper
-        # mean = sum_i x_i / n;  std = sqrt(sum_i (x_i - mean)^2 / (n - 1)), undefined for n = 1
-        mean = sum(x) / len(x)
-        row[metric] = (mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)) if len(x) > 1 else None)
+        row[metric] = mean_std([100 * dev[metric] for _, _, dev, _ in runs])  # scores x100, as the paper
     return row
 
 
@@ -357,8 +354,91 @@ def compare(run_dirs):
                     continue
                 seen[seed] = str(run)
                 kept.append((run, config, dev, params))
-            rows.append(row_of(label, kept, task))
+            rows.append({**row_of(label, kept, task), "method": init, "runs": [str(r) for r, *_ in kept],
+                         "setting": {k.split(".", 1)[1]: json.loads(v) if v else None for k, v in zip(differ, values)}})
     return task, rows, skipped, notes
+
+
+# -----------------------------------------------------------------------------
+# every method at its own best learning rate: the rate chosen on dev, the score reported on test
+
+
+def test_scores(row, metric):
+    """The test `metric` x100 of each of the row's runs that evaluate.py has scored on test (eval-best-test.json)."""
+    paths = [Path(run) / "eval-best-test.json" for run in row["runs"]]
+    return [100 * read_json(path, "test score")["metrics"][metric] for path in paths if path.is_file()]
+
+
+def mean_std(x):
+    # mean = sum_i x_i / n;  std = sqrt(sum_i (x_i - mean)^2 / (n - 1)), undefined for n < 2
+    if not x:
+        return None, None
+    mean = sum(x) / len(x)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)) if len(x) > 1 else None
+
+
+def best_rates(task, rows, one_rate=None):
+    """(best, one, one_rate, notes). best: per method, the row (learning rate) with the highest mean dev score over
+    its seeds, ties to the lower rate, with its test scores: the rate is chosen on dev, so the test column does not
+    flatter anyone. one: every method's row at the one rate `one_rate` (None: the rate most methods were run at,
+    ties to the lower), the paper's single-rate comparison, for contrast."""
+    metric, notes, by_method = task.metrics[0], [], {}
+    for row in rows:
+        if set(row["setting"]) - {"lr"}:
+            raise ValueError(f"the {row['method']} runs differ in {sorted(set(row['setting']) - {'lr'})}, not only in "
+                             "the learning rate: pass --best-lr the runs of one grid of learning rates.")
+        by_method.setdefault(row["method"], []).append(row)
+    for row in rows:
+        row["lr"] = row["setting"]["lr"] if "lr" in row["setting"] else \
+            read_json(config_file(Path(row["runs"][0])), "run configuration")["train"]["lr"]  # one rate for all
+        scores = test_scores(row, metric)
+        row["test"], row["tested"] = mean_std(scores), len(scores)
+    best = []
+    for method, candidates in by_method.items():
+        chosen = max(candidates, key=lambda r: (r[metric][0], -r["lr"]))
+        best.append({**chosen, "tried": sorted(r["lr"] for r in candidates)})
+        if chosen["tested"] < chosen["seeds"]:
+            notes.append(f"{method} at lr {chosen['lr']:g}: {chosen['tested']} of its {chosen['seeds']} runs scored on "
+                         f"test; run `python evaluate.py RUN --split test` on the others: {', '.join(chosen['runs'])}")
+    if one_rate is None:
+        counts = {}
+        for row in rows:
+            counts[row["lr"]] = counts.get(row["lr"], 0) + 1
+        one_rate = min(counts, key=lambda lr: (-counts[lr], lr))
+    one = [row for row in rows if math.isclose(row["lr"], one_rate)]
+    return best, one, one_rate, notes
+
+
+def format_rates(task, best, one, one_rate, markdown=False):
+    """The best-rate table and the one-rate table, as text or Markdown."""
+    metric = task.metrics[0]
+
+    def cell(pair, n=None):
+        mean, std = pair
+        return "-" if mean is None else f"{mean:.2f} ± {'-' if std is None else f'{std:.2f}'}" + \
+            ("" if n is None else f" ({n})")
+    head = ["method", "chosen lr", "#seeds", f"dev {metric}", f"test {metric} (runs)", "rates tried"]
+    body = [[r["method"], f"{r['lr']:g}", str(r["seeds"]), cell(r[metric]), cell(r["test"], r["tested"]),
+             f"{len(r['tried'])}: {r['tried'][0]:g}-{r['tried'][-1]:g}"] for r in best]
+    one_body = [[r["method"], f"{r['lr']:g}", str(r["seeds"]), cell(r[metric]), cell(r["test"], r["tested"])]
+                for r in one]
+    return "\n\n".join([
+        aligned(f"{task.name}: every method at its own best learning rate (chosen on mean dev {metric}, x100; "
+                "test at that rate, mean ± std over seeds)", head, body, markdown),
+        aligned(f"{task.name}: every method at one learning rate, {one_rate:g} (the paper's protocol)", head[:5],
+                one_body, markdown)])
+
+
+def aligned(title, header, body, markdown):
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+        return "\n".join([title, "", *lines, *("| " + " | ".join(row) + " |" for row in body)])
+    widths = [max(len(cell) for cell in column) for column in zip(header, *body)]
+
+    def line(cells):  # the first column left-aligned, the numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([title, line(header), "  ".join("-" * w for w in widths), *map(line, body)])
 
 
 def format_table(task, rows, markdown=False):
@@ -369,15 +449,7 @@ def format_table(task, rows, markdown=False):
             for r in rows]
     title = (f"{task.name}, dev: best epoch by {task.metrics[0]}, x100, mean ± std over seeds "
              "(std with n - 1; '-' for one seed)")
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-        return "\n".join([title, "", *lines, *("| " + " | ".join(row) + " |" for row in body)])
-    widths = [max(len(cell) for cell in column) for column in zip(header, *body)]
-
-    def line(cells):  # the init name left-aligned, the numbers right-aligned
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([title, line(header), "  ".join("-" * w for w in widths), *map(line, body)])
+    return aligned(title, header, body, markdown)
 
 
 # -----------------------------------------------------------------------------
@@ -411,6 +483,11 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=512, help="with --base: the data cache's max_length (prompts are whole)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print the comparison table of these run directories")
     p.add_argument("--markdown", action="store_true", help="with --compare: print the table as Markdown")
+    p.add_argument("--best-lr", action="store_true",
+                   help="with --compare over a grid of learning rates: each method at the rate with its best mean dev "
+                   "score, and its test score there (evaluate.py RUN --split test first), beside a one-rate table")
+    p.add_argument("--one-rate", type=float, default=None,
+                   help="with --best-lr: the rate of the one-rate table; None: the rate most methods were run at")
     args = p.parse_args(argv)
     if sum((args.path is not None, args.compare is not None, args.base)) != 1:
         p.error("pass exactly one of: a PATH to evaluate, --base (with --model and --task), or --compare RUN_DIR ...")
@@ -434,7 +511,13 @@ def main(argv=None):
         print(f"note: {note}", file=sys.stderr)
     if not rows:
         raise ValueError(f"none of the {len(args.compare)} runs has finished an epoch: there is nothing to compare yet.")
-    table = format_table(task, rows, args.markdown)
+    if args.best_lr:
+        best, one, one_rate, more = best_rates(task, rows, args.one_rate)
+        for note in more:
+            print(f"note: {note}", file=sys.stderr)
+        table = format_rates(task, best, one, one_rate, args.markdown)
+    else:
+        table = format_table(task, rows, args.markdown)
     print(table)
     return table
 

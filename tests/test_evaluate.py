@@ -19,7 +19,7 @@ import torch.nn as nn
 import evaluate
 from data.metrics import METRICS
 from data.prepare import TASKS
-from evaluate import compare, main, predict
+from evaluate import best_rates, compare, main, predict
 
 # -----------------------------------------------------------------------------
 # the evaluation loop
@@ -178,6 +178,34 @@ def test_compare_errors_and_notes(tmp_path):
     untrained = make_run(tmp_path, "u", "lora", 0, [])
     with pytest.raises(ValueError, match="none of the 1 runs has finished an epoch"):
         main(["--compare", str(untrained)])
+
+
+# invariant: --best-lr picks each method's rate on mean dev over its seeds (ties to the lower rate) and reports
+# test at that rate only; the one-rate table is every method at one rate, by default the one most were run at
+def test_best_learning_rate_is_chosen_on_dev_and_reported_on_test(tmp_path, capsys):
+    devs = {("lora", 1e-4): (0.70, 0.72), ("lora", 1e-3): (0.80, 0.78), ("lora", 1e-2): (0.60, 0.62),
+            ("alpha", 1e-4): (0.81, 0.79), ("alpha", 1e-3): (0.75, 0.77), ("alpha", 1e-2): (0.50, 0.50)}
+    tests = {("lora", 1e-3): (0.71, 0.73), ("alpha", 1e-4): (0.90, 0.70), ("lora", 1e-4): (0.99, 0.99)}
+    runs = []
+    for (init, lr), pair in devs.items():
+        for seed, acc in enumerate(pair):
+            run = make_run(tmp_path, f"{init}-{lr:g}-{seed}", init, seed, [{"f1": acc, "accuracy": acc}], lr=lr)
+            if (init, lr) in tests:  # evaluate.py RUN --split test wrote it
+                (run / "eval-best-test.json").write_text(json.dumps({"metrics": {"f1": tests[init, lr][seed]}}))
+            runs.append(run)
+    task, rows, _, _ = compare(runs)
+    best, one, one_rate, notes = best_rates(task, rows)
+    # lora's best dev is 1e-3 (79.0), though its test at 1e-4 (99.0) is higher: test never chooses
+    assert [(r["method"], r["lr"], r["tried"]) for r in best] == [("lora", 1e-3, [1e-4, 1e-3, 1e-2]),
+                                                                   ("alpha", 1e-4, [1e-4, 1e-3, 1e-2])]
+    assert best[0]["f1"][0] == pytest.approx(79.0) and best[0]["test"][0] == pytest.approx(72.0)
+    assert best[1]["test"] == pytest.approx((80.0, math.sqrt(200))) and best[1]["tested"] == 2
+    assert one_rate == 1e-4 and [r["method"] for r in one] == ["lora", "alpha"] and notes == []
+    assert best_rates(task, rows, one_rate=1e-2)[1][0]["f1"][0] == pytest.approx(61.0)
+    main(["--compare", *map(str, runs), "--best-lr", "--markdown", "--one-rate", "0.001"])
+    out = capsys.readouterr().out
+    assert "| lora | 0.001 | 2 | 79.00 ± 1.41 | 72.00 ± 1.41 (2) | 3: 0.0001-0.01 |" in out
+    assert "every method at one learning rate, 0.001" in out and "| alpha | 0.001 | 2 | 76.00 ± 1.41 | - |" in out
 
 
 # a run that never started (config.json alone, left by an older train.py) is told apart from one in progress
