@@ -108,7 +108,12 @@ def test_bad_grid_files_get_a_sentence(grid, tmp_path):
     with pytest.raises(ValueError, match=r"keys among .*'axis'.*it has \['axes'\]"):
         sweep.main([str(grid(axes={})), "--dry-run"])
     with pytest.raises(ValueError, match=r"axis .*must be .*'approx-steps'"):
-        sweep.main([str(grid(axis={"flag": "lr", "values": [1e-3]})), "--dry-run"])
+        sweep.main([str(grid(axis={"flag": "epochs", "values": [1]})), "--dry-run"])
+    with pytest.raises(ValueError, match=r"select .* needs the lr axis"):
+        sweep.main([str(grid(select={"seeds": [0, 1], "split": "test"})), "--dry-run"])
+    with pytest.raises(ValueError, match=r"per_init .* must map inits of the grid"):
+        sweep.main([str(grid(base={"epochs": 1}, axis={"flag": "lr", "values": [1e-3], "per_init": {"full": [1e-5]}})),
+                    "--dry-run"])
     with pytest.raises(ValueError, match=r"flag '--epochs' must be a train.py flag name without '--'"):
         sweep.main([str(grid(base={"--epochs": 1})), "--dry-run"])
     with pytest.raises(ValueError, match=r"run lora-seed0: train.py refuses .*--epoks.*Fix the grid file"):
@@ -121,3 +126,32 @@ def test_bad_grid_files_get_a_sentence(grid, tmp_path):
         sweep.main([str(grid(seeds=[0, 0])), "--dry-run"])
     with pytest.raises(OSError, match=r"cannot read grid file .*grids/\*\.json"):
         sweep.main([str(tmp_path / "missing.json")])
+
+
+# invariant: a learning-rate grid gives an init its own rates (per_init), and "select" adds, once every run has
+# finished, the missing seeds at each init's rate chosen on mean dev (evaluate.best_rates) and nothing else
+def test_a_learning_rate_grid_selects_each_inits_rate_on_dev(grid, tmp_path, capsys):
+    path = grid(base={"model": "minilm", "task": "rotten-tomatoes", "epochs": 1}, inits=["lora", "full"], seeds=[0, 1],
+                axis={"flag": "lr", "values": [0.001, 0.01], "per_init": {"full": [1e-05]}},
+                select={"seeds": [0, 1, 2], "split": "test"})
+    spec, runs = sweep.load_grid(path)
+    assert [r.name for r in runs] == ["lora-lr-0.001-seed0", "lora-lr-0.001-seed1", "lora-lr-0.01-seed0",
+                                      "lora-lr-0.01-seed1", "full-lr-1e-05-seed0", "full-lr-1e-05-seed1"]
+    assert sweep.selected(spec, path, runs) is None  # nothing has finished: nothing to choose from yet
+    dev = {"lora-lr-0.001": (0.70, 0.74), "lora-lr-0.01": (0.80, 0.76), "full-lr-1e-05": (0.60, 0.62)}
+    for run in runs:
+        run.dir.mkdir(parents=True)
+        lr = {"0.001": 1e-3, "0.01": 1e-2, "1e-05": 1e-5}[run.value]
+        seed = int(run.name[-1])
+        (run.dir / "config.json").write_text(json.dumps({"train": {"task": "rotten-tomatoes", "lr": lr, "seed": seed},
+                                                         "lora": {"init": run.init, "seed": seed}}))
+        acc = dev[run.name.rsplit("-seed", 1)[0]][seed]
+        (run.dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 1, "dev": {"accuracy": acc}}) + "\n")
+        (run.dir / "final.json").write_text("{}")
+    chosen, extra = sweep.selected(spec, path, runs)
+    assert [r.name for r in chosen] == ["lora-lr-0.01-seed0", "lora-lr-0.01-seed1", "lora-lr-0.01-seed2",
+                                        "full-lr-1e-05-seed0", "full-lr-1e-05-seed1", "full-lr-1e-05-seed2"]
+    assert [r.name for r in extra] == ["lora-lr-0.01-seed2", "full-lr-1e-05-seed2"]
+    assert "--lr 0.01" in " ".join(extra[0].flags) and "--seed 2" in " ".join(extra[0].flags)
+    commands = sweep.report_commands(spec, runs, tmp_path / "grid")
+    assert len(commands) == 2 and "--best-lr" in commands[0][1]  # one --best-lr table over every rate

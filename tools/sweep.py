@@ -8,6 +8,8 @@ A grid file (grids/*.json) holds:
                                                     true: a bare flag such as --grad-checkpointing)
      "inits": ["lora", "inilora"], "seeds": [0, 1, 2],
      "axis":  {"flag": "approx-steps", "values": [0, 1000]},   optional: approx-steps | alpha-std | rank | task
+                                                    | lr; "per_init": {"full": [...]} gives an init its own values
+     "select": {"seeds": [0, 1, 2], "split": "test"},   optional, with the lr axis: see below
      "figures": ["curves"]}                         figures.py figures of the grid's runs: curves, alpha-std
 
 Run OUT/INIT[-AXIS-VALUE]-seedSEED is `python train.py BASE --init INIT --seed SEED [--AXIS VALUE] --out DIR`,
@@ -19,6 +21,11 @@ which saves a checkpoint at its next step; the sweep waits for them and exits 13
 command again to resume. At the end, per axis value (one table per task): `evaluate.py --compare
 RUNS --markdown` into OUT/compare.md, and each figure of the grid as OUT/FIGURE.png (+ .csv).
 
+With "select" (a learning-rate grid, grids/lr-table3.json), once every run has finished each init's rate is
+chosen on dev (the best mean dev score over the grid's seeds: evaluate.best_rates), the select seeds missing at
+that rate are run, every run at the chosen rate is scored on the select split (evaluate.py RUN --split test),
+and compare.md holds `evaluate.py --compare RUNS --best-lr`: each method at its own rate beside the one-rate table.
+
 Run: python -m tools.sweep grids/table3.json --jobs 2 --threads-per-job 1
      python -m tools.sweep grids/table3.json --dry-run   (prints the commands, runs nothing)
 """
@@ -26,6 +33,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import shlex
 import signal
@@ -35,15 +43,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import evaluate
 import train
 from lib import runs
 from lib.common import EXIT_INTERRUPTED, run_cli, write_atomic
 from lib.runs import StopRequest
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: train.py and evaluate.py live here
-AXES = ("approx-steps", "alpha-std", "rank", "task")
+AXES = ("approx-steps", "alpha-std", "rank", "task", "lr")
 FIGURES = ("curves", "alpha-std")  # the figures.py subcommands drawn from run directories
-GRID_KEYS = {"note", "out", "base", "inits", "seeds", "axis", "figures"}
+GRID_KEYS = {"note", "out", "base", "inits", "seeds", "axis", "select", "figures"}
 
 
 @dataclass
@@ -51,8 +60,9 @@ class Run:
     name: str                      # INIT[-AXIS-VALUE]-seedSEED
     dir: Path
     flags: list                    # train.py's flags, --out included
-    group: str                     # the axis value ("" without an axis): one comparison table per group
-
+    group: str                     # the axis value ("" without an axis, or the lr axis): one table per group
+    init: str = ""                 # the --init of the run
+    value: str = "None"            # its axis value, as written in its name
     def state(self):
         if runs.final_file(self.dir).is_file():
             return "finished"
@@ -128,20 +138,69 @@ def load_grid(path):
                          f"flag {axis['flag']!r}, which each run sets to one of the axis values.")
     if bad := [f for f in grid.get("figures", []) if f not in FIGURES]:
         raise ValueError(f"grid file {str(path)!r}: figure {bad[0]!r} is not one of {list(FIGURES)}.")
-    base, out, runs = as_flags(grid.get("base", {}), str(path)), Path(grid["out"]), []
-    for value in axis["values"]:
+    per_init = axis.get("per_init", {})
+    if not isinstance(per_init, dict) or any(i not in grid["inits"] or not isinstance(v, list) or not v
+                                             for i, v in per_init.items()):
+        raise ValueError(f"grid file {str(path)!r}: axis per_init {per_init!r} must map inits of the grid to "
+                         "non-empty lists of axis values.")
+    select = grid.get("select")
+    if select is not None and (axis["flag"] != "lr" or not isinstance(select, dict) or set(select) != {"seeds", "split"}
+                               or not isinstance(select["seeds"], list)):
+        raise ValueError(f"grid file {str(path)!r}: select {select!r} needs the lr axis and exactly "
+                         "{'seeds': [...], 'split': 'test'}.")
+    runs = []
+    for value in dict.fromkeys([*axis["values"], *(v for values in per_init.values() for v in values)]):
         for init in grid["inits"]:
+            if value not in per_init.get(init, axis["values"]):
+                continue
             for seed in grid["seeds"]:
-                extra = [] if value is None else [f"--{axis['flag']}", str(value)]
-                suffix = "" if value is None else f"-{axis['flag']}-{value}"
-                name = f"{init}{suffix}-seed{seed}"
-                flags = [*base, "--init", str(init), "--seed", str(seed), *extra, "--out", str(out / name)]
-                if any(run.name == name for run in runs):
-                    raise ValueError(f"grid file {str(path)!r} names run {name} twice: list each init, seed and "
-                                     "axis value once.")
-                check_flags(flags, f"grid file {str(path)!r}, run {name}")
-                runs.append(Run(name, out / name, flags, "" if value is None else f"{axis['flag']} {value}"))
+                run = make_run(grid, path, init, seed, axis["flag"], value)
+                if any(r.name == run.name for r in runs):
+                    raise ValueError(f"grid file {str(path)!r} names run {run.name} twice: list each init, seed "
+                                     "and axis value once.")
+                runs.append(run)
     return grid, runs
+
+
+def make_run(grid, path, init, seed, flag, value):
+    """The Run OUT/INIT[-FLAG-VALUE]-seedSEED, its flags checked by train.py's parser."""
+    base, out = as_flags(grid.get("base", {}), str(path)), Path(grid["out"])
+    extra = [] if value is None else [f"--{flag}", str(value)]
+    name = f"{init}{'' if value is None else f'-{flag}-{value}'}-seed{seed}"
+    flags = [*base, "--init", str(init), "--seed", str(seed), *extra, "--out", str(out / name)]
+    check_flags(flags, f"grid file {str(path)!r}, run {name}")
+    group = "" if value is None or flag == "lr" else f"{flag} {value}"  # lr: one --best-lr table over all rates
+    return Run(name, out / name, flags, group, init, str(value))
+
+
+def selected(grid, path, runs):
+    """With "select": each init's best rate on dev (evaluate.best_rates over the finished runs) and the runs at it,
+    the select seeds the grid has not run yet included. None while any run of the grid is unfinished."""
+    if not grid.get("select") or any(r.state() != "finished" for r in runs):
+        return None
+    task, rows, _, _ = evaluate.compare([r.dir for r in runs])
+    best, *_ = evaluate.best_rates(task, rows)
+    chosen, extra = [], []
+    for row in best:
+        rate = next(r.value for r in runs if r.init == row["method"] and math.isclose(float(r.value), row["lr"]))
+        for seed in grid["select"]["seeds"]:
+            run = next((r for r in runs if r.init == row["method"] and r.value == rate and
+                        r.name.endswith(f"-seed{seed}")), None) or make_run(grid, path, row["method"], seed, "lr", rate)
+            chosen.append(run)
+            extra += [] if run in runs else [run]
+    return chosen, extra
+
+
+def score_selected(chosen, split, threads):
+    """evaluate.py RUN --split SPLIT for every chosen run not yet scored on it (eval-best-SPLIT.json)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    for run in chosen:
+        if not (run.dir / f"eval-best-{split}.json").is_file():
+            command = [sys.executable, str(ROOT / "evaluate.py"), str(run.dir), "--split", split]
+            print(f"scoring {run.name} on {split}: {shown(command)}", flush=True)
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ValueError(f"{shown(command)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
 # -----------------------------------------------------------------------------
@@ -232,9 +291,10 @@ def report_commands(grid, runs, out, finished_only=True):
     commands = []
     for group in dict.fromkeys(r.group for r in runs):
         dirs = [str(r.dir) for r in done if r.group == group]
+        best_lr = ["--best-lr"] if (grid.get("axis") or {}).get("flag") == "lr" else []
         if dirs:
-            commands.append((group, [sys.executable, str(ROOT / "evaluate.py"), "--compare", *dirs, "--markdown"],
-                             out / "compare.md"))
+            commands.append((group, [sys.executable, str(ROOT / "evaluate.py"), "--compare", *dirs, *best_lr,
+                                     "--markdown"], out / "compare.md"))
     for figure in grid.get("figures", []):
         png = out / f"{figure}.png"
         if done:
@@ -300,6 +360,14 @@ def main(argv=None):
             print(f"then      {shown(command)}   # -> {target}")
         return runs
     failed, signum = run_all(runs, out, args.jobs, threads, args.status_every)
+    if signum is None and not failed and (picked := selected(grid, args.grid, runs)):
+        chosen, extra = picked  # each init's rate, chosen on dev: its missing seeds, then test scores
+        print("rates chosen on dev: " + ", ".join(sorted({f"{r.init} {r.value}" for r in chosen})) +
+              f"; {len(extra)} more run(s) for the select seeds {grid['select']['seeds']}", flush=True)
+        failed, signum = run_all(extra, out, args.jobs, threads, args.status_every)
+        runs = runs + extra
+        if signum is None and not failed:
+            score_selected(chosen, grid["select"]["split"], threads)
     if signum is not None:
         print(f"stopped: run `python -m tools.sweep {shlex.quote(args.grid)}` again to resume the unfinished runs")
         raise SystemExit(128 + signum)
