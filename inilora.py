@@ -94,6 +94,23 @@ class LoRALinear(nn.Module):
         return f"d_in={self.R.shape[1]}, d_out={self.R.shape[0]}, r={self.A.shape[0]}, s={self.s:g}"
 
 
+@torch.no_grad()
+def update_sizes(model):
+    """{name: ||ΔW||_F / ||W0||_F} of every adapted layer, ΔW = s (B A - B0 A0), W0 = R + s B0 A0: how far training
+    has moved each weight, relative to its size (train.py logs it; python -m tools.figures weight-change plots it).
+    With Adam every entry of A and B moves by about the learning rate a step, so larger A0, B0 (IniLoRA-α) move W
+    further at the same rate: this is the quantity that tells a better start from a bigger step."""
+    names, ratios = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            B0A0 = m.B0 @ m.A0                                      # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+            dW = m.s * (m.B @ m.A - B0A0)                           # ΔW = s (B A - B0 A0)
+            W0 = m.R.float() + m.s * B0A0                           # W0 = R + s B0 A0
+            names.append(name)
+            ratios.append(torch.linalg.matrix_norm(dW) / torch.linalg.matrix_norm(W0))
+    return dict(zip(names, torch.stack(ratios).tolist())) if ratios else {}  # one host sync for all layers
+
+
 def merge(model):
     """Replaces every LoRALinear of `model` by its merged nn.Linear, in place (idempotent)."""
     for name, module in list(model.named_modules()):

@@ -344,6 +344,8 @@ class StepLosses:
         """Prints and logs the mean loss since the last log line, then starts the next interval."""
         dt = (time.perf_counter() - self.start) / len(self.values)
         record = {"step": job.state["step"], "epoch": epoch + 1, "loss": sum(self.values) / len(self.values), "lr": lr}
+        if sizes := inilora.update_sizes(job.model):  # ||s (B A - B0 A0)||_F / ||W0||_F per layer (no full fine-tuning)
+            record["update"] = {name: round(v, 6) for name, v in sizes.items()}
         per_step = cfg.batch_size * cfg.grad_accum
         print(f"step {record['step']}/{total} | loss {record['loss']:.4f} | lr {lr:.1e} | "
               f"{1000 * dt:.1f} ms/step | {per_step / dt:.3g} samples/s", flush=True)

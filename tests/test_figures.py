@@ -141,6 +141,24 @@ def test_curves_hold_every_logged_loss_and_dev_score(tmp_path):
     assert {r["label"] for r in rows} == {"lora"}  # the seeds of one setting share a label
 
 
+def test_weight_change_plots_the_mean_and_range_over_layers(tmp_path):
+    runs = [write_run(tmp_path, f"{init}-seed0", init=init) for init in ("lora", "alpha")]
+    for run, scale in zip(runs, (1.0, 10.0)):
+        records = [{"step": s, "epoch": 1, "loss": 0.5, "lr": 1e-3,
+                    "update": {"l0.query": 0.001 * s * scale, "l0.value": 0.003 * s * scale}} for s in (1, 2)]
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "wc.png"
+    figures.main(["weight-change", *map(str, runs), "--out", str(out)])
+    assert_png(out)
+    rows = read_csv(out)
+    assert len(rows) == 8 and {r["label"] for r in rows} == {"lora", "alpha"}
+    alpha = {(int(r["step"]), r["layer"]): float(r["relative_change"]) for r in rows if r["label"] == "alpha"}
+    assert alpha == {(1, "l0.query"): 0.01, (1, "l0.value"): 0.03, (2, "l0.query"): 0.02, (2, "l0.value"): 0.06}
+    with pytest.raises(ValueError, match="has no weight change in metrics.jsonl"):
+        figures.main(["weight-change", str(write_run(tmp_path, "full-seed0", init="full")), "--out", str(out)])
+
+
 def test_bad_input_gets_a_sentence(tmp_path, tiny_bert_dir):
     with pytest.raises(ValueError, match="no run directories were given"):
         figures.main(["curves", "--out", str(tmp_path / "c.png")])

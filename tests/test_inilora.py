@@ -627,3 +627,22 @@ def test_lora_linear_forward_is_what_both_model_families_run(family, tiny_decode
     with torch.no_grad():
         after = model(*batch)
     assert (after - before).abs().max() > 1e-3
+
+
+# invariant: update_sizes is ||s (B A - B0 A0)||_F / ||W0||_F of each adapted layer: 0 at step 0 for every
+# initialiser, and the ratio computed from the original weight once A and B have moved
+@pytest.mark.parametrize("init", ["lora", "alpha", "pissa"])
+def test_update_sizes_is_the_relative_weight_change(init):
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("query", nn.Linear(12, 10))
+    W0 = net.query.weight.detach().clone()
+    inilora.inject(net, LoRAConfig(init=init, rank=2, targets=("query",)), "toy")
+    assert inilora.update_sizes(net) == {"query": 0.0}
+    layer = net.query
+    with torch.no_grad():
+        layer.A.add_(0.1 * torch.randn_like(layer.A))
+        layer.B.add_(0.1 * torch.randn_like(layer.B))
+    expected = (layer.s * (layer.B @ layer.A - layer.B0 @ layer.A0)).norm() / W0.norm()
+    assert inilora.update_sizes(net)["query"] == pytest.approx(expected.item(), rel=1e-5)
+    assert inilora.update_sizes(nn.Linear(3, 3)) == {}  # no adapter (full fine-tuning): nothing to report

@@ -78,6 +78,8 @@ def test_every_initialiser_trains_saves_and_evaluates(init, setup, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    # each log line holds every adapted layer's relative weight change (inilora.update_sizes); full has none
+    assert all(len(r.get("update", {})) == (0 if init == "full" else 4) for r in records if "loss" in r)
     final = json.loads((run / "final.json").read_text())
     assert final["best"] == state["best"] and final["peak_memory_mib"] > 0
     capsys.readouterr()
@@ -457,7 +459,7 @@ def test_a_slow_steps_throughput_is_not_rounded_to_zero(tmp_path, monkeypatch, c
     losses.values, losses.start = [0.5], 100.0
     monkeypatch.setattr(train.time, "perf_counter", lambda: 116.0)  # one step of 16 s
     cfg = train.TrainConfig(batch_size=8, grad_accum=1)
-    job = type("Job", (), {"state": {"step": 1}})()
+    job = type("Job", (), {"state": {"step": 1}, "model": torch.nn.Linear(2, 2)})()
     with open(tmp_path / "metrics.jsonl", "a") as log:
         losses.log_line(cfg, job, 0, 1e-3, 10, log)
     assert "| 16000.0 ms/step | 0.5 samples/s" in capsys.readouterr().out

@@ -9,6 +9,8 @@
   init-hist  histograms of A0 / B0 entries per initialiser on one target matrix, and the singular
              values of s B0 A0 against W0's (Fig. 4)
   curves     training loss and dev metric of any runs, from their metrics.jsonl (Fig. 5)
+  weight-change  ||s (B A - B0 A0)||_F / ||W0||_F against step, the mean over a run's layers and their range,
+             from the "update" train.py logs (no figure of the paper: is IniLoRA-α's gain a bigger step?)
 
 Each writes OUT (default runs/figures/NAME.png) and OUT with .csv. matplotlib draws headless (Agg).
 
@@ -314,6 +316,38 @@ def fig_curves(args):
 
 
 # -----------------------------------------------------------------------------
+# the size of the weight change: the mechanism behind a learning-rate comparison
+
+
+def fig_weight_change(args):
+    """No figure of the paper: the relative weight change ||s (B A - B0 A0)||_F / ||W0||_F against step, the mean over
+    each run's adapted layers (line) and their smallest to largest (band); runs of one setting share a colour."""
+    runs_, rows = check_runs(args.runs), []
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {}
+    for run in runs_:
+        _, records = read_run(run)
+        logged = [(r["step"], r["update"]) for r in records if r.get("update")]
+        if not logged:
+            raise ValueError(f"run {str(run)!r} has no weight change in metrics.jsonl (full fine-tuning, or a run "
+                             "made before train.py logged it): leave it out, or train it again.")
+        label = label_of(run)
+        first = label not in colours
+        colour = colours.setdefault(label, f"C{len(colours) % 10}")
+        steps = [step for step, _ in logged]
+        means = [sum(u.values()) / len(u) for _, u in logged]
+        ax.plot(steps, means, color=colour, lw=1, label=label if first else None)
+        ax.fill_between(steps, [min(u.values()) for _, u in logged], [max(u.values()) for _, u in logged],
+                        color=colour, alpha=0.12, lw=0)
+        rows += [[str(run), label, step, layer, value] for step, u in logged for layer, value in u.items()]
+    ax.set(xlabel="step", ylabel="||s (B A - B0 A0)||_F / ||W0||_F", yscale="log",
+           title="relative weight change: mean over layers (line), smallest to largest (band)")
+    ax.legend(fontsize=6)
+    return save(fig, args.out, ["run", "label", "step", "layer", "relative_change"], rows)
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -329,7 +363,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="figure", help="which figure")
     commands = {"approx": fig_approx, "subspace": fig_subspace, "alpha-std": fig_alpha_std,
-                "init-hist": fig_init_hist, "curves": fig_curves}
+                "init-hist": fig_init_hist, "curves": fig_curves, "weight-change": fig_weight_change}
     parsers = {}
     for name, fn in commands.items():
         first = re.split(r"[;.]\s", " ".join(fn.__doc__.split()))[0]  # the docstring's first clause
@@ -358,11 +392,11 @@ def parse_args(argv):
     q.add_argument("--alpha-std", type=float, default=0.5, help="σ_α of IniLoRA-α")
     q.add_argument("--approx-steps", type=int, default=20000, help="IniLoRA: approximation steps")
     q.add_argument("--bins", type=int, default=60, help="histogram bins")
-    for name in ("alpha-std", "curves"):
+    for name in ("alpha-std", "curves", "weight-change"):
         parsers[name].add_argument("runs", nargs="*", help="run directories written by train.py")
     args = p.parse_args(argv)
     if args.figure is None:  # the figures and what each shows, rather than argparse's bare "required: figure"
-        listing = "\n".join(f"  {name:<10} {q.description or ''}" for name, q in parsers.items())
+        listing = "\n".join(f"  {name:<13} {q.description or ''}" for name, q in parsers.items())
         p.error(f"name a figure, e.g. `{p.prog} approx`; the figures are:\n{listing}\n"
                 f"`{p.prog} FIGURE --help` gives its options.")
     return args

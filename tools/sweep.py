@@ -51,7 +51,7 @@ from lib.runs import StopRequest
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: train.py and evaluate.py live here
 AXES = ("approx-steps", "alpha-std", "rank", "task", "lr")
-FIGURES = ("curves", "alpha-std")  # the figures.py subcommands drawn from run directories
+FIGURES = ("curves", "alpha-std", "weight-change")  # the figures.py subcommands drawn from run directories
 GRID_KEYS = {"note", "out", "base", "inits", "seeds", "axis", "select", "figures"}
 
 
