@@ -14,6 +14,8 @@ Nothing here runs on its own: `python approximate.py --model smollm2` resolves a
 import json
 import pickle
 import re
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
@@ -84,6 +86,19 @@ def resolve_model(name: str) -> tuple[Path, str]:
     return download_from_hub(name), name
 
 
+def hub_unreachable(seconds: float = 5.0) -> str | None:
+    """None when a connection to the Hugging Face Hub opens within `seconds`, else why not. One quick check before
+    any download: huggingface_hub retries a failing connection with back-off, about 30 s, before it gives up."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=seconds).close()
+    except OSError as e:
+        return f"no connection to {url.hostname} within {seconds:g} s: {e}"
+    return None
+
+
 def download_from_hub(repo_id: str) -> Path:
     """The snapshot of `repo_id` in the HF cache: the cache first, so a model fetched once works offline."""
 
@@ -100,6 +115,8 @@ def download_from_hub(repo_id: str) -> Path:
     except OSError:  # LocalEntryNotFoundError: not (completely) in the cache yet
         pass
     try:
+        if why := hub_unreachable():
+            raise ConnectionError(why)
         model_dir = snapshot(local_only=False)
     except (RepositoryNotFoundError, HFValidationError):
         raise ValueError(

@@ -316,6 +316,29 @@ def test_hub_id_without_network(monkeypatch, tmp_path):
         load_model("FacebookAI/roberta-large")
 
 
+# invariant: with no connection, one quick check fails at once with the remedy; the download, which retries with
+# back-off (about 30 s, six tries, seen offline), is never started; the cache is still read first
+def test_an_unreachable_hub_fails_at_once_without_retries(monkeypatch, tmp_path):
+    import socket
+    asked = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+
+    def snapshot(repo_id, allow_patterns=None, local_files_only=False):
+        asked.append(local_files_only)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    def unreachable(address, timeout=None):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(ConnectionError, match=r"'FacebookAI/roberta-base' is not a local directory.*no connection to "
+                                              r"huggingface.co within 5 s.*Network is unreachable.*tokenizer.json"):
+        resolve_model("FacebookAI/roberta-base")
+    assert asked == [True]  # the cache was read; no download was tried
+
+
 def test_model_directory_missing_a_file(tiny_bert_dir, tmp_path):
     cases = [("config.json", "config.json"), ("tokenizer.json", "tokenizer.json"),
              ("model.safetensors", "model.safetensors or pytorch_model.bin")]

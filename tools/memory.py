@@ -56,7 +56,7 @@ from inilora import LoRAConfig, LoRALinear, init_names, mark_trainable
 from lib.common import TRAIN_DTYPES, parse_dtype, run_cli
 from lib.runs import peak_resident
 from models import DEFAULT_TARGETS, decoder, encoder, parse_targets, target_linears
-from models.checkpoint import HUB_ID, PACKAGED, read_json, resolve_model
+from models.checkpoint import HUB_ID, PACKAGED, hub_unreachable, read_json, resolve_model
 from models.gguf_file import gguf_config, open_gguf
 from models.tokenizer import ChatTokenizer, Tokenizer
 
@@ -96,6 +96,12 @@ def hub_config(repo_id: str) -> str:
     from huggingface_hub import hf_hub_download
 
     try:
+        return hf_hub_download(repo_id, "config.json", local_files_only=True)  # the cache first: works offline
+    except Exception:  # not in the cache
+        pass
+    try:
+        if why := hub_unreachable():  # at once, rather than after huggingface_hub's retries
+            raise ConnectionError(why)
         return hf_hub_download(repo_id, "config.json")
     except Exception as e:  # offline, unknown repo, gated model: all end in the same remedy
         raise OSError(f"could not fetch config.json of {repo_id!r} from the Hugging Face Hub ({type(e).__name__}). "
