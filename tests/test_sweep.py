@@ -118,7 +118,7 @@ def test_bad_grid_files_get_a_sentence(grid, tmp_path):
         sweep.main([str(grid(base={"--epochs": 1})), "--dry-run"])
     with pytest.raises(ValueError, match=r"run lora-seed0: train.py refuses .*--epoks.*Fix the grid file"):
         sweep.main([str(grid(base={"epoks": 1})), "--dry-run"])
-    with pytest.raises(ValueError, match=r"figure 'approx' is not one of \['curves', 'alpha-std'\]"):
+    with pytest.raises(ValueError, match=r"figure 'approx' is not one of \['curves', 'alpha-std', 'weight-change'\]"):
         sweep.main([str(grid(figures=["approx"])), "--dry-run"])
     with pytest.raises(ValueError, match=r"without the axis flag 'rank'"):
         sweep.main([str(grid(base={"rank": 2}, axis={"flag": "rank", "values": [1, 2]})), "--dry-run"])
