@@ -67,17 +67,19 @@ def busy_cores(seconds=0.25):
     own CPU time), or None where /proc/stat does not exist."""
     def sample():
         with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal ...
+            user, nice, system, idle, iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
         mine = os.times()
-        return sum(ticks[:8]) - ticks[3] - ticks[4], mine.user + mine.system, time.monotonic()
+        # busy: user, nice, system and interrupt time of every core (not idle, I/O wait, or a hypervisor's steal)
+        return user + nice + system + irq + softirq, mine.user + mine.system, time.monotonic()
     try:
         busy0, own0, t0 = sample()
         time.sleep(seconds)
         busy1, own1, t1 = sample()
     except (OSError, ValueError, IndexError):
         return None
-    ticks_per_second = os.sysconf("SC_CLK_TCK")
-    return max(0.0, ((busy1 - busy0) / ticks_per_second - (own1 - own0)) / (t1 - t0))
+    ticks_per_second = os.sysconf("SC_CLK_TCK")  # /proc/stat counts in ticks (1/100 s): a reading is coarse,
+    others = ((busy1 - busy0) / ticks_per_second - (own1 - own0)) / (t1 - t0)  # so it is kept within [0, cores]
+    return min(max(0.0, others), float(os.cpu_count() or 1))
 
 
 def choose_threads(requested=None):

@@ -64,7 +64,7 @@ def test_a_grid_runs_compares_plots_and_skips_finished_runs(grid, tmp_path, caps
     assert "starting lora-seed0" in out and "starting pissa-seed0" in out and out.count("done] ") == 2
     for name in ("lora-seed0", "pissa-seed0"):
         assert (tmp_path / "grid" / name / "final.json").is_file()
-        assert (tmp_path / "grid" / "logs" / f"{name}.log").read_text().count("OMP_NUM_THREADS=1") == 1
+        assert (tmp_path / "grid" / "logs" / f"{name}.log").read_text().count("$ OMP_NUM_THREADS=1 python ") == 1
     table = (tmp_path / "grid" / "compare.md").read_text()
     assert "| lora | 1 |" in table and "| pissa | 1 |" in table and "evaluate.py --compare" in table
     assert (tmp_path / "grid" / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -38,7 +38,7 @@ def test_requested_then_environment_then_measured(monkeypatch, restore_threads):
         common.choose_threads(0)
 
 
-# invariant: busy_cores counts other programs' CPU time, not this process's own
+# invariant: busy_cores counts other programs' CPU time, not this process's own, within [0, cores]
 def test_busy_cores_leaves_out_this_process():
-    busy = common.busy_cores(0.05)
-    assert busy is None or 0.0 <= busy <= (common.os.cpu_count() or 1) + 0.5
+    busy = common.busy_cores(0.05)  # a short, coarse reading (ticks of 1/100 s): still within the range
+    assert busy is None or 0.0 <= busy <= (common.os.cpu_count() or 1)
