@@ -21,7 +21,8 @@ the initialisers compute (as every initialiser does: CPU and GPU runs start from
 Memory: C is d_in^2 float64 per target (1.2 MB for MiniLM's 384, 128 MiB for a 4096-wide layer);
 G is one float32 copy of each target weight, plus the activations a backward pass keeps.
 
-Run: python train.py --init eva --init-batches 4 --epochs 1   (prints the pass's cost line, stored in final.json)
+Run: python train.py --init eva --init-batches 4 --epochs 1
+     (prints the pass's cost line, then inject's; both are kept in final.json as "init_cost")
 """
 import time
 from collections.abc import Callable

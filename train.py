@@ -277,7 +277,12 @@ def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distr
             model.to(device)  # read where the run trains
             data = init_data(cfg, task, splits["train"], tokenizer.pad_id, device, lora_cfg.init_batches)
             stats, init_cost = datainit.collect(model, lora_cfg, data)
+        injecting = time.perf_counter()
         inilora.inject(model, lora_cfg, model_id, cache_dir, stats)  # checks the rank against every target's shape
+        if init_cost is not None:  # the decompositions of the statistics (eigh, SVD) happen in inject, on the CPU
+            init_cost["inject_seconds"] = round(time.perf_counter() - injecting, 3)
+            print(f"init {lora_cfg.init}: A0, B0 from the statistics and R = W0 - s B0 A0 in "
+                  f"{init_cost['inject_seconds']:.2f} s")
     if world.main:
         distributed.barrier(world)
     trainable, total_params = inilora.mark_trainable(model, lora_cfg)  # decoders: A, B only (no head.*)

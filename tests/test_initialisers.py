@@ -293,11 +293,13 @@ def test_train_records_the_statistics_pass_and_init_batches(setup, capsys):
     out = capsys.readouterr().out
     assert re.search(r"init eva: statistics of 2 training batches, \d[\d,]* tokens a layer at least for 4 layers "
                      r"in [0-9.]+ s; peak memory [\d,]+ MiB", out)
+    assert re.search(r"init eva: A0, B0 from the statistics and R = W0 - s B0 A0 in [0-9.]+ s", out)
     config = json.loads((tmp_path / "eva" / "config.json").read_text())
     assert config["lora"]["init_batches"] == 2 and config["lora"]["rslora"] is False
     final = json.loads((tmp_path / "eva" / "final.json").read_text())
     assert final["init_cost"] == state["init_cost"] and final["init_cost"]["batches"] == 2
     assert final["init_cost"]["seconds"] > 0 and final["init_cost"]["peak_memory_mib"] > 0
+    assert final["init_cost"]["inject_seconds"] > 0
 
 
 def test_a_resumed_lora_ga_run_equals_the_uninterrupted_one(setup, monkeypatch):
