@@ -2,14 +2,15 @@
 
 An adapted `nn.Linear` (docs/method.md "Notation"; paper Section 3) computes
 
-    y = x R^T + b + s * (dropout(x) A^T) B^T,      s = lora_alpha / r
+    y = x R^T + b + s * (dropout(x) A^T) B^T,      s = lora_alpha / r   (--rslora: s = lora_alpha / sqrt(r))
     R = W0 - s * B0 A0                              (frozen residual)
 
 with trainable A (r, d_in), B (d_out, r) that start at A0, B0. Because R absorbs the
 initial product, the model computes the same function at step 0 for every initialiser.
 The initialisers (docs/method.md table) differ only in A0, B0: LoRA, Gaussian, IniLoRA (B0 A0 = the
-approximation of W0 by approximate.py, eq. 1-3), IniLoRA-α, IniLoRA-β and the PiSSA and
-MiLoRA baselines. After training, the total change to the base model is
+approximation of W0 by approximate.py, eq. 1-3), IniLoRA-α, IniLoRA-β and the baselines PiSSA, MiLoRA,
+orthogonal, OLoRA, and the data-driven EVA and LoRA-GA (their statistics: datainit.py). After training,
+the total change to the base model is
 
     ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]    (a plain LoRA of rank 2r)
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import datainit
 import models
 from approximate import ApproxConfig, load_or_approximate
 from lib.artifacts import check_tensors, read_artifact, save_artifact, weights_fingerprint
@@ -125,8 +127,8 @@ def rank2r(tensors, cfg):
 
         ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]  =>  B' = [B | -B0], A' = [A ; A0]
 
-    with A0 = A', B0 = 0, so that R = W0 exactly, and lora_alpha' = 2r * s keeping the same scale s.
-    Returns (tensors, config) of that rank-2r adapter."""
+    with A0 = A', B0 = 0, so that R = W0 exactly, and lora_alpha' = 2r * s (--rslora: sqrt(2r) * s) keeping
+    the same scale s. Returns (tensors, config) of that rank-2r adapter."""
     if cfg.full_finetuning:
         raise ValueError("a full fine-tuning checkpoint has no adapter to convert; train with a LoRA initialiser.")
     out = {k: v for k, v in tensors.items() if k.startswith("head.")}
@@ -136,17 +138,20 @@ def rank2r(tensors, cfg):
         out[f"{name}.B"] = torch.cat([B, -B0], dim=1)     # (d_out, r) | (d_out, r) -> (d_out, 2r)
         out[f"{name}.A0"] = out[f"{name}.A"].clone()
         out[f"{name}.B0"] = torch.zeros_like(out[f"{name}.B"])
-    return out, replace(cfg, init="lora", rank=2 * cfg.rank, lora_alpha=2 * cfg.rank * cfg.scale)
+    # s = lora_alpha' / 2r  (--rslora: lora_alpha' / sqrt(2r)), the scale of the rank-r adapter
+    alpha = (math.sqrt(2 * cfg.rank) if cfg.rslora else 2 * cfg.rank) * cfg.scale
+    return out, replace(cfg, init="lora", rank=2 * cfg.rank, lora_alpha=alpha)
 
 
 # -----------------------------------------------------------------------------
 # initialisers: each returns (A0 (r, d_in), B0 (d_out, r)) in float32 for one W0 (d_out, d_in).
 # Random draws come from the CPU generator `g`, so CPU and CUDA runs start identically.
-# `approx` is the cached (A, B) of approximate.py for this matrix (IniLoRA only, else None).
+# `precomputed` is what inject computed for this matrix beforehand: the cached (A, B) of approximate.py
+# (inilora), the statistics of training batches of datainit.py (eva, lora-ga); None for the others.
 
 
 @torch.no_grad()
-def init_lora(W0, cfg, g, approx):
+def init_lora(W0, cfg, g, precomputed):
     """A0: Kaiming-uniform with a=sqrt(5) (nn.Linear's default: bound 1/sqrt(d_in)); B0 = 0."""
     d_out, d_in = W0.shape
     A0 = nn.init.kaiming_uniform_(torch.empty(cfg.rank, d_in), a=math.sqrt(5), generator=g)
@@ -154,7 +159,7 @@ def init_lora(W0, cfg, g, approx):
 
 
 @torch.no_grad()
-def init_gaussian(W0, cfg, g, approx):
+def init_gaussian(W0, cfg, g, precomputed):
     """A0 ~ N(0, (1/r)^2); B0 = 0."""
     d_out, d_in = W0.shape
     A0 = torch.randn(cfg.rank, d_in, generator=g) / cfg.rank
@@ -162,15 +167,15 @@ def init_gaussian(W0, cfg, g, approx):
 
 
 @torch.no_grad()
-def init_inilora(W0, cfg, g, approx):
+def init_inilora(W0, cfg, g, precomputed):
     """A0, B0 = the approximation (A, B) with B A ≈ W0 (eq. 1-3), each divided by sqrt(s)."""
-    A, B = approx
+    A, B = precomputed
     # s B0 A0 = B A  =>  A0 = A / sqrt(s), B0 = B / sqrt(s)
     return A.float() / math.sqrt(cfg.scale), B.float() / math.sqrt(cfg.scale)
 
 
 @torch.no_grad()
-def init_alpha(W0, cfg, g, approx):
+def init_alpha(W0, cfg, g, precomputed):
     """IniLoRA-α: A0, B0 ~ N(0, σ_α^2), σ_α = cfg.alpha_std (0.5 by default)."""
     d_out, d_in = W0.shape
     A0 = torch.randn(cfg.rank, d_in, generator=g) * cfg.alpha_std
@@ -179,7 +184,7 @@ def init_alpha(W0, cfg, g, approx):
 
 
 @torch.no_grad()
-def init_beta_kaiming_normal(W0, cfg, g, approx):
+def init_beta_kaiming_normal(W0, cfg, g, precomputed):
     """IniLoRA-β K-N: kaiming_normal_ defaults (a=0, fan_in): A0 std sqrt(2/d_in), B0 std sqrt(2/r)."""
     d_out, d_in = W0.shape
     A0 = nn.init.kaiming_normal_(torch.empty(cfg.rank, d_in), generator=g)   # fan_in = d_in
@@ -188,7 +193,7 @@ def init_beta_kaiming_normal(W0, cfg, g, approx):
 
 
 @torch.no_grad()
-def init_beta_kaiming_uniform(W0, cfg, g, approx):
+def init_beta_kaiming_uniform(W0, cfg, g, precomputed):
     """IniLoRA-β K-U: kaiming_uniform_ defaults (a=0, fan_in): A0 bound sqrt(6/d_in), B0 bound sqrt(6/r)."""
     d_out, d_in = W0.shape
     A0 = nn.init.kaiming_uniform_(torch.empty(cfg.rank, d_in), generator=g)   # fan_in = d_in
@@ -207,22 +212,95 @@ def _svd_init(W0, cfg, top):
 
 
 @torch.no_grad()
-def init_pissa(W0, cfg, g, approx):
+def init_pissa(W0, cfg, g, precomputed):
     """PiSSA: the top-r singular triplets of W0, so s B0 A0 = U_r S_r V_r^T."""
     return _svd_init(W0, cfg, top=True)
 
 
 @torch.no_grad()
-def init_milora(W0, cfg, g, approx):
+def init_milora(W0, cfg, g, precomputed):
     """MiLoRA: the bottom-r (minor) singular triplets of W0."""
     return _svd_init(W0, cfg, top=False)
+
+
+@torch.no_grad()
+def init_orthogonal(W0, cfg, g, precomputed):
+    """Orthogonal (PEFT's orthogonal_init, after https://datta0.github.io/posts/rethink-lora-init/): one random
+    orthogonal Q (r, r) from the QR of an N(0, 1) matrix, its even rows for A0 and its odd rows for B0, so that
+    B0 A0 = 0 while neither is zero. The rank must be even (LoRAConfig.validate says so)."""
+    d_out, d_in = W0.shape
+    r = cfg.rank
+    Q, _ = torch.linalg.qr(torch.randn(r, r, generator=g))        # (r, r), orthonormal rows
+    Q_A, Q_B = Q[0::2], Q[1::2]                                   # (r/2, r) each; Q_B Q_A^T = 0
+    # A0 = (G_A Q_A)^T / 10, B0 = G_B^T Q_B / 10 with G_A, G_B ~ N(0, 1); B0 A0 = G_B^T (Q_B Q_A^T) G_A^T / 100 = 0
+    A0 = (torch.randn(d_in, r // 2, generator=g) @ Q_A).T / 10.0    # (d_in, r/2) @ (r/2, r) -> (r, d_in)
+    B0 = torch.randn(r // 2, d_out, generator=g).T @ Q_B / 10.0     # (d_out, r/2) @ (r/2, r) -> (d_out, r)
+    return A0.contiguous(), B0
+
+
+@torch.no_grad()
+def init_olora(W0, cfg, g, precomputed):
+    """OLoRA (Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models"; PEFT's
+    olora_init): W0 = Q U (QR), A0 = the first r rows of U, B0 = the first r columns of Q. As in PEFT the
+    factors are not divided by s: the residual takes R = W0 - s B0 A0 whatever s is."""
+    Q, U = torch.linalg.qr(W0.float())  # (d_out, k) orthonormal columns, (k, d_in) upper triangular; k = min
+    return U[: cfg.rank].contiguous(), Q[:, : cfg.rank].contiguous()  # (r, d_in), (d_out, r)
+
+
+def _flip_signs(Vh, U=None):
+    # a singular (eigen) vector is defined up to its sign: make the largest |entry| of each row of Vh positive
+    # (PEFT's IncrementalPCA._svd_flip, u_based_decision=False), flipping the matching column of U with it
+    signs = torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True)))   # (k, 1)
+    return Vh * signs, None if U is None else U * signs.T
+
+
+@torch.no_grad()
+def init_eva(W0, cfg, g, precomputed):
+    """EVA (Paischer et al. 2024, "One Initialization to Rule them All: Fine-tuning via Explained Variance
+    Adaptation"; PEFT's eva.py): A0 = the top-r principal components of the layer's inputs, i.e. the right
+    singular vectors of the centred inputs X - 1 mu^T (the top eigenvectors of their scatter matrix C, read by
+    datainit.py over --init-batches training batches); B0 = 0, so R = W0. Every layer keeps rank r and the
+    components are not whitened (PEFT's rho = 1, whiten = False); PEFT's incremental PCA, run until the
+    components converge, is here the exact PCA of the batches read."""
+    C = precomputed                                               # (d_in, d_in), float64, symmetric
+    # C = V diag(lambda) V^T, lambda ascending: the right singular vectors of X - 1 mu^T, sigma^2 = lambda
+    _, V = torch.linalg.eigh(C)                                   # (d_in, d_in)
+    A0, _ = _flip_signs(V[:, -cfg.rank:].flip(1).T)               # the r largest, largest first: (r, d_in)
+    return A0.float().contiguous(), torch.zeros(W0.shape[0], cfg.rank)
+
+
+LORA_GA_GAMMA = 16  # LoRA-GA's stable-scale γ (the paper's and PEFT's default stable_gamma)
+
+
+@torch.no_grad()
+def init_lora_ga(W0, cfg, g, precomputed):
+    """LoRA-GA (Wang et al. 2024, "LoRA-GA: Low-Rank Adaptation with Gradient Approximation", Algorithm 1): with
+    G = U S V^T the SVD of the full-weight gradient averaged over --init-batches training batches (datainit.py),
+    A0 = ζ V[:, :r]^T and B0 = ζ U[:, r:2r], ζ = d_out^(1/4) / sqrt(γ), γ = 16 (the paper's "stable" scale and
+    its direction ArB2r, the authors' default); R = W0 - s B0 A0. The first step of (A, B) then moves B A by
+    the best rank-2r approximation of the full gradient. PEFT (0.21) also multiplies B0 by S[r:2r] and puts
+    ζ on B0 alone; this follows the paper and the authors' code, whose factors have unit-norm columns times ζ."""
+    d_out, d_in = W0.shape
+    r = cfg.rank
+    if 2 * r > min(d_out, d_in):
+        raise ValueError(f"lora-ga takes 2r = {2 * r} singular vectors of a ({d_out}, {d_in}) gradient, which has "
+                         f"{min(d_out, d_in)}; choose --rank {min(d_out, d_in) // 2} or less.")
+    U, S, Vh = torch.linalg.svd(precomputed.double(), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    Vh, U = _flip_signs(Vh, U)
+    # ζ = d_out^(1/4) / sqrt(γ)
+    zeta = d_out ** 0.25 / math.sqrt(LORA_GA_GAMMA)
+    A0 = zeta * Vh[:r]                                            # (r, d_in): the top r right singular vectors
+    B0 = zeta * U[:, r: 2 * r]                                    # (d_out, r): the next r left singular vectors
+    return A0.float().contiguous(), B0.float().contiguous()
 
 
 # the one table of initialisers: adding one is a function above and a line here; --init, --help, sweeps and
 # figures all read it
 INITIALISERS = {"lora": init_lora, "gaussian": init_gaussian, "inilora": init_inilora, "alpha": init_alpha,
                 "beta-kaiming-normal": init_beta_kaiming_normal, "beta-kaiming-uniform": init_beta_kaiming_uniform,
-                "pissa": init_pissa, "milora": init_milora}
+                "pissa": init_pissa, "milora": init_milora, "orthogonal": init_orthogonal, "olora": init_olora,
+                "eva": init_eva, "lora-ga": init_lora_ga}
+DATA_DRIVEN = sorted(datainit.STATISTICS)  # the initialisers that read training batches first (datainit.collect)
 FULL = "full"  # the full fine-tuning baseline, the one --init without an adapter: every weight trains
 
 
@@ -254,6 +332,9 @@ class LoRAConfig:
     lora_alpha: float | None = flag_field(  # None -> r, so s = 1 as in the paper's experiments
         None, "s = lora_alpha / r; None: lora_alpha = r, so s = 1", "--lora-alpha", float, lambda v: None if v is
         None or 0 < v < math.inf else f"lora_alpha={v!r} must be a finite number > 0, or None for lora_alpha = r.")
+    rslora: bool = flag_field(False, "rank-stabilised scale s = lora_alpha / sqrt(r) (Kalajdzievski 2023; PEFT's "
+                              "use_rslora) instead of lora_alpha / r", "--rslora", bool, lambda v: None if
+                              isinstance(v, bool) else f"rslora={v!r} must be true or false.")
     targets: tuple[str, ...] = flag_field(  # leaf names of the adapted nn.Linear modules
         DEFAULT_TARGETS["encoder"], "comma-separated leaf names of the adapted nn.Linear modules; None: the "
         f"model family's (models.DEFAULT_TARGETS: {DEFAULT_TARGETS})", "--targets",
@@ -265,6 +346,10 @@ class LoRAConfig:
     alpha_std: float = flag_field(0.5, "σ_α of IniLoRA-α (--init alpha)", "--alpha-std", float, lambda v: None if
                               0 < v < math.inf else f"alpha_std={v!r} must be a finite number > 0 (the paper: 0.5).")
     seed: int = flag_field(0, "draws of the random initialisers (train.py's --seed)")
+    init_batches: int = flag_field(8, f"data-driven initialisers ({', '.join(sorted(datainit.STATISTICS))}): the "
+                                   "training batches their statistics read, the first of the run's seeded order",
+                                   "--init-batches", int, lambda v: None if isinstance(v, int) and v >= 1 else
+                                   f"init_batches={v!r} must be an integer >= 1; pass e.g. --init-batches 8.")
     approx_steps: int = flag_field(20000, "IniLoRA: Adam steps of the approximation, eq. 3 (0: the Iter=0 row)",
                                "--approx-steps", int, lambda v: None if v >= 0 else
                                f"approx_steps={v!r} is negative; expected 0 (the N(0, σ̄²) start) or more.")
@@ -279,18 +364,23 @@ class LoRAConfig:
 
     @property
     def label(self):
-        """How a run directory names the method: "lora-r8", or "full" (full fine-tuning has no rank)."""
-        return FULL if self.full_finetuning else f"{self.init}-r{self.rank}"
+        """How a run directory names the method: "lora-r8", "lora-r8-rslora", or "full" (no rank)."""
+        return FULL if self.full_finetuning else f"{self.init}-r{self.rank}" + ("-rslora" if self.rslora else "")
 
     @property
     def scale(self):
-        # s = lora_alpha / r  (docs/method.md "Notation")
-        return (self.rank if self.lora_alpha is None else self.lora_alpha) / self.rank
+        alpha = self.rank if self.lora_alpha is None else self.lora_alpha
+        # s = lora_alpha / r  (docs/method.md "Notation"); --rslora: s = lora_alpha / sqrt(r)
+        return alpha / math.sqrt(self.rank) if self.rslora else alpha / self.rank
 
     def validate(self):
         for f in fields(self):
             if problem := f.metadata["problem"](getattr(self, f.name)):
                 raise ValueError(problem)
+        if self.init == "orthogonal" and self.rank % 2:
+            raise ValueError(f"init 'orthogonal' splits one orthogonal r x r matrix into A0's and B0's halves, so "
+                             f"the rank must be even, not rank={self.rank}; pass --rank {self.rank + 1} "
+                             f"or {max(2, self.rank - 1)}.")
         return self
 
     @classmethod
@@ -324,9 +414,10 @@ def _adapt(model, name, linear, A0, B0, cfg):
     return layer
 
 
-def inject(model, cfg, model_id, cache_dir=None):
+def inject(model, cfg, model_id, cache_dir=None, stats=None):
     """Replaces the target nn.Linear modules by LoRALinear, initialised by `cfg.init` ("inilora" reads
-    approximate.py's cache, or fills it). Returns the fingerprint of the base model's target weights."""
+    approximate.py's cache, or fills it; the DATA_DRIVEN ones read `stats`, {target: statistics} of
+    datainit.collect). Returns the fingerprint of the base model's target weights."""
     cfg.validate()
     fingerprint = base_fingerprint(model, cfg.targets)
     if cfg.full_finetuning:
@@ -341,6 +432,14 @@ def inject(model, cfg, model_id, cache_dir=None):
         weights = {name: linear.weight.detach() for name, linear in linears.items()}
         approx_cfg = ApproxConfig(rank=cfg.rank, steps=cfg.approx_steps, lr=cfg.approx_lr, seed=cfg.approx_seed)
         factors = load_or_approximate(model_id, weights, approx_cfg, cache_dir)
+    if cfg.init in DATA_DRIVEN:
+        if stats is None or sorted(stats) != sorted(linears):
+            given = "none" if stats is None else f"those of {sorted(stats)[:3]}..."
+            raise ValueError(f"init {cfg.init!r} is data-driven: it needs the statistics of training batches for "
+                             f"every target ({len(linears)} layers, e.g. {sorted(linears)[0]}), and was given {given}. "
+                             "Train with `python train.py --init " + cfg.init + "`, which reads them from the first "
+                             "--init-batches batches, or pass datainit.collect's statistics as `stats`.")
+        factors = stats
     g = torch.Generator().manual_seed(cfg.seed)
     errors = {}
     for name in sorted(linears):  # a fixed order: the same draws on every run
@@ -479,8 +578,11 @@ def add_lora_args(parser):
     for f in fields(LoRAConfig):
         if flag := f.metadata["flag"]:
             text = f.metadata["help"]
-            parser.add_argument(flag, type=f.metadata["parse"], default=f.metadata["flag_default"],
-                                help=text() if callable(text) else text)
+            text = text() if callable(text) else text
+            if f.type is bool:  # a switch: given means True
+                parser.add_argument(flag, action="store_true", default=f.metadata["flag_default"], help=text)
+            else:
+                parser.add_argument(flag, type=f.metadata["parse"], default=f.metadata["flag_default"], help=text)
     parser.add_argument("--cache-dir", default=None,
                         help="approximation cache; None: $INILORA_CACHE, else ~/.cache/inilora")
 

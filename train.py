@@ -26,7 +26,10 @@ flags beside it override it). --dtype bfloat16 keeps the frozen weights and R = 
 float32, rounded once) in bfloat16 and trains under bf16 autocast, with the adapters, head and optimizer
 state in float32; the run says at its start how far rounding R moves the step-0 weights
 (inilora.report_rounding). --grad-checkpointing recomputes decoder blocks in backward. --dry-run prints
-the memory estimate of the run (tools/memory.py) and trains nothing.
+the memory estimate of the run (tools/memory.py; the statistics pass below is not in it) and trains nothing.
+The data-driven initialisers (--init eva, lora-ga) first read the first --init-batches micro-batches of the
+run's own order (datainit.py, init_data): the run prints that pass's seconds and peak memory and keeps them
+in its checkpoints and final.json ("init_cost"); --resume restores A0, B0 from the checkpoint, reading nothing.
 
 Every check happens before the run directory exists (lib/runs.py owns it: checkpoints, resume, signals);
 Ctrl-C saves a checkpoint and exits 130; `python train.py --resume --out DIR` continues.
@@ -54,6 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import datainit
 import inilora
 import models
 from data.prepare import TASKS, load_split, loss_units, training_batch
@@ -267,10 +271,21 @@ def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distr
     fingerprint = inilora.base_fingerprint(model, lora_cfg.targets)
     if not world.main:
         distributed.barrier(world)  # under torchrun, rank 0 injects first: an approximation is computed once
-    if ckpt is not None:
+    init_cost = None
+    if ckpt is not None:  # the adapter's A0, B0 come back from the checkpoint: nothing is read or drawn again
         inilora.load_adapter(model, ckpt / runs.ADAPTER, model_id)
     else:
-        inilora.inject(model, lora_cfg, model_id, cache_dir)  # checks the rank against every target's shape
+        stats = None
+        if lora_cfg.init in inilora.DATA_DRIVEN:  # eva, lora-ga: statistics of the first --init-batches batches
+            model.to(device)  # read where the run trains
+            data = init_data(cfg, task, splits["train"], tokenizer.pad_id, device, lora_cfg.init_batches)
+            stats, init_cost = datainit.collect(model, lora_cfg, data)
+        injecting = time.perf_counter()
+        inilora.inject(model, lora_cfg, model_id, cache_dir, stats)  # checks the rank against every target's shape
+        if init_cost is not None:  # the decompositions of the statistics (eigh, SVD) happen in inject, on the CPU
+            init_cost["inject_seconds"] = round(time.perf_counter() - injecting, 3)
+            print(f"init {lora_cfg.init}: A0, B0 from the statistics and R = W0 - s B0 A0 in "
+                  f"{init_cost['inject_seconds']:.2f} s")
     if world.main:
         distributed.barrier(world)
     trainable, total_params = inilora.mark_trainable(model, lora_cfg)  # decoders: A, B only (no head.*)
@@ -286,10 +301,36 @@ def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distr
                             weight_decay=cfg.weight_decay)
     state, progress = (runs.restore_state(ckpt, model, opt, device, world.rank) if ckpt is not None
                        else ({"step": 0, "best": None}, {}))
+    if init_cost is not None:  # kept in every checkpoint's state, and written to final.json
+        state["init_cost"] = init_cost
     extra = {"task": cfg.task, "num_labels": task.num_labels, "max_length": cfg.max_length,
              "trainable_params": trainable, "total_params": total_params}
     return Job(run_dir, model, tokenizer, tokenizer.pad_id, model_id, fingerprint, splits, opt, state, extra, world,
                started, progress)
+
+
+def init_data(cfg, task, split, pad_id, device, n_batches):
+    """The batches of a data-driven initialiser (inilora.DATA_DRIVEN): the first `n_batches` micro-batches of
+    --batch-size examples in the run's own seeded order (epoch 0), each with its training loss (its mean over
+    the batch), and as its tokens the real ones: an encoder's attention mask, a causal LM's response tokens (PEFT
+    EVA's default label mask for language models)."""
+    n = len(split["input_ids"])
+    lengths = torch.tensor([len(x) for x in split["input_ids"]]) if cfg.group_by_length else None
+    order = epoch_order(n, cfg.seed, 0, lengths, cfg.batch_size * cfg.grad_accum).tolist()
+    picked = order[: n_batches * cfg.batch_size]
+    chunks = [picked[i:i + cfg.batch_size] for i in range(0, len(picked), cfg.batch_size)]
+    batches = [(training_batch(task, split, idx, pad_id, device), loss_units(task, split, idx)) for idx in chunks]
+
+    def loss(model, item):
+        batch, units = item
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            return OBJECTIVES[task.generates](model, batch, units)
+
+    def tokens(item):
+        batch, _ = item
+        return batch[2] != IGNORE_INDEX if task.generates else batch[1]  # (B, T) bool; None: no padding
+
+    return datainit.InitData(batches, loss, tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -465,8 +506,9 @@ def finish(cfg, job, device):
     print(f"best epoch {best['epoch']}: {scored}; peak memory {so_far['peak_memory_mib']:,.0f} MiB "
           f"({so_far['peak_memory_measure']}, {ranks}); {so_far['seconds']:,.0f} s in all (loading, training, evaluation)")
     if job.world.main:
+        init = {"init_cost": job.state["init_cost"]} if "init_cost" in job.state else {}
         write_json(runs.final_file(job.run_dir), {"step": job.state["step"], "best": best, "device": str(device),
-                                                  "world_size": job.world.size, **so_far})
+                                                  "world_size": job.world.size, **so_far, **init})
     return job.state
 
 

@@ -32,7 +32,8 @@ from models import DEFAULT_TARGETS, target_linears
 from models.decoder import load_causal_lm
 from models.encoder import load_model
 
-INITS = sorted(inilora.INITIALISERS)  # the initialisers with an adapter (every --init but "full")
+# the initialisers with an adapter that need no training batches (every --init but "full", eva and lora-ga)
+INITS = sorted(set(inilora.INITIALISERS) - set(inilora.DATA_DRIVEN))
 PARTS = ("minilm", "smollm2", "7b-layer")
 
 

@@ -1,6 +1,6 @@
 """Adapters on decoders: the method's invariants hold on a LLaMA-family model exactly as on encoders.
 
-For every initialiser, on a tiny random LlamaForCausalLM loaded by decoder.load_causal_lm with its
+For every initialiser (the data-driven ones reading the test batch), on a tiny random LlamaForCausalLM loaded by decoder.load_causal_lm with its
 default q_proj, v_proj targets:
 - the next-token logits are unchanged at step 0 (R = W0 - s B0 A0 absorbs the initial product);
 - after an optimizer step, the merged model (W = R + s B A) computes the unmerged model's logits;
@@ -12,6 +12,7 @@ import torch
 from test_inilora import as_rank2r
 from torch.testing import assert_close
 
+import datainit
 import inilora
 from models import DEFAULT_TARGETS
 from models.decoder import load_causal_lm
@@ -43,7 +44,11 @@ def test_decoder_adapters_keep_every_invariant(init, llama, tmp_path):
     ids, mask = batch()
     with torch.no_grad():
         before = model(ids, mask)  # (B, T, V)
-    fingerprint = inilora.inject(model, cfg, model_id, cache_dir=tmp_path / "approx")
+    stats = None
+    if init in inilora.DATA_DRIVEN:  # eva, lora-ga: the statistics of the batch, its real tokens only
+        data = datainit.InitData([(ids, mask)], lambda m, b: m(*b)[b[1].bool()].logsumexp(-1).mean(), lambda b: b[1])
+        stats, _ = datainit.collect(model, cfg, data)
+    fingerprint = inilora.inject(model, cfg, model_id, cache_dir=tmp_path / "approx", stats=stats)
     inilora.mark_trainable(model, cfg, verbose=False)
     assert sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}) == ["A", "B"]
     # invariant: the same function at step 0, for every initialiser (float32 rounding only)

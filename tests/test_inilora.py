@@ -28,6 +28,7 @@ import torch.nn as nn
 from safetensors.torch import save as safetensors_save
 from torch.testing import assert_close
 
+import datainit
 import inilora
 import models
 from inilora import INITIALISERS, LoRAConfig, LoRALinear, init_names
@@ -72,13 +73,27 @@ def x():
 
 def config(init, **kw):
     # IniLoRA: a short approximation keeps the test fast; its correctness is tested in test_approximate
-    return LoRAConfig(init=init, rank=4, approx_steps=kw.pop("approx_steps", 50), **kw).validate()
+    return LoRAConfig(init=init, **{"rank": 4, "approx_steps": 50, **kw}).validate()
+
+
+def toy_loss(model, x):
+    out = model(x)  # (B, K): one forward, so each layer sees each batch once
+    return out.pow(2).mean() - out[:, 0].mean()
+
+
+def toy_data(seed=2, batches=2, tokens=None):
+    """What a data-driven initialiser reads on the toy: `batches` inputs (4, 5, 16), the toy loss, and the
+    positions whose inputs count (`tokens`, (4, 5) bool; None: all)."""
+    g = torch.Generator().manual_seed(seed)
+    return datainit.InitData([torch.randn(4, 5, 16, generator=g) for _ in range(batches)], toy_loss,
+                             lambda x: tokens)
 
 
 def adapted(init, tmp_path, seed=0, **kw):
     model = toy(seed)
     cfg = config(init, **kw)
-    fp = inilora.inject(model, cfg, "toy", cache_dir=tmp_path / "cache")
+    stats = datainit.collect(model, cfg, toy_data())[0] if init in inilora.DATA_DRIVEN else None
+    fp = inilora.inject(model, cfg, "toy", cache_dir=tmp_path / "cache", stats=stats)
     inilora.mark_trainable(model, cfg, verbose=False)
     return model, cfg, fp
 
@@ -86,7 +101,7 @@ def adapted(init, tmp_path, seed=0, **kw):
 def train_steps(model, x, steps=3):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
-        loss = model(x).pow(2).mean() - model(x)[:, 0].mean()
+        loss = toy_loss(model, x)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -527,14 +542,15 @@ def test_flags_are_derived_from_the_config_fields():
     parser = argparse.ArgumentParser()
     inilora.add_lora_args(parser)
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings} - {"-h"}
-    assert flags == {"--init", "--rank", "--lora-alpha", "--targets", "--lora-dropout", "--alpha-std",
-                     "--approx-steps", "--approx-lr", "--approx-seed", "--cache-dir"}
+    assert flags == {"--init", "--rank", "--lora-alpha", "--rslora", "--targets", "--lora-dropout", "--alpha-std",
+                     "--init-batches", "--approx-steps", "--approx-lr", "--approx-seed", "--cache-dir"}
     assert parse([]) == LoRAConfig()
-    cfg = parse(["--init", "alpha", "--rank", "4", "--lora-alpha", "16", "--targets", "query, key",
-                 "--lora-dropout", "0.1", "--alpha-std", "0.2", "--approx-steps", "7", "--approx-lr", "1e-3",
-                 "--approx-seed", "5"], seed=3)
-    assert cfg == LoRAConfig(init="alpha", rank=4, lora_alpha=16.0, targets=("query", "key"), dropout=0.1,
-                             alpha_std=0.2, seed=3, approx_steps=7, approx_lr=1e-3, approx_seed=5)
+    cfg = parse(["--init", "alpha", "--rank", "4", "--lora-alpha", "16", "--rslora", "--targets", "query, key",
+                 "--lora-dropout", "0.1", "--alpha-std", "0.2", "--init-batches", "3", "--approx-steps", "7",
+                 "--approx-lr", "1e-3", "--approx-seed", "5"], seed=3)
+    assert cfg == LoRAConfig(init="alpha", rank=4, lora_alpha=16.0, rslora=True, targets=("query", "key"),
+                             dropout=0.1, alpha_std=0.2, seed=3, init_batches=3, approx_steps=7, approx_lr=1e-3,
+                             approx_seed=5)
 
 
 # --targets left out means the model family's default targets; given, it wins.
@@ -555,6 +571,8 @@ def test_targets_default_per_model_family():
     (["--alpha-std", "0"], "alpha_std=0.0", "> 0"),
     (["--approx-steps", "-1"], "approx_steps=-1", "0 (the N(0, σ̄²) start) or more"),
     (["--approx-lr", "0"], "approx_lr=0.0", "5e-4"),
+    (["--init-batches", "0"], "init_batches=0", "--init-batches 8"),
+    (["--init", "orthogonal", "--rank", "3"], "rank=3", "--rank 4"),
 ])
 def test_bad_flag_values_name_the_value_and_the_remedy(argv, named, advice):
     with pytest.raises(ValueError) as e:

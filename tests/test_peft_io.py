@@ -9,6 +9,8 @@
   model (also for targets whose names differ, e.g. attention.output.dense -> attn.out); the command
   line writes our adapter format, and exporting that again gives PEFT's tensors back;
 - run directories: best/ by default, the checkpoint last.json names with --checkpoint last;
+- --rslora: exported with use_rslora (rank r and rank 2r) and imported from a use_rslora PEFT adapter, PEFT's
+  logits both ways, and the import exported back gives PEFT's tensors;
 - bad input: an existing export target, full fine-tuning checkpoints, PEFT features our layer cannot
   hold (DoRA, rank patterns, ...), adapters for another base, and nothing left behind by a failed export.
 Tolerances: atol = rtol = 1e-5 in float32 (as test_decoder.py); atol 2e-5 on the tiny LLaMA, whose logits
@@ -26,6 +28,7 @@ import transformers
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+import datainit
 import inilora
 from inilora import LoRAConfig
 from models.decoder import load_causal_lm
@@ -35,7 +38,8 @@ from tools import peft_io
 TOL = dict(atol=1e-5, rtol=1e-5)
 TOLS = {"minilm": TOL, "bert": TOL, "roberta": TOL, "llama": dict(atol=2e-5, rtol=1e-5)}  # see the docstring
 INITS = sorted(inilora.INITIALISERS)  # every initialiser but "full"
-MUTATED = {"inilora", "alpha", "beta-kaiming-normal", "beta-kaiming-uniform", "pissa", "milora"}  # B0 != 0
+MUTATED = {"inilora", "alpha", "beta-kaiming-normal", "beta-kaiming-uniform", "pissa", "milora", "orthogonal",
+           "olora", "lora-ga"}  # B0 != 0 (orthogonal: B0 A0 = 0, yet B0 is not 0)
 
 
 @pytest.fixture(scope="module")
@@ -75,19 +79,28 @@ def hf_logits(model, ids, mask):
     return model(input_ids=ids, **({} if mask is None else {"attention_mask": mask})).logits
 
 
-def train_adapter(name, model_name, init, tmp_path, steps=2):
-    """Our model with adapters of `init` (rank 4, s = 2) after `steps` AdamW steps, saved as an adapter file."""
+def train_adapter(name, model_name, init, tmp_path, steps=2, rslora=False):
+    """Our model with adapters of `init` (rank 4, lora_alpha 8: s = 2, or 4 with `rslora`) after `steps` AdamW
+    steps, saved as an adapter file. The data-driven initialisers read the test batch first."""
     torch.manual_seed(0)
     model, model_id, (ids, mask), forward = ours(name, model_name)
     targets = ("q_proj", "v_proj") if name == "llama" else ("query", "value")
-    cfg = LoRAConfig(init=init, rank=4, lora_alpha=8.0, targets=targets, approx_steps=20)
-    fingerprint = inilora.inject(model, cfg, model_id, cache_dir=tmp_path / "cache")
+    cfg = LoRAConfig(init=init, rank=4, lora_alpha=8.0, rslora=rslora, targets=targets, approx_steps=20)
+
+    def loss_of(m, batch=None):
+        logits = forward(m)
+        target = ids[:, 1:] if name == "llama" else torch.tensor([0, 1, 1])
+        return F.cross_entropy((logits[:, :-1] if name == "llama" else logits).flatten(0, -2), target.flatten())
+
+    stats = None
+    if init in inilora.DATA_DRIVEN:  # the batch twice: an encoder's last query sees one token an example, 3 < r + 1
+        data = datainit.InitData([(ids, mask)] * 2, loss_of, lambda batch: batch[1])
+        stats, _ = datainit.collect(model, cfg, data)
+    fingerprint = inilora.inject(model, cfg, model_id, cache_dir=tmp_path / "cache", stats=stats)
     inilora.mark_trainable(model, cfg, verbose=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
-        logits = forward(model)
-        target = ids[:, 1:] if name == "llama" else torch.tensor([0, 1, 1])
-        loss = F.cross_entropy((logits[:, :-1] if name == "llama" else logits).flatten(0, -2), target.flatten())
+        loss = loss_of(model)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -231,15 +244,16 @@ PEFT_MADE = {  # name -> target_modules, modules_to_save of a PEFT-made adapter
 }
 
 
-def peft_made(bases, name, out):
-    """A PEFT LoRA adapter (r 4, lora_alpha 6) made with get_peft_model, trained one step, saved to `out`;
-    returns the PeftModel in eval mode."""
+def peft_made(bases, name, out, **options):
+    """A PEFT LoRA adapter (r 4, lora_alpha 6, LoraConfig `options`) made with get_peft_model, trained one step,
+    saved to `out`; returns the PeftModel in eval mode."""
     model_dir, _ = bases[name]
     torch.manual_seed(0)
     targets, heads = PEFT_MADE[name]
     task = "CAUSAL_LM" if name == "llama" else "SEQ_CLS"
     hf = peft.get_peft_model(hf_model(name, model_dir), peft.LoraConfig(
-        task_type=task, r=4, lora_alpha=6, target_modules=targets, modules_to_save=heads, lora_dropout=0.1))
+        task_type=task, r=4, lora_alpha=6, target_modules=targets, modules_to_save=heads, lora_dropout=0.1,
+        **options))
     hf.train()
     opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-2)
     ids, mask = batch(hf.config.vocab_size, hf.config.pad_token_id or 0, seed=1)
@@ -283,8 +297,7 @@ def test_import_command_round_trip(bases, tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("use_dora", True), ("rank_pattern", {"query": 8}), ("alpha_pattern", {"value": 2}),
-                                        ("use_rslora", True), ("bias", "all"), ("layers_to_transform", [0]),
-                                        ("fan_in_fan_out", True)])
+                                        ("bias", "all"), ("layers_to_transform", [0]), ("fan_in_fan_out", True)])
 def test_import_refuses_features_our_layer_cannot_hold(bases, key, value, tmp_path):
     # invariant: each unsupported feature is refused by name, before the model changes
     peft_made(bases, "bert", tmp_path / "peft")
@@ -320,3 +333,43 @@ def test_import_refuses_a_missing_or_pickled_adapter(bases, tmp_path):
     (tmp_path / "peft" / peft_io.WEIGHTS).unlink()
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors.*safe_serialization=True"):
         peft_io.read_peft(tmp_path / "peft")
+
+
+# -----------------------------------------------------------------------------
+# --rslora: s = lora_alpha / sqrt(r), PEFT's use_rslora
+
+
+@pytest.mark.parametrize("init", ["lora", "pissa"])
+def test_rslora_exports_with_use_rslora_and_gives_our_logits_in_peft(bases, init, tmp_path):
+    # invariant: an --rslora adapter exports with use_rslora = true and PEFT's scale lora_alpha / sqrt(r') equal
+    # to our s, at rank r (B0 = 0) and through the rank-2r conversion (pissa); PEFT and its merge give our logits
+    model_dir, model_name = bases["bert"]
+    model, cfg, path, (ids, mask), forward = train_adapter("bert", model_name, init, tmp_path, rslora=True)
+    assert cfg.scale == 8.0 / 2  # lora_alpha / sqrt(r), r = 4
+    with torch.no_grad():
+        expected = forward(model)
+    peft_io.export(path, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / peft_io.CONFIG).read_text())
+    assert config["use_rslora"] is True and config["r"] == (8 if init == "pissa" else 4)
+    assert_close(config["lora_alpha"] / config["r"] ** 0.5, cfg.scale, atol=0, rtol=1e-12)
+    hf = peft.PeftModel.from_pretrained(hf_model("bert", model_dir), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert_close(hf_logits(hf, ids, mask), expected, **TOL)
+        assert_close(hf_logits(hf.merge_and_unload(), ids, mask), forward(inilora.merge(model)), **TOL)
+
+
+def test_rslora_imports_from_peft_and_exports_back(bases, tmp_path):
+    # invariant: a PEFT adapter made with use_rslora=True imports as --rslora (s = 6 / sqrt(4) = 3), computes
+    # PEFT's logits on our model, and exports back with use_rslora and PEFT's own tensors
+    hf = peft_made(bases, "bert", tmp_path / "peft", use_rslora=True)
+    model, model_id, (ids, mask), forward = ours("bert", bases["bert"][1])
+    cfg, fingerprint = peft_io.load_peft(model, tmp_path / "peft", model_id)
+    assert cfg.rslora and (cfg.rank, cfg.scale) == (4, 3.0)
+    with torch.no_grad():
+        assert_close(forward(model), hf_logits(hf, ids, mask), **TOL)
+    path = inilora.save_adapter(model, tmp_path / "ours.safetensors", cfg, model_id, fingerprint, {"num_labels": 2})
+    peft_io.export(path, tmp_path / "again")
+    config = json.loads((tmp_path / "again" / peft_io.CONFIG).read_text())
+    assert (config["use_rslora"], config["r"], config["lora_alpha"]) == (True, 4, 6)
+    original, again = load_file(tmp_path / "peft" / peft_io.WEIGHTS), load_file(tmp_path / "again" / peft_io.WEIGHTS)
+    assert sorted(original) == sorted(again) and all(torch.equal(original[k], again[k]) for k in original)

@@ -232,6 +232,10 @@ def init_factors(args, inits):
     if unknown:
         raise ValueError(f"init {unknown[0]!r} is not one of {sorted(inilora.INITIALISERS)} (full fine-tuning has "
                          "no A0, B0); pass e.g. --inits lora,inilora,alpha.")
+    if data_driven := [i for i in inits if i in inilora.DATA_DRIVEN]:
+        raise ValueError(f"init {data_driven[0]!r} reads training batches (inilora.DATA_DRIVEN), which this figure "
+                         "does not have: it draws A0, B0 from W0 alone. Leave it out of --inits, e.g. "
+                         "--inits lora,inilora,alpha.")
     model_id, weights, targets = target_weights(args.model, args.targets)
     target = args.target or sorted(weights)[0]
     if target not in weights:
@@ -385,8 +389,9 @@ def parse_args(argv):
     parsers["subspace"].add_argument("--steps-list", type=int_list, default=[0, 250, 1000, 4000, 20000],
                                      help="comma-separated approximation step counts (each cached)")
     q = parsers["init-hist"]
-    q.add_argument("--inits", default=list(inilora.INITIALISERS), type=lambda t: [x.strip() for x in t.split(",")],
-                   help="comma-separated initialisers")
+    q.add_argument("--inits", default=[i for i in inilora.INITIALISERS if i not in inilora.DATA_DRIVEN],
+                   type=lambda t: [x.strip() for x in t.split(",")],
+                   help="comma-separated initialisers (not the data-driven ones, which read training batches)")
     q.add_argument("--target", default=None, help="full name of the matrix to show; None: the first in sorted order")
     q.add_argument("--seed", type=int, default=0, help="train.py's --seed: the draws of the random initialisers")
     q.add_argument("--alpha-std", type=float, default=0.5, help="σ_α of IniLoRA-α")

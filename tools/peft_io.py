@@ -6,13 +6,14 @@ a trained adapter makes to the base model is (docs/method.md "Checkpoints and th
 
     ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]
 
-Export: an adapter whose B0 = 0 (lora, gaussian, an imported one) is a PEFT LoRA of rank r as it is:
-lora_A = A, lora_B = B, lora_alpha = r s. Every other initialiser (inilora, alpha, beta-*, pissa, milora)
-goes through inilora.rank2r, a LoRA of rank 2r: lora_A = [A ; A0], lora_B = [B | -B0],
-lora_alpha = 2r s, so PEFT's scale lora_alpha / r' is our s. The task head (BERT: pooler + classifier,
+Export: an adapter whose B0 = 0 (lora, gaussian, eva, an imported one) is a PEFT LoRA of rank r as it is:
+lora_A = A, lora_B = B, its lora_alpha. Every other initialiser (inilora, alpha, beta-*, pissa, milora,
+orthogonal, olora, lora-ga) goes through inilora.rank2r, a LoRA of rank 2r: lora_A = [A ; A0],
+lora_B = [B | -B0], lora_alpha = 2r s, so PEFT's scale lora_alpha / r' is our s. A --rslora adapter is
+exported with use_rslora = true (PEFT's scale lora_alpha / sqrt(r'); lora_alpha = sqrt(2r) s after rank2r). The task head (BERT: pooler + classifier,
 RoBERTa: classifier.dense + out_proj) goes in modules_to_save; decoders have none (task_type CAUSAL_LM).
 Import: a PEFT LoRA (rank r, any lora_alpha) becomes our adapter with init "lora", A = lora_A,
-B = lora_B, s = lora_alpha / r, and A0 = lora_A, B0 = 0, so that R = W0 exactly (B0 A0 = 0) and the
+B = lora_B, s = lora_alpha / r (use_rslora: --rslora, s = lora_alpha / sqrt(r)), and A0 = lora_A, B0 = 0, so that R = W0 exactly (B0 A0 = 0) and the
 imported adapter computes PEFT's function; training it further starts from PEFT's adapter.
 Module names come from the models' own checkpoint name maps (model.checkpoint_name_map for BERT/RoBERTa,
 decoder.hf_name_map for LLaMA-family decoders), read backwards: encoder.layers.0.attn.query <->
@@ -50,7 +51,6 @@ SEQ_CLS_HEADS = ("classifier", "score")  # PeftModelForSequenceClassification ad
 # adapter_config.json keys our layer cannot represent -> (is the feature used?, what it is)
 UNSUPPORTED = {
     "use_dora": (bool, "DoRA (use_dora)"),
-    "use_rslora": (bool, "rank-stabilised scaling lora_alpha / sqrt(r) (use_rslora)"),
     "rank_pattern": (bool, "per-module ranks (rank_pattern)"),
     "alpha_pattern": (bool, "per-module lora_alpha (alpha_pattern)"),
     "bias": (lambda v: v not in (None, "none"), "trained biases (bias != 'none')"),
@@ -109,10 +109,7 @@ def peft_adapter(path):
                          "initialiser, e.g. --init inilora.")
     if any(t.any() for k, t in tensors.items() if k.endswith(".B0")):
         # ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]: a plain LoRA of rank 2r (inilora.rank2r)
-        tensors, _ = inilora.rank2r(tensors, cfg)
-        rank = 2 * cfg.rank
-    else:  # B0 = 0: ΔW = s B A already
-        rank = cfg.rank
+        tensors, cfg = inilora.rank2r(tensors, cfg)  # rank 2r, the same s
     config = read_config(meta["model_id"])
     names = hf_modules(config)
     out = {}
@@ -126,12 +123,12 @@ def peft_adapter(path):
                              f"{list(cfg.targets)} cannot be exported (lm_head tied to the embeddings, for example).")
         lora = {"A": "lora_A.weight", "B": "lora_B.weight"}.get(leaf, leaf)  # A (r, d_in), B (d_out, r)
         out[f"{PREFIX}{names[module]}.{lora}"] = t.contiguous()
-    return out, peft_config(cfg, rank, names, tensors, meta["model_id"], config)
+    return out, peft_config(cfg, names, tensors, meta["model_id"], config)
 
 
-def peft_config(cfg, rank, names, tensors, model_id, config):
-    """adapter_config.json: r' = rank, lora_alpha' = r' s (PEFT's scale lora_alpha' / r' = s), the targets,
-    the task head in modules_to_save, and the base model's Hub id where it has one."""
+def peft_config(cfg, names, tensors, model_id, config):
+    """adapter_config.json: r and lora_alpha of `cfg` (PEFT's scale lora_alpha / r, or / sqrt(r) with use_rslora,
+    is our s), the targets, the task head in modules_to_save, and the base model's Hub id where it has one."""
     adapted = sorted({names[k.rsplit(".", 1)[0]] for k in tensors if k.endswith(".A")})
     leaves = sorted({hf.rsplit(".", 1)[-1] for hf in adapted})
     same_leaf = sorted(hf for hf in names.values() if hf.rsplit(".", 1)[-1] in leaves)
@@ -140,13 +137,13 @@ def peft_config(cfg, rank, names, tensors, model_id, config):
     head = sorted({names[k.rsplit(".", 1)[0]] for k in tensors if is_head(k)})
     # a head part under classifier/score is saved whole by PEFT's SEQ_CLS model: name the whole module
     head = sorted({next((h for h in SEQ_CLS_HEADS if n == h or n.startswith(h + ".")), n) for n in head})
-    alpha = rank * cfg.scale
+    alpha = cfg.rank if cfg.lora_alpha is None else cfg.lora_alpha
     task = "CAUSAL_LM" if isinstance(config, decoder.DecoderConfig) else "SEQ_CLS"
     return {"peft_type": "LORA", "task_type": task,
-            "base_model_name_or_path": HUB_IDS.get(model_id, model_id), "r": rank,
+            "base_model_name_or_path": HUB_IDS.get(model_id, model_id), "r": cfg.rank,
             "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": cfg.dropout,
             "target_modules": targets, "modules_to_save": head or None, "bias": "none", "fan_in_fan_out": False,
-            "use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+            "use_dora": False, "use_rslora": cfg.rslora, "rank_pattern": {}, "alpha_pattern": {},
             "init_lora_weights": True, "inference_mode": True}
 
 
@@ -232,7 +229,8 @@ def load_peft(model, peft_dir, model_id=None):
                          "(embeddings, lm_head). Load it on its own base model.")
     targets = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[-1] for k in given if not is_head(k)})
     lora_cfg = inilora.LoRAConfig(init="lora", rank=cfg.get("r"), lora_alpha=float(cfg.get("lora_alpha", cfg.get("r"))),
-                              targets=tuple(targets), dropout=float(cfg.get("lora_dropout") or 0.0)).validate()
+                                  rslora=bool(cfg.get("use_rslora")), targets=tuple(targets),
+                                  dropout=float(cfg.get("lora_dropout") or 0.0)).validate()
     linears = target_linears(model, lora_cfg.targets)
     # lora_A (r, d_in), lora_B (d_out, r) per target; the head as the model has it
     expected = {}
@@ -253,7 +251,7 @@ def load_peft(model, peft_dir, model_id=None):
     for name in linears:
         layer = model.get_submodule(name)
         A, B = given[f"{name}.A"], given[f"{name}.B"]
-        # A = A0 = lora_A, B = lora_B, B0 = 0: the update s B A is PEFT's (lora_alpha / r) lora_B lora_A
+        # A = A0 = lora_A, B = lora_B, B0 = 0: the update s B A is PEFT's scaling * lora_B lora_A
         layer.A.copy_(A)
         layer.A0.copy_(A)
         layer.B.copy_(B)
