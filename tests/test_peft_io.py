@@ -81,13 +81,14 @@ def hf_logits(model, ids, mask):
     return model(input_ids=ids, **({} if mask is None else {"attention_mask": mask})).logits
 
 
-def train_adapter(name, model_name, init, tmp_path, steps=2, rank=4, extra=None):
-    """Our model with adapters of `init` (rank 4, s = 2) after `steps` AdamW steps, saved as an adapter file
-    (its sidecar holding `extra` besides)."""
+def train_adapter(name, model_name, init, tmp_path, steps=2, rank=4, extra=None, lora_alpha="2r"):
+    """Our model with adapters of `init` (rank 4, s = 2; lora_alpha None: s = 1) after `steps` AdamW steps, saved
+    as an adapter file (its sidecar holding `extra` besides)."""
     torch.manual_seed(0)
     model, model_id, (ids, mask), forward = ours(name, model_name)
     targets = ("q_proj", "v_proj") if name == "llama" else ("query", "value")
-    cfg = LoRAConfig(init=init, rank=rank, lora_alpha=2.0 * rank, targets=targets, approx_steps=20)
+    cfg = LoRAConfig(init=init, rank=rank, lora_alpha=2.0 * rank if lora_alpha == "2r" else lora_alpha,
+                     targets=targets, approx_steps=20)
     fingerprint = inilora.inject(model, cfg, model_id, cache_dir=tmp_path / "cache")
     inilora.mark_trainable(model, cfg, verbose=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -334,7 +335,7 @@ def test_export_refuses_a_bad_rank(bases, rank, tmp_path):
 def test_model_card_names_base_init_task_and_scores(bases, tmp_path, monkeypatch):
     monkeypatch.setenv("INILORA_CACHE", str(tmp_path / "cache"))  # the dev split's tokens, cached here
     _, model_name = bases["minilm"]
-    _, _, path, _, _ = train_adapter("minilm", model_name, "inilora", tmp_path,
+    _, _, path, _, _ = train_adapter("minilm", model_name, "inilora", tmp_path, lora_alpha=None,
                                      extra={"task": "rotten-tomatoes", "max_length": 64})
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
@@ -347,7 +348,7 @@ def test_model_card_names_base_init_task_and_scores(bases, tmp_path, monkeypatch
     card = (tmp_path / "peft" / peft_io.CARD).read_text()
     # invariant: PEFT's front matter, then the base, initialiser, task, the best dev epoch and the test score
     assert card.startswith("---\nlibrary_name: peft\nbase_model: \"sentence-transformers/all-MiniLM-L6-v2\"\n")
-    for text in ("initialiser: `inilora`, rank r = 4", "task: rotten-tomatoes", "dev score: accuracy 0.7500",
+    for text in ("initialiser: `inilora`, rank r = 4, lora_alpha = 4 (s = 1)", "task: rotten-tomatoes", "dev score: accuracy 0.7500",
                  "test score: accuracy 0.7000", "from rank 8 to 2", "modules_to_save"):
         assert text in card, text
     # invariant: the per-layer numbers are stored beside it, measured on the task's dev examples

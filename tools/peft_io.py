@@ -231,7 +231,7 @@ def export(source, out_dir, checkpoint=None, rank=None):
 
 @torch.no_grad()
 def logit_change(adapter, run, peft_dir):
-    """{"batch": which, "max_abs_logit_change": max |z - z'|}: z the logits of the base model with our adapter
+    """{"batch": which, "max_abs_logit_change": max |z - z'|, "max_abs_logit": max |z|}: z the logits of the base model with our adapter
     (inilora.load_adapter, the exact update), z' with the PEFT adapter `peft_dir` (load_peft), on a fixed
     batch: the first LOGIT_EXAMPLES dev examples of the adapter's task, or seeded token ids if it records none."""
     _, meta = inilora.read_adapter(adapter)
@@ -257,7 +257,7 @@ def logit_change(adapter, run, peft_dir):
         z, z2 = exact(ids, mask)[real], other(ids, mask)[real]
     else:  # logits (B, K)
         z, z2 = exact(ids, mask, types), other(ids, mask, types)
-    return {"batch": what, "max_abs_logit_change": float((z - z2).abs().max())}
+    return {"batch": what, "max_abs_logit_change": float((z - z2).abs().max()), "max_abs_logit": float(z.abs().max())}
 
 
 def fixed_ids(vocab_size):
@@ -276,11 +276,12 @@ def run_scores(run, checkpoint, task):
     for dev and test, else for best/ the best epoch's dev record in metrics.jsonl."""
     if run is None or task not in TASKS:
         return {}
-    name = checkpoint or "best"
-    scores = {split: read_json(run / f"eval-{name}-{split}.json")["metrics"] for split in ("dev", "test")
-              if (run / f"eval-{name}-{split}.json").is_file()}
-    if "dev" not in scores and name == "best" and (dev := best_dev(run, TASKS[task].metrics[0])):
-        scores["dev"] = {k: dev[k] for k in TASKS[task].metrics if k in dev}
+    name, scores = checkpoint or "best", {}
+    for split in ("dev", "test"):
+        if (run / f"eval-{name}-{split}.json").is_file():
+            scores[split] = read_json(run / f"eval-{name}-{split}.json")["metrics"]
+        elif split == "dev" and name == "best" and (dev := best_dev(run, TASKS[task].metrics[0])):
+            scores[split] = {k: dev[k] for k in TASKS[task].metrics if k in dev}
     return scores
 
 
@@ -295,7 +296,7 @@ def model_card(adapter, run, checkpoint, config, report):
              "---", "", f"# {cfg.init} adapter of {base}" + (f" for {task}" if task else ""), "",
              f"A PEFT LoRA exported by `python -m tools.peft_io export` from `{adapter}`.", "",
              f"- base model: `{base}`",
-             f"- initialiser: `{cfg.init}`, rank r = {cfg.rank}, lora_alpha = {cfg.lora_alpha:g} (s = {cfg.scale:g}), "
+             f"- initialiser: `{cfg.init}`, rank r = {cfg.rank}, lora_alpha = {cfg.rank * cfg.scale:g} (s = {cfg.scale:g}), "
              f"targets {', '.join(cfg.targets)}",
              f"- task: {task or 'not recorded'}"]
     for split, metrics in run_scores(run, checkpoint, task).items():
@@ -312,7 +313,8 @@ def model_card(adapter, run, checkpoint, config, report):
         errors = [layer["relative_error"] for layer in report["layers"]]
         lines += ["", "## Compression", "",
                   f"Relative Frobenius error of ΔW per layer {min(errors):.4f} .. {max(errors):.4f}; largest logit "
-                  f"change {report['max_abs_logit_change']:.4g} on {report['batch']} ({REPORT} has every layer).", "",
+                  f"change {report['max_abs_logit_change']:.4g} (logits up to {report['max_abs_logit']:.4g} in size) on "
+                  f"{report['batch']} ({REPORT} has every layer).", "",
                   "| module | relative error |", "|---|---|"]
         lines += [f"| {layer['module']} | {layer['relative_error']:.4f} |" for layer in report["layers"]]
     return "\n".join(lines) + "\n"
@@ -472,7 +474,8 @@ def main(argv=None):
         adapter, config, report = export(args.source, args.out_dir, args.checkpoint, args.rank)
         if report is not None:
             compress.print_table(report)
-            print(f"largest logit change {report['max_abs_logit_change']:.4g} on {report['batch']}")
+            print(f"largest logit change {report['max_abs_logit_change']:.4g} (logits up to "
+                  f"{report['max_abs_logit']:.4g} in size) on {report['batch']}")
         print(f"exported {adapter} -> {args.out_dir}: PEFT LoRA r={config['r']}, lora_alpha={config['lora_alpha']}, "
               f"targets {config['target_modules'][:4]}, modules_to_save {config['modules_to_save']}, "
               f"base {config['base_model_name_or_path']}, model card {CARD}")
