@@ -11,6 +11,12 @@
 - run directories: best/ by default, the checkpoint last.json names with --checkpoint last;
 - --rslora: exported with use_rslora (rank r and rank 2r) and imported from a use_rslora PEFT adapter, PEFT's
   logits both ways, and the import exported back gives PEFT's tensors;
+- serving: a decoder's export is what vLLM loads (no modules_to_save, the base model's module names, a rank
+  among vLLM's, padded with zeros where 2r is not, which PEFT shows changes nothing); --rank K compresses ΔW
+  by truncated SVD with each layer's relative error 0 at K = 2r and the discarded energy
+  sqrt(sum_{i>K} σ_i^2 / sum σ_i^2) below it, an energy fraction picks the largest rank a layer needs, PEFT
+  loads the compressed adapter and the reported logit change is PEFT's; the model card (README.md) names
+  the base model, initialiser, task and the run's scores; a bad --rank is a sentence, before anything is written;
 - bad input: an existing export target, full fine-tuning checkpoints, PEFT features our layer cannot
   hold (DoRA, rank patterns, ...), adapters for another base, and nothing left behind by a failed export.
 Tolerances: atol = rtol = 1e-5 in float32 (as test_decoder.py); atol 2e-5 on the tiny LLaMA, whose logits
@@ -79,13 +85,15 @@ def hf_logits(model, ids, mask):
     return model(input_ids=ids, **({} if mask is None else {"attention_mask": mask})).logits
 
 
-def train_adapter(name, model_name, init, tmp_path, steps=2, rslora=False):
-    """Our model with adapters of `init` (rank 4, lora_alpha 8: s = 2, or 4 with `rslora`) after `steps` AdamW
-    steps, saved as an adapter file. The data-driven initialisers read the test batch first."""
+def train_adapter(name, model_name, init, tmp_path, steps=2, rank=4, extra=None, lora_alpha="2r", rslora=False):
+    """Our model with adapters of `init` (rank 4, s = 2, or 2 / sqrt(4) * 4 = 4 with `rslora`; lora_alpha None:
+    s = 1) after `steps` AdamW steps, saved as an adapter file (its sidecar holding `extra` besides). The
+    data-driven initialisers read the test batch first."""
     torch.manual_seed(0)
     model, model_id, (ids, mask), forward = ours(name, model_name)
     targets = ("q_proj", "v_proj") if name == "llama" else ("query", "value")
-    cfg = LoRAConfig(init=init, rank=4, lora_alpha=8.0, rslora=rslora, targets=targets, approx_steps=20)
+    cfg = LoRAConfig(init=init, rank=rank, lora_alpha=2.0 * rank if lora_alpha == "2r" else lora_alpha,
+                     rslora=rslora, targets=targets, approx_steps=20)
 
     def loss_of(m, batch=None):
         logits = forward(m)
@@ -105,7 +113,7 @@ def train_adapter(name, model_name, init, tmp_path, steps=2, rslora=False):
         opt.step()
         opt.zero_grad()
     path = inilora.save_adapter(model, tmp_path / "adapter.safetensors", cfg, model_id, fingerprint,
-                                {} if name == "llama" else {"num_labels": 2})
+                                ({} if name == "llama" else {"num_labels": 2}) | (extra or {}))
     return model, cfg, path, (ids, mask), forward
 
 
@@ -122,8 +130,10 @@ def test_export_gives_our_logits_in_peft(bases, name, init, tmp_path):
         expected = forward(model)
     peft_io.export(path, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / peft_io.CONFIG).read_text())
-    # invariant: rank r where B0 = 0, else the rank-2r conversion; PEFT's lora_alpha / r' is our s
-    assert config["r"] == (8 if init in MUTATED else 4) and config["lora_alpha"] / config["r"] == cfg.scale
+    # invariant: rank r where B0 = 0, else the rank-2r conversion, and a decoder's padded to vLLM's 8;
+    # PEFT's lora_alpha / r' is our s
+    assert config["r"] == (8 if init in MUTATED or name == "llama" else 4)
+    assert config["lora_alpha"] / config["r"] == cfg.scale
     assert config["task_type"] == ("CAUSAL_LM" if name == "llama" else "SEQ_CLS")
     assert config["base_model_name_or_path"] == ("sentence-transformers/all-MiniLM-L6-v2" if name == "minilm"
                                                  else str(model_dir.resolve()))
@@ -230,6 +240,134 @@ def test_export_refuses_full_fine_tuning_and_leaves_nothing(bases, tmp_path):
     with pytest.raises(ValueError, match="full.*--init inilora"):
         peft_io.export(path, tmp_path / "out" / "peft")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# -----------------------------------------------------------------------------
+# serving: vLLM's constraints, compression to rank K, the model card
+
+
+def peft_factors(peft_dir):
+    """{PEFT module name: (lora_B (d_out, r'), lora_A (r', d_in))} and the scale lora_alpha / r' of an export."""
+    config = json.loads((peft_dir / peft_io.CONFIG).read_text())
+    tensors = load_file(peft_dir / peft_io.WEIGHTS)
+    names = [k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")]
+    return {n: (tensors[f"{n}.lora_B.weight"], tensors[f"{n}.lora_A.weight"]) for n in names}, \
+        config["lora_alpha"] / config["r"]
+
+
+def test_decoder_export_is_what_vllm_loads(bases, tmp_path, capsys):
+    model_dir, model_name = bases["llama"]
+    model, cfg, path, (ids, _), forward = train_adapter("llama", model_name, "inilora", tmp_path, rank=3)
+    peft_io.main(["export", str(path), str(tmp_path / "peft")])
+    # the command line names the --max-lora-rank a vLLM server needs
+    assert "--max-lora-rank 8" in capsys.readouterr().out
+    config = json.loads((tmp_path / "peft" / peft_io.CONFIG).read_text())
+    # invariant: vLLM's PEFTHelper refuses modules_to_save and DoRA, and its --max-lora-rank is one of
+    # VLLM_RANKS: 2r = 6 is padded to 8, the scale lora_alpha / r' still s
+    assert config["modules_to_save"] is None and not config["use_dora"] and not config["use_rslora"]
+    assert config["r"] == 8 and config["r"] in peft_io.VLLM_RANKS and config["lora_alpha"] / 8 == cfg.scale
+    # invariant: every tensor names a module of the base model as transformers builds it, by a target leaf
+    hf = hf_model("llama", model_dir)
+    modules = dict(hf.named_modules())
+    factors, _ = peft_factors(tmp_path / "peft")
+    for name, (B, A) in factors.items():
+        module = name.removeprefix(peft_io.PREFIX)
+        assert module in modules and module.rsplit(".", 1)[-1] in config["target_modules"]
+        # invariant: the padding is zeros: columns 6, 7 of lora_B and rows 6, 7 of lora_A
+        assert B.shape[1] == A.shape[0] == 8 and not B[:, 6:].any() and not A[6:].any()
+    # invariant: PEFT on the original model computes our adapted model's logits: the padding is exact
+    with torch.no_grad():
+        expected = forward(model)
+        assert_close(hf_logits(peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval(), ids, None),
+                     expected, **TOLS["llama"])
+    # a compressed decoder export is padded too: K = 3 -> r' 8 with lora_alpha 8 (scale 1), and PEFT loads it
+    _, config, report = peft_io.export(path, tmp_path / "peft-k3", rank="3")
+    assert (report["rank"], config["r"], config["lora_alpha"]) == (3, 8, 8) and config["modules_to_save"] is None
+    # invariant: the reported change is the largest |Δlogit| of the compressed adapter over the exact one, on
+    # the fixed token ids (the adapter records no task)
+    assert "token ids" in report["batch"]
+    fixed = peft_io.fixed_ids(model.config.vocab_size)  # (B, T)
+    with torch.no_grad():
+        compressed = hf_logits(peft.PeftModel.from_pretrained(hf_model("llama", model_dir),
+                                                              str(tmp_path / "peft-k3")).eval(), fixed, None)
+        assert_close((compressed - model(fixed)).abs().max().item(), report["max_abs_logit_change"], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["inilora", "lora"])
+def test_compressed_error_is_the_discarded_energy(bases, init, tmp_path):
+    model_dir, model_name = bases["bert"]
+    model, cfg, path, _, _ = train_adapter("bert", model_name, init, tmp_path)
+    tensors, _ = inilora.read_adapter(path)
+    exact_rank = 8 if init in MUTATED else 4
+    # the reference: σ of ΔW = s (B A - B0 A0) per layer, in float64, from our adapter's own tensors, by the
+    # layer's Hugging Face name (as the report names it)
+    hf_name, sigma = peft_io.hf_modules(model.config), {}
+    for name in [k.removesuffix(".A") for k in tensors if k.endswith(".A")]:
+        A, B, A0, B0 = (tensors[f"{name}.{k}"].double() for k in ("A", "B", "A0", "B0"))
+        sigma[hf_name[name]] = torch.linalg.svdvals(cfg.scale * (B @ A - B0 @ A0))  # (min(d_out, d_in),)
+    fixed = peft_io.fixed_ids(model.config.vocab_size)  # (B, T)
+    for K in (exact_rank, exact_rank // 2, 1):
+        _, config, report = peft_io.export(path, tmp_path / f"k{K}", rank=str(K))
+        assert (config["r"], config["lora_alpha"], report["rank"]) == (K, K, K)  # scale 1: σ in the factors
+        # invariant: each layer's relative error is sqrt(sum_{i>K} σ_i^2 / sum σ_i^2), 0 at the exact rank
+        assert sorted(layer["module"] for layer in report["layers"]) == sorted(sigma)
+        for layer in report["layers"]:
+            s = sigma[layer["module"]]
+            discarded = (s[K:].square().sum() / s.square().sum()).sqrt().item()
+            assert_close(layer["relative_error"], discarded, atol=1e-6, rtol=1e-4)
+            assert_close(layer["discarded_energy"], discarded, atol=1e-9, rtol=1e-9)
+        if K == exact_rank:
+            assert max(layer["relative_error"] for layer in report["layers"]) < 1e-6
+            assert report["max_abs_logit_change"] < 1e-5
+        # invariant: PEFT loads the compressed adapter, and the reported logit change is PEFT's (on the
+        # fixed token ids: the adapter records no task)
+        hf = peft.PeftModel.from_pretrained(hf_model("bert", model_dir), str(tmp_path / f"k{K}")).eval()
+        with torch.no_grad():
+            assert_close((hf_logits(hf, fixed, None) - model(fixed, None)).abs().max().item(),
+                         report["max_abs_logit_change"], atol=1e-5, rtol=0)
+    # invariant: an energy fraction e keeps, in every layer, the largest of the smallest ranks K_l whose
+    # kept energy sum_{i<=K_l} σ_i^2 / sum σ_i^2 reaches e
+    _, config, report = peft_io.export(path, tmp_path / "e", rank="0.9")
+    kept = {n: (s.square().cumsum(0) / s.square().sum()) for n, s in sigma.items()}
+    needed = {n: int((k < 0.9).sum()) + 1 for n, k in kept.items()}
+    assert config["r"] == report["rank"] == max(needed.values())
+    assert {layer["module"]: layer["rank_needed"] for layer in report["layers"]} == needed
+
+
+@pytest.mark.parametrize("rank", ["0", "-2", "9", "1.0", "1.5", "0.0", "-0.5", "nan", "eight"])
+def test_export_refuses_a_bad_rank(bases, rank, tmp_path):
+    # invariant: a rank outside 1..2r, or a fraction outside (0, 1), is a sentence naming it and the
+    # allowed values, and nothing is written
+    _, model_name = bases["bert"]
+    _, _, path, _, _ = train_adapter("bert", model_name, "inilora", tmp_path)
+    with pytest.raises(ValueError, match=rf"--rank .*{rank}.*1 <= K <= 8.*0 < e < 1"):
+        peft_io.export(path, tmp_path / "out" / "peft", rank=rank)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_model_card_names_base_init_task_and_scores(bases, tmp_path, monkeypatch):
+    monkeypatch.setenv("INILORA_CACHE", str(tmp_path / "cache"))  # the dev split's tokens, cached here
+    _, model_name = bases["minilm"]
+    _, _, path, _, _ = train_adapter("minilm", model_name, "inilora", tmp_path, lora_alpha=None,
+                                     extra={"task": "rotten-tomatoes", "max_length": 64})
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(path.with_suffix(suffix), run / "best" / f"adapter{suffix}")
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"dev": {"accuracy": 0.625}}\n{"dev": {"accuracy": 0.75}}\n')
+    (run / "eval-best-test.json").write_text(json.dumps({"split": "test", "metrics": {"accuracy": 0.7}}))
+    _, config, report = peft_io.export(run, tmp_path / "peft", rank="2")
+    card = (tmp_path / "peft" / peft_io.CARD).read_text()
+    # invariant: PEFT's front matter, then the base, initialiser, task, the best dev epoch and the test score
+    assert card.startswith("---\nlibrary_name: peft\nbase_model: \"sentence-transformers/all-MiniLM-L6-v2\"\n")
+    for text in ("initialiser: `inilora`, rank r = 4, lora_alpha = 4 (s = 1)", "task: rotten-tomatoes", "dev score: accuracy 0.7500",
+                 "test score: accuracy 0.7000", "from rank 8 to 2", "modules_to_save"):
+        assert text in card, text
+    # invariant: the per-layer numbers are stored beside it, measured on the task's dev examples
+    stored = json.loads((tmp_path / "peft" / peft_io.REPORT).read_text())
+    assert stored == report and report["batch"] == "the first 8 examples of rotten-tomatoes/dev"
+    assert len(report["layers"]) == 12 and report["max_abs_logit_change"] > 0  # query, value of 6 layers
 
 
 # -----------------------------------------------------------------------------

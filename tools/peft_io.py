@@ -19,10 +19,24 @@ Module names come from the models' own checkpoint name maps (model.checkpoint_na
 decoder.hf_name_map for LLaMA-family decoders), read backwards: encoder.layers.0.attn.query <->
 bert.encoder.layer.0.attention.self.query, as AutoModelForSequenceClassification / ForCausalLM name it.
 
+Serving (vLLM): a server's --max-lora-rank must be one of VLLM_RANKS (8, 16, ..., 512; default 16) and at
+least the adapter's r, and vLLM refuses modules_to_save. A decoder's export has no modules_to_save, its
+target_modules as the base model names its layers (q_proj, v_proj), and its rank r' padded up to the next of
+VLLM_RANKS with zero rows of lora_A and zero columns of lora_B, lora_alpha'' = r'' s. The padding is exact:
+[B' | 0] [A' ; 0] = B' A' and the scale is s still. The export prints the --max-lora-rank to serve it with.
+An encoder's export keeps its rank and its task head in modules_to_save (PEFT serves it, vLLM does not).
+Smaller exports: --rank K (or an energy fraction e in (0, 1)) compresses ΔW to rank K by truncated SVD
+(tools/compress.py), and reports each layer's relative error and the largest logit change on a fixed batch
+(compression.json). Every export writes README.md beside adapter_config.json, a model card as PEFT writes
+one (library_name: peft, the base model, the initialiser, the task and the run's dev/test scores).
+
     python -m tools.peft_io export runs/minilm-rotten-tomatoes-inilora-r8-seed0 peft/inilora
+    python -m tools.peft_io export runs/minilm-rotten-tomatoes-inilora-r8-seed0 peft/inilora-r4 --rank 4
     python -m tools.peft_io import peft/inilora imported.safetensors --model minilm
 """
 import argparse
+import math
+import json
 import os
 import shutil
 import tempfile
@@ -34,17 +48,23 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 import inilora
-from data.prepare import TASKS
+import models
+from data.prepare import TASKS, load_split, training_batch
 from evaluate import find_adapter
 from lib.artifacts import check_tensors
 from lib.common import run_cli, write_atomic, write_json
+from lib.runs import adapter_settings, best_dev, config_file
 from models import decoder, encoder, target_linears
 from models.checkpoint import MINILM, SMOLLM2, read_json, resolve_model
 from models.gguf_file import gguf_config, open_gguf
+from tools import compress
 
-# Shapes: r the rank, d_in / d_out a target layer's sizes, K the number of labels.
+# Shapes: r the rank, d_in / d_out a target layer's sizes, K the number of labels, B batch, T tokens, V vocabulary.
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a PEFT adapter directory
+CARD, REPORT = "README.md", "compression.json"  # the model card; what --rank cost (tools/compress.py)
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values (its LoRAConfig)
+LOGIT_EXAMPLES = 8  # the fixed batch a compressed export is measured on: the first 8 dev examples
 PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the transformers model)
 HUB_IDS = {MINILM: "sentence-transformers/all-MiniLM-L6-v2", SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 SEQ_CLS_HEADS = ("classifier", "score")  # PeftModelForSequenceClassification adds these to modules_to_save
@@ -147,28 +167,162 @@ def peft_config(cfg, names, tensors, model_id, config):
             "init_lora_weights": True, "inference_mode": True}
 
 
-def export(source, out_dir, checkpoint=None):
+def plain(x):
+    return int(x) if float(x).is_integer() else x  # lora_alpha 16, not 16.0, as PEFT's own configs write it
+
+
+def peft_scale(config):
+    """PEFT's scale of an adapter_config.json: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+
+
+def serving_rank(rank):
+    """The smallest of VLLM_RANKS that is at least `rank` (`rank` itself above 512: vLLM cannot serve it)."""
+    return next((v for v in VLLM_RANKS if v >= rank), rank)
+
+
+@torch.no_grad()
+def pad_rank(tensors, config, rank):
+    """(tensors, adapter_config.json) of the PEFT LoRA `tensors` / `config` with its rank r' raised to `rank`
+    by zeros, which changes nothing: lora_A'' = [lora_A ; 0], lora_B'' = [lora_B | 0], so B'' A'' = B' A',
+    and lora_alpha'' = rank s (use_rslora: sqrt(rank) s), so PEFT's scale is s still."""
+    extra = rank - config["r"]
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            t = torch.cat([t, t.new_zeros(extra, t.shape[1])], dim=0)  # (r', d_in) ; (extra, d_in) -> (rank, d_in)
+        elif key.endswith(".lora_B.weight"):
+            t = torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1)  # (d_out, r') | (d_out, extra) -> (d_out, rank)
+        out[key] = t
+    alpha = peft_scale(config) * (math.sqrt(rank) if config.get("use_rslora") else rank)
+    return out, config | {"r": rank, "lora_alpha": plain(alpha)}
+
+
+def export(source, out_dir, checkpoint=None, rank=None):
     """Writes `source` (a run directory, its best/ adapter or, with checkpoint="last", its latest; or an
-    adapter file) as the PEFT adapter directory `out_dir`, atomically: filled beside it, then renamed."""
+    adapter file) as the PEFT adapter directory `out_dir`, atomically: filled beside it, then renamed.
+    `rank` (--rank): None for the exact update, else a rank K or an energy fraction e, compressed by
+    tools/compress.py and measured (compression.json). A decoder's rank is padded up to vLLM's next
+    supported rank, exactly. Returns (adapter file, adapter_config.json, the compression report or None)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{str(out_dir)!r} already exists; the export never overwrites. Choose a new "
                               "output directory, or delete that one first.")
-    adapter, _ = find_adapter(source, checkpoint)
+    adapter, run = find_adapter(source, checkpoint)
     tensors, config = peft_adapter(adapter)
+    report = None
+    if rank is not None:  # ΔW_K = U_K S_K V_K^T per layer (tools/compress.py)
+        tensors, config, report = compress.compress(tensors, config, rank)
+    if config["task_type"] == "CAUSAL_LM":  # what vLLM serves: a rank it accepts as --max-lora-rank
+        tensors, config = pad_rank(tensors, config, serving_rank(config["r"]))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is as readable as any directory
         write_atomic(tmp / WEIGHTS, safetensors_save(tensors, metadata={"format": "pt"}))
         write_json(tmp / CONFIG, config)
+        if report is not None:  # what the compression costs, measured on what was just written
+            report |= {"rank_written": config["r"], **logit_change(adapter, run, tmp)}
+            write_json(tmp / REPORT, report)
+        write_atomic(tmp / CARD, model_card(adapter, run, checkpoint, config, report).encode())
         if out_dir.exists():  # made by someone else meanwhile: rename would replace an empty one
             raise FileExistsError(f"{str(out_dir)!r} appeared while exporting; choose a new output directory.")
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return adapter, config
+    return adapter, config, report
+
+
+@torch.no_grad()
+def logit_change(adapter, run, peft_dir):
+    """{"batch": which, "max_abs_logit_change": max |z - z'|, "max_abs_logit": max |z|}: z the logits of the base model with our adapter
+    (inilora.load_adapter, the exact update), z' with the PEFT adapter `peft_dir` (load_peft), on a fixed
+    batch: the first LOGIT_EXAMPLES dev examples of the adapter's task, or seeded token ids if it records none."""
+    _, meta = inilora.read_adapter(adapter)
+    family = models.family_of(meta["model_id"])
+    exact, tokenizer, model_id, _, _ = models.load(meta["model_id"], family, meta.get("num_labels", 2))
+    inilora.load_adapter(exact, adapter, model_id)
+    other = models.load(meta["model_id"], family, meta.get("num_labels", 2)).model
+    load_peft(other, peft_dir, model_id)
+    settings = adapter_settings(adapter, run) if recorded_task(meta, run) else None  # task, max_length, data_dir
+    task = TASKS.get(settings["task"]) if settings else None
+    if task is not None and "dev" in task.splits:
+        dev = load_split(task.name, "dev", tokenizer, settings["max_length"], settings["data_dir"])
+        n = min(LOGIT_EXAMPLES, len(dev["input_ids"]))
+        # an encoder's (ids, mask, types, labels), a decoder's (ids, mask, labels): each (B, T)
+        batch = training_batch(task, dev, list(range(n)), tokenizer.pad_id, "cpu")
+        ids, mask, types = batch[0], batch[1], None if task.generates else batch[2]
+        what = f"the first {n} examples of {task.name}/dev"
+    else:
+        ids, mask, types = fixed_ids(exact.config.vocab_size), None, None
+        what = "token ids (4, 16) drawn uniformly from the vocabulary, seed 0"
+    if family == "decoder":  # logits (B, T, V), compared on the real tokens: (N, V)
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        z, z2 = exact(ids, mask)[real], other(ids, mask)[real]
+    else:  # logits (B, K)
+        z, z2 = exact(ids, mask, types), other(ids, mask, types)
+    return {"batch": what, "max_abs_logit_change": float((z - z2).abs().max()), "max_abs_logit": float(z.abs().max())}
+
+
+def fixed_ids(vocab_size):
+    """The batch an adapter without a task is measured on: (4, 16) token ids, uniform over the vocabulary, seed 0."""
+    return torch.randint(0, vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
+
+
+def recorded_task(meta, run):
+    """The task the adapter was trained on: its sidecar's, else its run's config.json; None if neither says."""
+    train = read_json(config_file(run)).get("train", {}) if run else {}
+    return meta.get("task", train.get("task"))
+
+
+def run_scores(run, checkpoint, task):
+    """{split: metrics} a run directory holds for the exported checkpoint: evaluate.py's eval-CHECKPOINT-SPLIT.json
+    for dev and test, else for best/ the best epoch's dev record in metrics.jsonl."""
+    if run is None or task not in TASKS:
+        return {}
+    name, scores = checkpoint or "best", {}
+    for split in ("dev", "test"):
+        if (run / f"eval-{name}-{split}.json").is_file():
+            scores[split] = read_json(run / f"eval-{name}-{split}.json")["metrics"]
+        elif split == "dev" and name == "best" and (dev := best_dev(run, TASKS[task].metrics[0])):
+            scores[split] = {k: dev[k] for k in TASKS[task].metrics if k in dev}
+    return scores
+
+
+def model_card(adapter, run, checkpoint, config, report):
+    """README.md as PEFT writes beside an adapter: YAML front matter (library_name: peft, base_model), then
+    what the adapter is, how it was trained and scored, how to serve it, and what a compression cost."""
+    _, meta = inilora.read_adapter(adapter)
+    cfg = inilora.LoRAConfig.from_dict(meta["config"])
+    task = recorded_task(meta, run)
+    base = config["base_model_name_or_path"]
+    lines = ["---", "library_name: peft", f"base_model: {json.dumps(base)}", "tags:", "- lora", f"- {cfg.init}",
+             "---", "", f"# {cfg.init} adapter of {base}" + (f" for {task}" if task else ""), "",
+             f"A PEFT LoRA exported by `python -m tools.peft_io export` from `{adapter}`.", "",
+             f"- base model: `{base}`",
+             f"- initialiser: `{cfg.init}`, rank r = {cfg.rank}, lora_alpha = {cfg.rank * cfg.scale:g} (s = {cfg.scale:g}), "
+             f"targets {', '.join(cfg.targets)}",
+             f"- task: {task or 'not recorded'}"]
+    for split, metrics in run_scores(run, checkpoint, task).items():
+        lines.append(f"- {split} score: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    what = ("the exact update ΔW = s (B A - B0 A0)" if report is None else
+            f"ΔW compressed by truncated SVD from rank {report['from_rank']} to {report['rank']}")
+    lines.append(f"- this export: PEFT r = {config['r']}, lora_alpha = {config['lora_alpha']}, {what}")
+    if config["task_type"] == "CAUSAL_LM":
+        lines.append(f"- vLLM: `vllm serve {base} --enable-lora --lora-modules NAME=DIR --max-lora-rank "
+                     f"{config['r']}` (r is one of vLLM's ranks, padded with zeros where needed, which is exact)")
+    else:
+        lines.append("- the task head is in modules_to_save: PEFT loads it, vLLM does not serve it")
+    if report is not None:
+        errors = [layer["relative_error"] for layer in report["layers"]]
+        lines += ["", "## Compression", "",
+                  f"Relative Frobenius error of ΔW per layer {min(errors):.4f} .. {max(errors):.4f}; largest logit "
+                  f"change {report['max_abs_logit_change']:.4g} (logits up to {report['max_abs_logit']:.4g} in size) on "
+                  f"{report['batch']} ({REPORT} has every layer).", "",
+                  "| module | relative error |", "|---|---|"]
+        lines += [f"| {layer['module']} | {layer['relative_error']:.4f} |" for layer in report["layers"]]
+    return "\n".join(lines) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -300,11 +454,18 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="our run or adapter -> a PEFT adapter directory",
+                        description="Writes a PEFT LoRA directory with a model card (README.md). A decoder's rank is "
+                                    "padded with zeros up to a rank vLLM accepts (8, 16, 32, 64, 128, 256, 320, 512), "
+                                    "which is exact: the update and the logits do not change.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ex.add_argument("source", help="a run directory (train.py's --out) or an adapter .safetensors")
     ex.add_argument("out_dir", help="the PEFT adapter directory to write; must not exist")
     ex.add_argument("--checkpoint", choices=("best", "last"), default=None,
                     help="in a run directory: best/ (None means best) or the latest checkpoint named in last.json")
+    ex.add_argument("--rank", default=None,
+                    help="compress ΔW by truncated SVD to rank K (an integer from 1 to the exact rank r'), or to the "
+                         "smallest rank keeping an energy fraction e in (0, 1) of every layer; None: the exact "
+                         "update. A decoder's K is then padded with zeros to vLLM's next rank, which is exact")
     im = sub.add_parser("import", help="a PEFT LoRA directory -> our adapter .safetensors",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     im.add_argument("peft_dir", help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
@@ -316,10 +477,18 @@ def main(argv=None):
     im.add_argument("--max-length", type=int, default=512, help="with --task: the truncation evaluate.py uses")
     args = p.parse_args(argv)
     if args.command == "export":
-        adapter, config = export(args.source, args.out_dir, args.checkpoint)
+        adapter, config, report = export(args.source, args.out_dir, args.checkpoint, args.rank)
+        if report is not None:
+            compress.print_table(report)
+            print(f"largest logit change {report['max_abs_logit_change']:.4g} (logits up to "
+                  f"{report['max_abs_logit']:.4g} in size) on {report['batch']}")
         print(f"exported {adapter} -> {args.out_dir}: PEFT LoRA r={config['r']}, lora_alpha={config['lora_alpha']}, "
               f"targets {config['target_modules'][:4]}, modules_to_save {config['modules_to_save']}, "
-              f"base {config['base_model_name_or_path']}")
+              f"base {config['base_model_name_or_path']}, model card {CARD}")
+        if config["task_type"] == "CAUSAL_LM":
+            served = ("; above 512 vLLM cannot serve it: compress it with --rank" if config["r"] > VLLM_RANKS[-1]
+                      else " (its rank, padded with zeros where needed: exact)")
+            print(f"vLLM: --enable-lora --max-lora-rank {config['r']}{served}")
     else:
         if Path(args.out).suffix != ".safetensors":
             raise ValueError(f"out={args.out!r} must end in .safetensors (a .json sidecar is written beside it).")
