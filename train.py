@@ -630,7 +630,7 @@ def run(args, argv, world, ddp_device):
     if args.resume:
         run_dir = Path(args.out) if args.out else default_run_dir(*configs_from_args(args))
         cfg, lora_cfg = runs.stored_configs(run_dir, lambda stored: configs_from_args(parse(argv, stored)),
-                                            TrainConfig(), lora_flags())
+                                            TrainConfig(), lora_flags(), lora_defaults=asdict(inilora.LoRAConfig()))
         ckpt = runs.last_checkpoint(run_dir)
     else:
         cfg, lora_cfg = configs_from_args(args)

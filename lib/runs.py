@@ -195,11 +195,13 @@ def remove_failed_start(run, made):
     print(f"removed {run}: the run stopped before its first checkpoint, so there is nothing to resume")
 
 
-def stored_configs(run, resolve, train_defaults, lora_flags, launcher="python train.py"):
+def stored_configs(run, resolve, train_defaults, lora_flags, launcher="python train.py", lora_defaults=None):
     """(cfg, lora_cfg) stored in run/config.json, with the flags given beside --resume applied: they must agree
     with it, except the RESUME_MAY_CHANGE ones, which they override. resolve(stored flag values) ->
     (cfg, lora_cfg) parses the command line over the stored values; train_defaults is a default TrainConfig
-    (its known settings); lora_flags maps each LoRA setting that has a flag to its argparse name."""
+    (its known settings); lora_flags maps each LoRA setting that has a flag to its argparse name; lora_defaults
+    the default LoRA settings. A setting added after the run was made (missing from its config.json) resumes at its
+    default, which by this project's rule is what train.py did before the setting existed (rslora False, ...)."""
     path = config_file(run)
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume in {str(run)!r}: it has no config.json. Pass the --out "
@@ -223,9 +225,12 @@ def stored_configs(run, resolve, train_defaults, lora_flags, launcher="python tr
     cfg, lora_cfg = resolve({**train_saved, **{  # a string default is parsed: targets joined
         dests[k]: ",".join(v) if k == "targets" else v for k, v in lora_saved.items() if k in dests}})
     resolved = json.loads(json.dumps({"train": asdict(cfg), "lora": asdict(lora_cfg)}))  # tuples become lists
+    defaults = json.loads(json.dumps({"train": asdict(train_defaults), "lora": lora_defaults or {}}))
     diffs, flags = [], set()
     for section, values in resolved.items():
         for key, value in values.items():
+            if key not in saved[section] and key in defaults[section] and value == defaults[section][key]:
+                continue  # a setting newer than the run, at its default: the run did what the default does
             if key not in RESUME_MAY_CHANGE and saved[section].get(key) != value:
                 flag = "--" + (dests.get(key, "seed") if section == "lora" else key).replace("_", "-")
                 how = flag if key in saved[section] else "config.json lacks it: this train.py's default"

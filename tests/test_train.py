@@ -502,3 +502,22 @@ def test_a_run_killed_while_scoring_an_epoch_resumes_to_the_same_result(setup, m
         train.main(args(setup, "killed", *common))
     monkeypatch.setattr(train, "dev_scores", real)
     assert train.main(args(setup, "killed", *common, "--resume")) == full
+
+
+# invariant: a run made before a setting existed (its config.json lacks rslora, init_batches, threads) resumes at the
+# setting's default, which is what train.py did before; a stored value that differs is still refused
+def test_a_run_older_than_a_setting_resumes_at_its_default(setup):
+    tmp_path, _ = setup
+    common = ("--init", "lora", "--epochs", "2", "--save-every", "1")
+    full = train.main(args(setup, "full", *common))
+    train.main(args(setup, "old", *common, "--epochs", "1"))  # stands for a run stopped after epoch 1 ...
+    path = tmp_path / "old" / "config.json"
+    config = json.loads(path.read_text())
+    config["train"]["epochs"] = 2
+    for section, key in (("lora", "rslora"), ("lora", "init_batches"), ("train", "threads")):
+        del config[section][key]  # ... by a train.py that had none of these settings
+    path.write_text(json.dumps(config))
+    (tmp_path / "old" / "final.json").unlink()
+    assert train.main(args(setup, "old", *common, "--resume"))["step"] == full["step"]
+    with pytest.raises(ValueError, match=r"lora.rslora: None -> True \(config.json lacks it"):
+        train.main(args(setup, "old", *common, "--resume", "--rslora"))
