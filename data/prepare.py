@@ -169,6 +169,11 @@ def source_key(source: Path) -> dict:
             "files": [[str(p.relative_to(source)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
+def prompt_form(spec, tokenizer, shots) -> str:
+    """A causal-LM task's prompt in a few words (part of the cache key): its own, else data.sft's."""
+    return sft.prompt_format(tokenizer) if spec.prompt_format is None else spec.prompt_format(tokenizer, shots)
+
+
 def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None, shots=SHOTS):
     """One split as {"input_ids": N LongTensors (T_i,), "token_type_ids": same, "labels": (N,)}.
 
@@ -197,8 +202,7 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
         "source": source_key(source),
     }
     if spec.generates:  # the prompt's form (a few-shot task's shots) and the generator's settings shape the tokens
-        form = sft.prompt_format(tokenizer) if spec.prompt_format is None else spec.prompt_format(tokenizer, shots)
-        key |= {"prompt_format": form, "split_rule": spec.split_rule}
+        key |= {"prompt_format": prompt_form(spec, tokenizer, shots), "split_rule": spec.split_rule}
     stem = f"{task}-{split}-tok{tokenizer.fingerprint}-len{max_length}"
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR or cache_root() / "data")
     path = cache_dir / f"{stem}.safetensors"  # the sidecar is {stem}.json beside it
@@ -406,7 +410,7 @@ def main(argv=None):
     if spec.generates:
         tokenizer = causal_tokenizer(cfg)
         print(f"tokenizer: {cfg.tokenizer or cfg.model} (fingerprint {tokenizer.fingerprint}, "
-              f"prompt {sft.prompt_format(tokenizer)})")
+              f"prompt {prompt_form(spec, tokenizer, cfg.shots)})")
     else:
         tokenizer = Tokenizer(tokenizer_path(cfg))
         print(f"tokenizer: {tokenizer.path} (fingerprint {tokenizer.fingerprint})")
