@@ -16,6 +16,14 @@ after '####', else the last number; MATH the last \\boxed{}) and compared with t
 
     exact_match = (1/N) sum_i [extract(generation_i) == gold_i]
 
+Multiple choice (MMLU, data/mmlu.py): nothing is generated; one forward pass over each k-shot prompt gives
+the log-probability of each answer letter as the next token, the likeliest is the prediction, and
+
+    pred_i = argmax_{l in A..D} log p(" l" | prompt_i),    accuracy = (1/N) sum_i [pred_i == gold_i],
+    macro_accuracy = (1/S) sum_s accuracy over the questions of subject s
+
+The task's kind says which scorer runs (data.task.KINDS `scored_by`; SCORERS below), never its name.
+
 From the command line, evaluate a run directory's best (or last) adapter on the original base model
 (a generation task's generations go beside the run as predictions-CHECKPOINT-SPLIT.jsonl), score a base
 model without an adapter (--base), or compare runs: one row per initialiser, each metric the best-epoch
@@ -25,6 +33,8 @@ dev score x100 as mean ± std over seeds (std with n - 1; '-' for one seed):
     python evaluate.py --compare runs/minilm-rotten-tomatoes-* --markdown
     python evaluate.py runs/smollm2-arithmetic-lora-r8-seed0 --split test
     python evaluate.py --base --model smollm2 --task arithmetic --split test --out runs/base-smollm2-arithmetic
+    python evaluate.py --base --model smollm2 --task arithmetic-mc --split test --out runs/base-smollm2-arithmetic-mc
+    python evaluate.py runs/sharegpt-run --task mmlu --split test --data-dir path/to/mmlu/data
 """
 import argparse
 import json
@@ -39,6 +49,7 @@ from tqdm import tqdm
 import inilora
 import models
 from data.metrics import METRICS
+from data.mmlu import LETTERS, SHOTS, choice_ids
 from data.prepare import TASKS, load_split, pad_batch, subset
 from data.sft import ANSWER_IS, exact_match
 from lib import distributed
@@ -155,6 +166,67 @@ def exact_match_of(records):
     return {"exact_match": sum(r["correct"] for r in records) / len(records)}
 
 
+# -----------------------------------------------------------------------------
+# multiple choice: the log-likelihood of each answer letter after the prompt (data/mmlu.py)
+# Legend: N examples scored, B batch of prompts, T tokens (the longest prompt in it), C hidden, V vocabulary
+
+
+@torch.inference_mode()
+def score_choices(model, tokenizer, split, task, batch_size=16, max_new_tokens=None, limit=None, device="cpu",
+                  desc=None):
+    """(metrics, records) of `model` on the first `limit` examples (None: all) of a multiple-choice split from
+    data.prepare.load_split; records[i] = {subject, question, log_probs (of A, B, C, D), predicted, gold,
+    correct}. Nothing is generated (max_new_tokens is not used). The model must be on `device`; it is left
+    in eval mode."""
+    n_all = len(split["prompt_ids"])
+    n = n_all if limit is None else min(limit, n_all)
+    if n == 0 or batch_size < 1:
+        raise ValueError(f"cannot score {n} examples in batches of {batch_size}: pass a non-empty split and a batch "
+                         "size of at least 1.")
+    model.eval()
+    letters = torch.tensor(choice_ids(tokenizer), device=device)  # (4,) ids of " A", " B", " C", " D"
+    # batches of prompts of similar length (longest first), so little padding; log_probs[j] is prompt j's
+    order = sorted(range(n), key=lambda j: -len(split["prompt_ids"][j]))
+    log_probs = torch.empty(n, len(LETTERS))  # (N, 4)
+    for i in tqdm(range(0, n, batch_size), desc=desc or f"scoring {task.name}", unit="batch", leave=False):
+        idx = order[i:i + batch_size]
+        prompts = [split["prompt_ids"][j] for j in idx]
+        lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+        ids = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True, padding_value=tokenizer.pad_id)  # (B, T)
+        # right padding needs no mask: a prompt's last token attends to its own tokens only (causal attention)
+        h = model.hidden_states(ids.to(device), None)  # (B, T, C)
+        last = h[torch.arange(len(idx), device=device), lengths - 1]  # (B, C): the position after 'Answer:'
+        # log p(" l" | prompt) = log_softmax(lm_head(h_last))[id of " l"], for l in A, B, C, D
+        log_probs[idx] = torch.log_softmax(model.lm_head(last).float(), dim=-1)[:, letters].cpu()  # (B, V) -> (B, 4)
+    records = []
+    for j in range(n):
+        predicted = LETTERS[int(log_probs[j].argmax())]  # pred = argmax_l log p(" l" | prompt)
+        records.append({"subject": split["subjects"][j], "question": split["questions"][j],
+                        "log_probs": [round(float(x), 4) for x in log_probs[j]], "predicted": predicted,
+                        "gold": split["answers"][j], "correct": predicted == split["answers"][j]})
+    return choice_accuracy(records), records
+
+
+def subject_accuracies(records) -> dict:
+    """subject -> {"correct", "questions", "accuracy"}, subjects in the order they first appear."""
+    by_subject = {}
+    for r in records:
+        by_subject.setdefault(r["subject"], []).append(r["correct"])
+    return {s: {"correct": sum(c), "questions": len(c), "accuracy": sum(c) / len(c)} for s, c in by_subject.items()}
+
+
+def choice_accuracy(records):
+    """{"accuracy", "macro_accuracy"} of scored multiple-choice records (score_choices', or gathered ranks')."""
+    per_subject = subject_accuracies(records)
+    # accuracy = (1/N) sum_i [pred_i == gold_i];  macro_accuracy = (1/S) sum_s accuracy of subject s
+    return {"accuracy": sum(r["correct"] for r in records) / len(records),
+            "macro_accuracy": sum(s["accuracy"] for s in per_subject.values()) / len(per_subject)}
+
+
+# Task.scored_by -> (the scorer of a causal-LM split, the metrics of its records); "forward" is predict/evaluate
+SCORERS = {"generation": (score_generation, exact_match_of), "log-likelihood": (score_choices, choice_accuracy)}
+
+
 def write_predictions(path, records):
     """One JSON object per line, in the split's order (written atomically: never a partial file)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -180,10 +252,11 @@ def dev_scores(cfg, task, run, device):
     limit = min(cfg.eval_limit or n, n)
     mine = distributed.share(list(range(limit)), world)
     batch = cfg.eval_batch_size or cfg.batch_size
-    mine = score_generation(run.model, run.tokenizer, subset(dev, mine), task, batch, cfg.max_new_tokens, None, device,
-                            desc="generating dev")[1] if mine else []
+    score, metrics_of = SCORERS[task.scored_by]  # generation, or the log-likelihood of the answer letters
+    mine = score(run.model, run.tokenizer, subset(dev, mine), task, batch, cfg.max_new_tokens, None, device,
+                 desc="scoring dev")[1] if mine else []
     records = [r for part in distributed.gather(mine, world) for r in part]  # every rank's, in order
-    return exact_match_of(records), "dev" if limit == n else f"dev subset {limit} of {n}"
+    return metrics_of(records), "dev" if limit == n else f"dev subset {limit} of {n}"
 
 
 # -----------------------------------------------------------------------------
@@ -199,18 +272,29 @@ def check_split(task, split):
 
 
 def score_split(model, tokenizer, task, split, max_length, data_dir, opts, device, predictions):
-    """(metrics, number of examples) of `model` on one split; a generation task's records go to `predictions`."""
-    data = load_split(task.name, split, tokenizer, max_length, data_dir)
+    """(metrics, number of examples, more fields for the scores' file) of `model` on one split; a causal-LM
+    task's records go to `predictions`, and a multiple-choice task's accuracy per subject to the fields."""
+    if task.scored_by is None:
+        raise ValueError(f"task {task.name!r} is trained on, never scored itself; score its adapter on another task "
+                         f"with --task, one of {causal_tasks()} (the paper: sharegpt-trained, scored on mmlu).")
+    shots = SHOTS if opts.get("shots") is None else opts["shots"]
+    data = load_split(task.name, split, tokenizer, max_length, data_dir, shots=shots)
     if not task.generates:
         return evaluate(model.to(device), data, task, tokenizer.pad_id, opts.get("batch_size") or EVAL_BATCH, device), \
-            len(data["labels"])
+            len(data["labels"]), {}
     n_all, limit = len(data["prompt_ids"]), opts.get("limit")
     if limit is not None and limit < n_all:
         print(f"--limit {limit}: scoring the first {limit} of the {n_all} examples of {task.name}/{split}")
-    metrics, records = score_generation(model.to(device), tokenizer, data, task, opts.get("batch_size") or GENERATE_BATCH,
-                                        opts.get("max_new_tokens", 256), limit, device)
+    score, _ = SCORERS[task.scored_by]  # generation, or the log-likelihood of the answer letters
+    metrics, records = score(model.to(device), tokenizer, data, task, opts.get("batch_size") or GENERATE_BATCH,
+                             opts.get("max_new_tokens", 256), limit, device)
     print(f"wrote {write_predictions(predictions, records)}")
-    return metrics, len(records)
+    if "subject" not in records[0]:
+        return metrics, len(records), {}
+    per_subject = subject_accuracies(records)
+    for subject, s in per_subject.items():
+        print(f"  {subject}: {s['correct']}/{s['questions']} = {s['accuracy']:.4f}")
+    return metrics, len(records), {"per_subject": per_subject}
 
 
 def write_scores(out, task, split, metrics, **fields):
@@ -221,15 +305,17 @@ def write_scores(out, task, split, metrics, **fields):
     return metrics
 
 
-def generation_tasks():
-    return sorted(name for name, t in TASKS.items() if t.generates)
+def causal_tasks():
+    """The causal-LM tasks evaluate.py can score: generation (exact match) and multiple choice."""
+    return sorted(name for name, t in TASKS.items() if t.generates and t.scored_by is not None)
 
 
 def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_dir=None, batch_size=None, device=None,
                      task_name=None, **opts):
     """Loads the base model, puts the adapter on it, evaluates it on `split` of its task, or of `task_name`
-    (a generation adapter on another generation task: MetaMathQA-trained, GSM8K-tested, as in the paper);
-    writes and returns the metrics. opts (generation tasks): max_new_tokens, limit (the first N examples)."""
+    (a causal LM's adapter on another causal-LM task: MetaMathQA-trained, GSM8K-tested, or ShareGPT-trained,
+    MMLU-tested, as in the paper); writes and returns the metrics. opts (causal-LM tasks): max_new_tokens,
+    limit (the first N examples), shots (multiple choice; None: the run's --shots, else 5)."""
     adapter, run = find_adapter(path, checkpoint)
     settings = adapter_settings(adapter, run)
     if settings["task"] not in TASKS:
@@ -237,9 +323,9 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
                          f"{sorted(TASKS)}.")
     task = TASKS[settings["task"]]
     if task_name not in (None, task.name):
-        if not task.generates or task_name not in generation_tasks():
-            raise ValueError(f"--task {task_name!r}: only an adapter of a generation task can be scored on another "
-                             f"task, one of {generation_tasks()}; this one was trained on {task.name!r}. Leave --task out.")
+        if not task.generates or task_name not in causal_tasks():
+            raise ValueError(f"--task {task_name!r}: only an adapter of a causal-LM task can be scored on another "
+                             f"task, one of {causal_tasks()}; this one was trained on {task.name!r}. Leave --task out.")
         task = TASKS[task_name]
     check_split(task, split)
     device, why = pick_device(device)
@@ -253,19 +339,21 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
                                              if head else ""))
     split_name = split if task.name == settings["task"] else f"{task.name}-{split}"  # another task: named in the files
     where, name = (run, f"{checkpoint or 'best'}-{split_name}") if run else (adapter.parent, f"{adapter.stem}-{split_name}")
-    metrics, n = score_split(model, tokenizer, task, split, settings["max_length"], data_dir or settings["data_dir"],
-                             dict(opts, batch_size=batch_size), device, where / f"predictions-{name}.jsonl")
+    shots = settings.get("shots") if opts.get("shots") is None else opts["shots"]  # None: the default, 5
+    opts = dict(opts, batch_size=batch_size, shots=shots)
+    metrics, n, more = score_split(model, tokenizer, task, split, settings["max_length"],
+                                   data_dir or settings["data_dir"], opts, device, where / f"predictions-{name}.jsonl")
     return write_scores(where / f"eval-{name}.json", task, split, metrics, adapter=str(adapter), model_id=model_id,
-                  num_examples=n)
+                        num_examples=n, **more)
 
 
 def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=512, batch_size=None, device=None,
                   **opts):
-    """Scores the base model alone (no adapter) on a generation task: out/predictions-base-SPLIT.jsonl and
-    out/eval-base-SPLIT.json."""
-    if task_name not in generation_tasks():
-        raise ValueError(f"--base scores a causal LM on a generation task, and --task {task_name!r} is not one of "
-                         f"{generation_tasks()}; pass e.g. --task arithmetic (an encoder's head is untrained).")
+    """Scores the base model alone (no adapter) on a causal-LM task (generation or multiple choice):
+    out/predictions-base-SPLIT.jsonl and out/eval-base-SPLIT.json."""
+    if task_name not in causal_tasks():
+        raise ValueError(f"--base scores a causal LM on a generation or multiple-choice task, and --task {task_name!r} "
+                         f"is not one of {causal_tasks()}; pass e.g. --task arithmetic (an encoder's head is untrained).")
     if out is None:
         raise ValueError("--base needs --out DIR, the directory for its predictions and score "
                          "(e.g. --out runs/base-smollm2-arithmetic).")
@@ -275,10 +363,10 @@ def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=5
     print(f"evaluating the base model {model_name} (no adapter) on {task.name}/{split}, device {device} ({why})")
     model, tokenizer, model_id, _, _ = models.load(model_name, task.family)
     out = Path(out)
-    metrics, n = score_split(model, tokenizer, task, split, max_length, data_dir, dict(opts, batch_size=batch_size),
-                             device, out / f"predictions-base-{split}.jsonl")
+    metrics, n, more = score_split(model, tokenizer, task, split, max_length, data_dir,
+                                   dict(opts, batch_size=batch_size), device, out / f"predictions-base-{split}.jsonl")
     return write_scores(out / f"eval-base-{split}.json", task, split, metrics, adapter=None, model_id=model_id,
-                  num_examples=n)
+                        num_examples=n, **more)
 
 
 # -----------------------------------------------------------------------------
@@ -461,24 +549,26 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", nargs="?", help="run directory written by train.py, or an adapter .safetensors file")
     p.add_argument("--split", default="dev", choices=("dev", "test", "test-in-template"),
-                   help="split to evaluate on (test: rotten-tomatoes and the generation tasks; test-in-template: "
+                   help="split to evaluate on (test: rotten-tomatoes and the causal-LM tasks; test-in-template: "
                         "gsm-symbolic's held-out problems of training templates)")
     p.add_argument("--checkpoint", default=None, choices=("best", "last"),
                    help="for a run directory: the best epoch's adapter or the last checkpoint; None: best")
     p.add_argument("--model", default=None, help="base model to load instead of the one the adapter records; None: that one")
     p.add_argument("--data-dir", "--glue-dir", dest="data_dir", default=None,
-                   help="the task's data: the directory with the GLUE TSV files or the paper's math files; None: the "
-                   "run's (--glue-dir is its old name)")
+                   help="the task's data: the directory with the GLUE TSV files, the paper's math files or MMLU's "
+                   "dev/, val/, test/; None: the run's (--glue-dir is its old name)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="examples per forward pass (generation: prompts per batch); None: 128, generation 16")
+                   help="examples per forward pass (causal-LM tasks: prompts per batch); None: 128, causal-LM tasks 16")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; None: one per core that other programs leave free at start")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: tokens generated per example at most")
-    p.add_argument("--limit", type=int, default=None, help="generation tasks: score the first N examples only; None: all")
+    p.add_argument("--limit", type=int, default=None, help="causal-LM tasks (generation, multiple choice): score the first N examples only; None: all")
+    p.add_argument("--shots", type=int, default=None, help="multiple-choice tasks (mmlu, arithmetic-mc): solved "
+                   f"examples before each question; None: the run's --shots, else {SHOTS}")
     p.add_argument("--base", action="store_true", help="score the base --model on --task without an adapter (causal LMs)")
-    p.add_argument("--task", default=None, help="with --base: the generation task to score; with a PATH: "
-                   "another generation task than the adapter's (e.g. gsm8k for a metamathqa run); None: its own")
+    p.add_argument("--task", default=None, help="with --base: the causal-LM task to score; with a PATH: another "
+                   "causal-LM task than the adapter's (gsm8k for a metamathqa run, mmlu for a sharegpt one); None: its own")
     p.add_argument("--out", default=None, help="with --base: directory for the predictions and the score")
     p.add_argument("--max-length", type=int, default=512, help="with --base: the data cache's max_length (prompts are whole)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print the comparison table of these run directories")
@@ -494,7 +584,10 @@ def main(argv=None):
     for name in ("batch_size", "max_new_tokens", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1.")
-    opts = dict(batch_size=args.batch_size, device=args.device, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    if args.shots is not None and args.shots < 0:
+        raise ValueError(f"--shots {args.shots} is negative; pass 0 (zero-shot) or more (the standard protocol: {SHOTS}).")
+    opts = dict(batch_size=args.batch_size, device=args.device, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                shots=args.shots)
     if args.compare is None:
         threads, why = choose_threads(args.threads)
         print(f"CPU threads: {threads} ({why})")

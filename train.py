@@ -13,6 +13,9 @@ kind (data.task.KINDS) picks the model, the batches, the objective and the evalu
 
       where b runs over all --grad-accum micro-batches of the step, so accumulation equals one big
       batch; dev score = exact match of greedy generations (evaluate.py), on --eval-limit examples.
+  multiple choice and conversations (causal LMs too): the same loss, m = 1 on the answer letter after a
+      --shots-shot prompt (data/mmlu.py; dev score = accuracy of the likeliest letter, evaluate.py), or on
+      every assistant turn of a conversation (data/sharegpt.py; no dev split: scored on MMLU afterwards).
 
 The learning rate at step t of T, with W = int(warmup_ratio * T) warmup steps, is lr * t / W for
 t < W, then (progress p = (t - W) / (T - W))
@@ -39,6 +42,7 @@ batch_size x grad_accum examples, shared by the N processes; a plain `python tra
 Run: python train.py --init beta-kaiming-uniform --epochs 3
          (writes runs/minilm-rotten-tomatoes-beta-kaiming-uniform-r8-seed0)
      python train.py --model smollm2 --task arithmetic --init inilora --epochs 1 --eval-limit 50
+     python train.py --task arithmetic-mc --init inilora --epochs 1 --batch-size 8 --lr 1e-3 --max-length 512
 """
 import argparse
 import contextlib
@@ -60,6 +64,7 @@ import torch.nn.functional as F
 import datainit
 import inilora
 import models
+from data.mmlu import SHOTS
 from data.prepare import TASKS, load_split, loss_units, training_batch
 from data.sft import IGNORE_INDEX
 from evaluate import dev_scores
@@ -98,6 +103,7 @@ class TrainConfig:
     eval_batch_size: int | None = None  # dev examples per forward pass; None: 128, generation --batch-size
     eval_limit: int = 0            # generation: score the first N dev examples after each epoch (0: all)
     max_new_tokens: int = 256      # generation: tokens generated per dev example at most
+    shots: int = SHOTS             # multiple choice: solved examples before each question (data/mmlu.py)
     log_every: int = 20            # steps between log lines
     save_every: int = 0            # steps between checkpoints (0: once per epoch)
     threads: int | None = None     # CPU threads; None: one per free core at start, then stored (--resume reuses it)
@@ -105,6 +111,7 @@ class TrainConfig:
     def validate(self):
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is not one of {sorted(TASKS)}")
+        TASKS[self.task].check_split("train")  # a task with no training split (MMLU) says so before anything loads
         if self.dtype not in TRAIN_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {list(TRAIN_DTYPES)} (float16 would need loss "
                              "scaling, which this loop does not do); pass --dtype float32 or bfloat16.")
@@ -122,6 +129,9 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr}, warmup_ratio={self.warmup_ratio}, weight_decay={self.weight_decay}, "
                              f"save_every={self.save_every}: expected lr > 0, 0 <= warmup_ratio < 1, "
                              "weight_decay >= 0, save_every >= 0.")
+        if self.shots < 0:
+            raise ValueError(f"shots={self.shots} is negative; pass 0 (zero-shot) or more (the standard protocol: "
+                             f"{SHOTS}).")
         if self.eval_limit < 0:
             raise ValueError(f"eval_limit={self.eval_limit} is negative; pass 0 (the whole dev split) or a count.")
         if self.grad_checkpointing and not TASKS[self.task].generates:
@@ -260,7 +270,7 @@ def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distr
                          f"{'an encoder' if family == 'encoder' else 'a decoder (a causal LM)'}; pass {remedy}.")
     # a causal LM for generation tasks, else an encoder with a head; in --dtype (what trains is made float32 below)
     model, tokenizer, model_id, _, _ = models.load(cfg.model, task.family, task.num_labels, cfg.seed, DTYPES[cfg.dtype])
-    splits = {s: load_split(cfg.task, s, tokenizer, cfg.max_length, cfg.data_dir)
+    splits = {s: load_split(cfg.task, s, tokenizer, cfg.max_length, cfg.data_dir, shots=cfg.shots)
               for s in ("train", "dev") if s in task.splits or s == "train"}
     if task.generates and not splits["train"]["input_ids"]:
         n = len(splits["train"]["prompt_ids"])
@@ -528,7 +538,7 @@ def build_parser():
     p.add_argument("--task", default=d.task, help=f"one of {sorted(TASKS)}")
     p.add_argument("--data-dir", "--glue-dir", dest="data_dir", default=d.data_dir,
                    help="the task's data: the directory with the GLUE TSV files, or with the paper's math files "
-                   "(gsm8k, metamathqa, ...); --glue-dir is its old name")
+                   "(gsm8k, metamathqa, ...), MMLU's directory, ShareGPT's JSON file; --glue-dir is its old name")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps of linear warmup")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate decay after warmup")
@@ -556,6 +566,9 @@ def build_parser():
                    help="generation tasks: score the first N dev examples after each epoch (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                    help="generation tasks: tokens generated per dev example at most")
+    p.add_argument("--shots", type=int, default=d.shots,
+                   help="multiple-choice tasks (mmlu, arithmetic-mc): solved examples before each question, in "
+                   "training and dev prompts alike")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: each epoch)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (None: the first available)")

@@ -13,6 +13,12 @@ Tasks (`TASKS`, one `data.task.Task` record each, defined in the task's own file
   gsm8k metamathqa competition-math
                    the paper's own files (data/gsm8k.py, data/metamathqa.py,
                    data/competition_math.py), from --train-file/--test-file or --data-dir.
+  mmlu             MMLU's CSV files under --data-dir (data/mmlu.py), k-shot (--shots), multiple
+                   choice scored by the log-likelihood of the answer letters; dev and test only.
+  arithmetic-mc    (offline; data/arithmetic_mc.py) four-choice questions from reasoning-gym in
+                   MMLU's form, four subjects; train/dev/test.
+  sharegpt         multi-turn conversations (data/sharegpt.py) from --data-dir, the loss on every
+                   assistant turn; train only (the paper scores its adapters on MMLU).
 Adding a task is one new file defining a Task and one entry in TASKS below; nothing here
 knows any task by name.
 
@@ -23,7 +29,9 @@ tokenizer fingerprint, max length and the source file's path, size and mtime. A 
 is missing, damaged, edited or stale is rebuilt, with the reason printed in one line.
 `pad_batch` pads a batch to its longest example. Generation tasks (kind "generation") are
 tokenized for a causal LM as prompt ++ response with a response-only loss mask, plus the full
-prompts and gold answers for evaluation (data/sft.py: its batches, answer extraction, counts).
+prompts and gold answers for evaluation (data/sft.py: its batches, answer extraction, counts);
+the other causal-LM kinds (multiple choice, conversations) by their task's own `tokenize`, into the
+same layout. A task read from a directory (MMLU) is keyed by every file under it.
 
     python data/prepare.py --task rotten-tomatoes --max-length 128   (or python -m data.prepare)
 """
@@ -48,12 +56,15 @@ from lib.cache import cache_root, lookup
 from lib.common import run_cli
 from data import sft
 from data.arithmetic import ARITHMETIC
+from data.arithmetic_mc import ARITHMETIC_MC
 from data.competition_math import COMPETITION_MATH
 from data.glue import GLUE_TASKS
 from data.gsm8k import GSM8K
 from data.gsm_symbolic import GSM_SYMBOLIC
 from data.metamathqa import METAMATHQA
+from data.mmlu import MMLU, SHOTS
 from data.rotten_tomatoes import ROTTEN_TOMATOES
+from data.sharegpt import SHAREGPT
 from data.task import Examples, Task
 from models.gguf_file import open_gguf
 from models.tokenizer import ChatTokenizer, Tokenizer
@@ -64,14 +75,14 @@ from models.tokenizer import ChatTokenizer, Tokenizer
 # the task registry: adding a task = one file defining its Task + one entry here
 
 TASKS: dict[str, Task] = {t.name: t for t in (ROTTEN_TOMATOES, *GLUE_TASKS, ARITHMETIC, GSM_SYMBOLIC, GSM8K,
-                                               METAMATHQA, COMPETITION_MATH)}
+                                               METAMATHQA, COMPETITION_MATH, MMLU, ARITHMETIC_MC, SHAREGPT)}
 
 
 def task_spec(task) -> Task:
-    if task not in TASKS:  # listed by kind: encoder tasks, then generation tasks for a causal LM
-        generation = sorted(n for n, t in TASKS.items() if t.generates)
-        raise ValueError(f"task {task!r} is not one of {sorted(set(TASKS) - set(generation))} nor of the "
-                         f"generation tasks {generation}; pick one of those.")
+    if task not in TASKS:  # listed by kind: encoder tasks, then the tasks of a causal LM
+        causal = sorted(n for n, t in TASKS.items() if t.generates)
+        raise ValueError(f"task {task!r} is not one of {sorted(set(TASKS) - set(causal))} nor of the "
+                         f"causal-LM tasks {causal}; pick one of those.")
     return TASKS[task]
 
 
@@ -147,7 +158,23 @@ def _tokenize(tokenizer, texts, pairs, max_length, desc):
     return ids, type_ids
 
 
-def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None):
+def source_key(source: Path) -> dict:
+    """What keys the cache for a task's source: a file's path, size and mtime; for a directory (MMLU's)
+    those of every file under it, so an edited, added or removed file rebuilds the cache."""
+    stat = source.stat()
+    if not source.is_dir():
+        return {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    return {"path": str(source.resolve()),
+            "files": [[str(p.relative_to(source)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def prompt_form(spec, tokenizer, shots) -> str:
+    """A causal-LM task's prompt in a few words (part of the cache key): its own, else data.sft's."""
+    return sft.prompt_format(tokenizer) if spec.prompt_format is None else spec.prompt_format(tokenizer, shots)
+
+
+def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None, shots=SHOTS):
     """One split as {"input_ids": N LongTensors (T_i,), "token_type_ids": same, "labels": (N,)}.
 
     Labels have the dtype of the task's kind (data.task.KINDS): long class ids, or float
@@ -155,26 +182,27 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
     GLUE), or for the paper's math files the split's file. Read from the cache when it is
     valid; otherwise read, tokenized (truncated to max_length) and cached.
 
-    A generation task returns data.sft.unflatten_sft's dict instead: "input_ids" and
+    A causal-LM task returns data.sft.unflatten_sft's dict instead: "input_ids" and
     "token_type_ids" (K training sequences, 1 = loss token), "example_index" (K,), "prompt_ids"
-    (N full prompts), "questions" and "answers" (N strings) and "stats" (truncation counts).
+    (N full prompts), "questions" and "answers" (N strings), "stats" (truncation counts) and the
+    task's own per-example lists (multiple choice: "subjects"). `shots`: solved examples before each
+    question of a multiple-choice task (data/mmlu.py); the other tasks ignore it.
     """
     spec = task_spec(task)
     spec.check_split(split)
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length={max_length!r} must be an integer of at least 2 (e.g. 128).")
     source = Path(spec.source(split, data_dir))
-    stat = source.stat()
     key = {
         "task": task,
         "kind": spec.kind,  # the labels' dtype
         "split": split,
         "tokenizer_fingerprint": tokenizer.fingerprint,
         "max_length": max_length,
-        "source": {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        "source": source_key(source),
     }
-    if spec.generates:  # the prompt's form and the generator's settings shape the tokens too
-        key |= {"prompt_format": sft.prompt_format(tokenizer), "split_rule": spec.split_rule}
+    if spec.generates:  # the prompt's form (a few-shot task's shots) and the generator's settings shape the tokens
+        key |= {"prompt_format": prompt_form(spec, tokenizer, shots), "split_rule": spec.split_rule}
     stem = f"{task}-{split}-tok{tokenizer.fingerprint}-len{max_length}"
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR or cache_root() / "data")
     path = cache_dir / f"{stem}.safetensors"  # the sidecar is {stem}.json beside it
@@ -183,7 +211,7 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
         print(describe(task, split, data, max_length))
         return data
     if spec.generates:
-        return _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key)
+        return _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key, shots)
 
     texts, pairs, labels = read_examples(task, split, data_dir)
     ids, type_ids = _tokenize(tokenizer, texts, pairs, max_length, desc=f"tokenizing {task}/{split}")
@@ -200,10 +228,16 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
     return data
 
 
-def _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key):
-    """A generation split: tokenized by data.sft (prompt ++ response, response-only loss mask), cached."""
-    questions, responses, answers = read_examples(spec.name, split, data_dir)
-    prompts, ids, type_ids, kept, stats = sft.tokenize_sft(tokenizer, questions, responses, max_length)
+def _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key, shots):
+    """A causal-LM split, cached: tokenized by the task's own `tokenize` (multiple choice, conversations), else
+    by data.sft (prompt ++ response, response-only loss mask)."""
+    if spec.tokenize is not None:
+        prompts, ids, type_ids, kept, stats, questions, answers, fields = spec.tokenize(
+            tokenizer, split, data_dir, max_length, shots)
+    else:
+        questions, responses, answers = read_examples(spec.name, split, data_dir)
+        prompts, ids, type_ids, kept, stats = sft.tokenize_sft(tokenizer, questions, responses, max_length)
+        fields = {}
     tensors = sft.flatten_sft(prompts, ids, type_ids, kept)
     meta = key | stats | {
         "num_examples": len(questions),
@@ -213,6 +247,7 @@ def _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key):
         "answer_format": spec.answer_format,
         "questions": list(questions),
         "answers": [str(a) for a in answers],
+        "fields": fields,
     }
     save_artifact(path, tensors, meta, CACHE_KIND, CACHE_VERSION)
     data = sft.unflatten_sft(tensors, meta)
@@ -279,7 +314,7 @@ def subset(split, idx):
 def describe(task, split, data, max_length):
     """One line: size, label balance and token-length statistics of a prepared split."""
     if task_spec(task).generates:  # counts of truncated and dropped examples
-        return sft.describe_sft(f"{task}/{split}", data, max_length, training=split == "train")
+        return sft.describe_sft(f"{task}/{split}", data, max_length, split == "train", task_spec(task).scored_by)
     spec, labels = task_spec(task), data["labels"]
     if spec.kind != "classification":
         balance = f"score mean {labels.mean():.2f}, std {labels.std():.2f}"
@@ -308,6 +343,7 @@ class PrepareConfig:
     train_file: str | None = None
     test_file: str | None = None
     cache_dir: str | None = None
+    shots: int = SHOTS
 
 
 def tokenizer_path(cfg):
@@ -357,12 +393,15 @@ def main(argv=None):
     parser.add_argument("--data-dir", "--glue-dir", dest="data_dir", default=defaults.data_dir,
                         help="the task's data directory: for GLUE the one holding CoLA/train.tsv, "
                              "SST-2/dev.tsv, ... (missing files are downloaded into it); for gsm8k, "
-                             "metamathqa and competition-math the one holding train.jsonl, test.jsonl, ... "
+                             "metamathqa and competition-math the one holding train.jsonl, test.jsonl, ...; for "
+                             "mmlu the one holding dev/, val/, test/; for sharegpt the JSON file or its directory "
                              "(--glue-dir is its old name)")
     parser.add_argument("--train-file", default=defaults.train_file,
                         help="the train split's file of gsm8k, metamathqa or competition-math (overrides --data-dir)")
     parser.add_argument("--test-file", default=defaults.test_file,
                         help="the test split's file of gsm8k or competition-math (overrides --data-dir)")
+    parser.add_argument("--shots", type=int, default=defaults.shots,
+                        help="multiple-choice tasks (mmlu, arithmetic-mc): solved examples before each question")
     parser.add_argument("--cache-dir", default=defaults.cache_dir,
                         help="where prepared splits are cached; None: $INILORA_CACHE/data, else ~/.cache/inilora/data")
     cfg = PrepareConfig(**vars(parser.parse_args(argv)))
@@ -371,7 +410,7 @@ def main(argv=None):
     if spec.generates:
         tokenizer = causal_tokenizer(cfg)
         print(f"tokenizer: {cfg.tokenizer or cfg.model} (fingerprint {tokenizer.fingerprint}, "
-              f"prompt {sft.prompt_format(tokenizer)})")
+              f"prompt {prompt_form(spec, tokenizer, cfg.shots)})")
     else:
         tokenizer = Tokenizer(tokenizer_path(cfg))
         print(f"tokenizer: {tokenizer.path} (fingerprint {tokenizer.fingerprint})")
@@ -379,7 +418,8 @@ def main(argv=None):
     if spec.generates and (cfg.train_file or cfg.test_file) and not cfg.data_dir:
         splits = [s for s in splits if split_data(cfg, s)]  # only the splits whose file was given
     for split in splits:
-        load_split(cfg.task, split, tokenizer, cfg.max_length, split_data(cfg, split), cfg.cache_dir)  # prints a line
+        load_split(cfg.task, split, tokenizer, cfg.max_length, split_data(cfg, split), cfg.cache_dir,
+                   cfg.shots)  # prints a line
 
 
 if __name__ == "__main__":

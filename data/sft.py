@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import re
 from decimal import Decimal, InvalidOperation
+from typing import NamedTuple
 
 import torch
 
@@ -103,6 +104,20 @@ def tokenize_sft(tokenizer, questions, responses, max_length):
     return prompts, ids, type_ids, kept, stats
 
 
+class Sequences(NamedTuple):
+    """One split of a causal-LM task, tokenized: what a task's own `tokenize` returns (data.task.Task; the
+    multiple-choice and conversation kinds), in the layout tokenize_sft gives generation tasks."""
+    prompts: list  # N lists of ids: what the model reads before it answers (scoring), whole
+    ids: list  # K lists of ids, the training sequences (at most max_length)
+    type_ids: list  # K lists, 1 on a token the loss covers (any number of spans), else 0
+    kept: list  # K example indices: the examples with at least one loss token within max_length
+    stats: dict  # num_truncated, num_dropped, num_long_prompts (the counts describe_sft prints), and "note":
+    #              a sentence of the kind's own counts (shots dropped to fit, assistant turns cut), or None
+    questions: list  # N strings naming the examples (in the predictions file)
+    answers: list  # N gold answers as strings ("" where there is none)
+    fields: dict  # more per-example lists kept with the split (e.g. "subjects", N strings), or {}
+
+
 def flatten_sft(prompts, ids, type_ids, kept) -> dict:
     """The tensors of the cache: sequences and prompts flattened, offsets[i]..offsets[i+1] is item i."""
 
@@ -145,6 +160,9 @@ def unflatten_sft(tensors, meta) -> dict:
     if len(index) and not (0 <= int(index.min()) and int(index.max()) < n):
         raise ValueError("its example_index points outside the split")
     stats = ("num_examples", "num_kept", "num_truncated", "num_dropped", "num_long_prompts", "prompt_format")
+    fields = meta.get("fields", {})  # a task's own per-example lists (multiple choice: "subjects")
+    if any(len(v) != n for v in fields.values()):
+        raise ValueError(f"its fields {sorted(fields)} do not hold one value per example ({n})")
     return {
         "input_ids": split(tensors["input_ids"], tensors["offsets"]),  # K tensors (T_i,)
         "token_type_ids": split(tensors["token_type_ids"], tensors["offsets"]),  # K tensors, 1 = loss
@@ -152,21 +170,23 @@ def unflatten_sft(tensors, meta) -> dict:
         "prompt_ids": split(tensors["prompt_ids"], tensors["prompt_offsets"]),  # N tensors (T_i,)
         "questions": meta["questions"],  # N str
         "answers": meta["answers"],  # N str, gold final answers
-        "stats": {k: meta[k] for k in stats},
+        "stats": {k: meta[k] for k in stats} | {"note": meta.get("note")},
+        **fields,
     }
 
 
-def describe_sft(name, data, max_length, training=True) -> str:
+def describe_sft(name, data, max_length, training=True, scored_by="generation") -> str:
     """One line: sizes, truncation and drop counts, token lengths of the sequences (trained on, for the training
-    split; an evaluation split is scored by generating from its prompts, so it trains on nothing)."""
+    split; an evaluation split is scored from its prompts, by `scored_by`, so it trains on nothing), and the
+    task's own counts (stats["note"]) when it has any."""
     s = data["stats"]
     lengths = torch.tensor([len(x) for x in data["input_ids"]] or [0], dtype=torch.float32)
     loss_tokens = sum(int(t.sum()) for t in data["token_type_ids"])
-    kept = f"{s['num_kept']} trained on" if training else f"scored by generation ({s['num_kept']} fit with their response)"
+    kept = f"{s['num_kept']} trained on" if training else f"scored by {scored_by} ({s['num_kept']} fit with their response)"
     return (f"{name}: {s['num_examples']} examples, {kept} | prompt {s['prompt_format']} | "
             f"{s['num_truncated']} truncated to max_length {max_length}, {s['num_dropped']} dropped (no response "
             f"token left), {s['num_long_prompts']} prompts reach max_length | tokens mean {lengths.mean():.1f}, "
-            f"max {lengths.max():.0f}, {loss_tokens} loss tokens")
+            f"max {lengths.max():.0f}, {loss_tokens} loss tokens" + (f" | {s['note']}" if s.get("note") else ""))
 
 
 # -----------------------------------------------------------------------------

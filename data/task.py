@@ -15,7 +15,12 @@ ids, label_names[i] names class i) and "regression" (one score per example, labe
 fine-tune an encoder with a task head; "generation" (math word problems) fine-tunes a causal LM: `Examples.texts` are then the questions,
 `Examples.pairs` the worked responses (the tokens the loss covers, see data/sft.py) and
 `Examples.labels` the gold final answers as strings; `answer_format` ("gsm8k" or "math")
-names how a final answer is extracted from a response (data.sft.EXTRACTORS).
+names how a final answer is extracted from a response (data.sft.EXTRACTORS). Two more decoder kinds
+have sequences other than prompt ++ response, so their task names its own `tokenize` (the same
+(ids, loss mask) layout, data/sft.py): "multiple-choice" (data/mmlu.py: `Examples.texts` the question
+blocks, `pairs` their subjects, `labels` the answer letters; scored by the log-likelihood of the
+answer letters, not by generating) and "conversation" (data/sharegpt.py: multi-turn chats, the loss
+on every assistant turn; trained on, never scored itself).
 
     python -m data.prepare --task rotten-tomatoes   # prepares a task through this record
 """
@@ -34,12 +39,17 @@ class Kind:
     """What the kind of a task decides, for every file that asks: the rest reads these fields, never the name."""
     label_dtype: torch.dtype | None  # of the (N,) label tensor; None: gold answers are strings (data/sft.py's sidecar)
     family: str  # the model it fine-tunes, a key of models.DEFAULT_TARGETS: "encoder" (with a task head) or "decoder"
-    generates: bool  # trained on response tokens and scored by generating answers (exact match), not by one forward
+    generates: bool  # a causal LM trained on token sequences with a loss mask (data/sft.py), not one label per forward
+    # how a split is scored (evaluate.py): "forward" (one forward, the metrics of data/metrics.py), "generation"
+    # (greedy answers, exact match), "log-likelihood" (the answer letter the model finds likeliest); None: never
+    scored_by: str | None
 
 
-KINDS = {"classification": Kind(torch.int64, "encoder", False),
-         "regression": Kind(torch.float32, "encoder", False),
-         "generation": Kind(None, "decoder", True)}
+KINDS = {"classification": Kind(torch.int64, "encoder", False, "forward"),
+         "regression": Kind(torch.float32, "encoder", False, "forward"),
+         "generation": Kind(None, "decoder", True, "generation"),
+         "multiple-choice": Kind(None, "decoder", True, "log-likelihood"),
+         "conversation": Kind(None, "decoder", True, None)}
 
 
 class Examples(NamedTuple):
@@ -64,13 +74,20 @@ class Task:
     withheld: dict[str, str] = field(default_factory=dict)
     # generation only: how a final answer is read from a response, a key of data.sft.EXTRACTORS
     answer_format: str | None = None
+    # decoder kinds whose sequences are not prompt ++ response (multiple choice, conversations): (tokenizer,
+    # split, data_dir, max_length, shots) -> data.sft.Sequences; None: data.sft.tokenize_sft (generation)
+    tokenize: Callable | None = None
+    # decoder kinds: (tokenizer, shots) -> the prompt's form in a few words, printed and part of the cache key
+    # (so a new --shots rebuilds a few-shot task's cache); None: data.sft.prompt_format (chat template or Alpaca)
+    prompt_format: Callable | None = None
 
     def __post_init__(self):
         # a task table error is the programmer's, caught at import: fail loudly, with the fix
         if self.kind not in KINDS:
             labelled = sorted(k for k, kind in KINDS.items() if kind.label_dtype is not None)
+            sequences = sorted(k for k, kind in KINDS.items() if kind.label_dtype is None)
             raise ValueError(f"task {self.name!r} has kind {self.kind!r}, which is not one of {labelled} "
-                             "(label tensors) nor 'generation' (prompts and responses, data/sft.py); "
+                             f"(label tensors) nor {sequences} (a causal LM's token sequences, data/sft.py); "
                              "add the kind to data.task.KINDS or use one of those.")
         if (self.kind == "classification") != (self.label_names is not None):
             raise ValueError(f"task {self.name!r} of kind {self.kind!r} has label_names={self.label_names!r}: "
@@ -78,6 +95,12 @@ class Task:
         if (self.kind == "generation") != (self.answer_format in EXTRACTORS):
             raise ValueError(f"task {self.name!r} of kind {self.kind!r} has answer_format={self.answer_format!r}: "
                              f"generation names one of {sorted(EXTRACTORS)}, other kinds pass None.")
+        if (self.tokenize is not None or self.prompt_format is not None) and not self.generates:
+            raise ValueError(f"task {self.name!r} of kind {self.kind!r} names a tokenize or prompt_format function, "
+                             "but only a causal LM's kinds have those; an encoder task passes None.")
+        if self.generates and self.answer_format is None and self.tokenize is None:
+            raise ValueError(f"task {self.name!r} of kind {self.kind!r} needs its own tokenize function: only "
+                             "generation (prompt ++ response, data.sft.tokenize_sft) has a default.")
         if not self.metrics or not self.splits:
             raise ValueError(f"task {self.name!r} needs at least one metric and one split, "
                              f"got metrics={self.metrics!r}, splits={self.splits!r}.")
@@ -98,8 +121,14 @@ class Task:
 
     @property
     def generates(self) -> bool:
-        """Whether the task is generation (a causal LM's response tokens; scored by exact match)."""
+        """Whether a causal LM trains on the task's token sequences (data/sft.py's layout: generation,
+        multiple choice, conversations); False: an encoder with a head, one label per example."""
         return KINDS[self.kind].generates
+
+    @property
+    def scored_by(self) -> str | None:
+        """"forward", "generation", "log-likelihood" or None (trained on, never scored): data.task.KINDS."""
+        return KINDS[self.kind].scored_by
 
     def extract_answer(self, text):
         """A generation task's final answer in `text` (normalized), or None when it holds none."""

@@ -213,6 +213,7 @@ def stored_configs(run, resolve, train_defaults, lora_flags, launcher="python tr
         if "glue_dir" in train_saved:
             train_saved["data_dir"] = train_saved.pop("glue_dir")
             saved["train"] = dict(train_saved)
+            saved["train"] = dict(train_saved)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{str(path)!r} is not a train.py configuration ({type(e).__name__}: {e}): "
                          "restore it, or start a new run with another --out.") from None
@@ -297,12 +298,14 @@ def find_adapter(path, checkpoint=None):
 
 
 def adapter_settings(adapter, run):
-    """task, max_length, model and data_dir to evaluate `adapter` with: from its sidecar, else config.json."""
+    """task, max_length, model, data_dir and shots (None unless recorded) to evaluate `adapter` with: from its
+    sidecar, else config.json."""
     meta = read_json(adapter.with_suffix(".json"), "adapter sidecar")
     train = read_json(config_file(run), "run configuration").get("train", {}) if run else {}
     s = {"task": meta.get("task", train.get("task")), "max_length": meta.get("max_length", train.get("max_length")),
          "model": meta.get("model_id", train.get("model")),
-         "data_dir": train.get("data_dir", train.get("glue_dir"))}  # glue_dir: its name in runs made before 2026-12
+         "data_dir": train.get("data_dir", train.get("glue_dir")),  # glue_dir: its name in runs made before 2026-12
+         "shots": train.get("shots")}  # multiple-choice tasks; runs made before 2026-12 do not record it
     if None in (s["task"], s["max_length"], s["model"]):
         raise ValueError(f"{str(adapter)!r} does not record its task, max_length and base model (got {s}): it was "
                          "not saved by train.py. Pass the run directory that train.py wrote instead.")

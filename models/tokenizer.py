@@ -157,6 +157,12 @@ class ChatTokenizer:
         A chat prompt already holds its special tokens: pass add_special_tokens=False."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
+    def encode_with_offsets(self, text, add_special_tokens=True):
+        """(ids, offsets) of one text: offsets[t] = (start, end), the characters of `text` token t covers
+        ((0, 0) for a token the tokenizer adds, such as BOS)."""
+        encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
+
     def decode(self, ids, skip_special_tokens=True):
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

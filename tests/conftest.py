@@ -221,3 +221,66 @@ def tiny_byte_decoder(tmp_path_factory) -> Path:
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "chat_template": DECODER_TEMPLATE}))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_letter_decoder(tmp_path_factory) -> Path:
+    """tiny_byte_decoder's model (a tiny random LlamaForCausalLM, ChatML template, eos <|im_end|>, pad <|pad|>)
+    with a byte-level BPE trained here instead, whose merges keep ' A', ' B', ' C', ' D' one token each, as
+    multiple-choice scoring needs (data/mmlu.py). vocab_size = the tokenizer's."""
+    import json
+
+    import transformers
+    from tokenizers import AddedToken, decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [f"Question?\nA. one\nB. two\nC. three\nD. four\nAnswer: {letter}\n\n" for letter in "ABCD"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=BYTE_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BYTE_SPECIALS])
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
+                                      max_position_embeddings=2048, bos_token_id=None,
+                                      eos_token_id=tok.token_to_id("<|im_end|>"), pad_token_id=tok.token_to_id("<|pad|>"),
+                                      tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # away from HF's init, so that the letters' log-probabilities differ clearly
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny-letter-llama")
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "chat_template": DECODER_TEMPLATE}))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# MMLU's layout (data/mmlu.py): two subjects, one row per question, no header, the answer letter last
+
+MMLU_ROWS = {"college_toys": [("How many wheels has a bike?", "1", "2", "3", "4", "B"),
+                              ("What is red?", "grass", "sky", "blood", "snow", "C"),
+                              ("Pick four.", "four", "two", "one", "six", "A"),
+                              ("Which, of these, is a toy?", "a ball", "a tax", "a bill", "a fee", "A")],
+             "world_facts": [("Capital of France?", "Rome", "Paris", "Oslo", "Bern", "B"),
+                             ("Largest ocean?", "Arctic", "Indian", "Atlantic", "Pacific", "D")]}
+
+
+@pytest.fixture
+def tiny_mmlu(tmp_path) -> Path:
+    """tmp_path/mmlu/{dev,val,test}/SUBJECT_{dev,val,test}.csv written with the csv module: test/ holds every
+    question of MMLU_ROWS, val/ the first of each subject, dev/ (the shots) the first two, reversed."""
+    import csv
+
+    root = tmp_path / "mmlu"
+    for folder in ("dev", "val", "test"):
+        (root / folder).mkdir(parents=True)
+        for subject, questions in MMLU_ROWS.items():
+            chosen = {"dev": questions[:2][::-1], "val": questions[:1], "test": questions}[folder]
+            with open(root / folder / f"{subject}_{folder}.csv", "w", newline="") as f:
+                csv.writer(f).writerows(chosen)
+    return root

@@ -33,6 +33,11 @@ CASES = [
     (["train.py", "--grad-checkpointing", "--out", "{tmp}/run"], "'rotten-tomatoes' trains an encoder"),
     (["evaluate.py", "--base", "--task", "rotten-tomatoes", "--out", "{tmp}/base"], "--task 'rotten-tomatoes' is not one of"),
     (["evaluate.py", "--base", "--task", "arithmetic"], "--base needs --out"),
+    # the file-based knowledge tasks: a missing file, or a split MMLU does not have, is a sentence
+    (["train.py", "--task", "sharegpt", "--out", "{tmp}/run"], "task 'sharegpt', split 'train': no file was given"),
+    (["train.py", "--task", "mmlu", "--out", "{tmp}/run"], "MMLU has no training split"),
+    (["evaluate.py", "--base", "--task", "mmlu", "--split", "test", "--out", "{tmp}/base"],
+     "task 'mmlu', split 'test': no directory was given"),
 ]
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
 from data import glue, prepare, rotten_tomatoes
 from data.prepare import TASKS, load_split, pad_batch, read_examples
 from data.task import Examples, Task
@@ -135,6 +136,11 @@ def test_task_table_matches_metrics_and_labels():
             # scored by the exact match of the final answer extracted from a greedy generation
             assert spec.metrics == ("exact_match",) and spec.label_names is None, name
             assert spec.answer_format in ("gsm8k", "math"), name
+            continue
+        if spec.generates:  # multiple choice (and ShareGPT, whose adapters are scored on MMLU): the answer letters'
+            # log-likelihood scorer's metrics, in its order (the first picks the best epoch)
+            scored = evaluate.choice_accuracy([{"subject": "s", "correct": True}])
+            assert spec.metrics == tuple(scored) and spec.label_names is None and spec.answer_format is None, name
             continue
         assert set(spec.metrics) <= set(METRICS), name
         assert (spec.num_labels == 1) == (spec.label_names is None), name
