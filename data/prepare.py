@@ -13,6 +13,11 @@ Tasks (`TASKS`, one `data.task.Task` record each, defined in the task's own file
   gsm8k metamathqa competition-math
                    the paper's own files (data/gsm8k.py, data/metamathqa.py,
                    data/competition_math.py), from --train-file/--test-file or --data-dir.
+  humaneval        (offline; data/humaneval.py) the 164 HumanEval problems, test only, scored by
+                   running their tests; the packaged file, or --data-dir's copy.
+  code-functions   (offline; data/code_functions.py) templated small Python functions with
+                   their own tests, train/dev/test by function; scored like HumanEval.
+  codealpaca       the paper's HumanEval training data (data/code_alpaca.py), from --data-dir.
 Adding a task is one new file defining a Task and one entry in TASKS below; nothing here
 knows any task by name.
 
@@ -48,10 +53,13 @@ from lib.cache import cache_root, lookup
 from lib.common import run_cli
 from data import sft
 from data.arithmetic import ARITHMETIC
+from data.code_alpaca import CODE_ALPACA
+from data.code_functions import CODE_FUNCTIONS
 from data.competition_math import COMPETITION_MATH
 from data.glue import GLUE_TASKS
 from data.gsm8k import GSM8K
 from data.gsm_symbolic import GSM_SYMBOLIC
+from data.humaneval import HUMANEVAL
 from data.metamathqa import METAMATHQA
 from data.rotten_tomatoes import ROTTEN_TOMATOES
 from data.task import Examples, Task
@@ -64,7 +72,7 @@ from models.tokenizer import ChatTokenizer, Tokenizer
 # the task registry: adding a task = one file defining its Task + one entry here
 
 TASKS: dict[str, Task] = {t.name: t for t in (ROTTEN_TOMATOES, *GLUE_TASKS, ARITHMETIC, GSM_SYMBOLIC, GSM8K,
-                                               METAMATHQA, COMPETITION_MATH)}
+                                               METAMATHQA, COMPETITION_MATH, HUMANEVAL, CODE_FUNCTIONS, CODE_ALPACA)}
 
 
 def task_spec(task) -> Task:
@@ -174,7 +182,7 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
         "source": {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
     }
     if spec.generates:  # the prompt's form and the generator's settings shape the tokens too
-        key |= {"prompt_format": sft.prompt_format(tokenizer), "split_rule": spec.split_rule}
+        key |= {"prompt_format": sft.prompt_format(tokenizer, spec.prompt), "split_rule": spec.split_rule}
     stem = f"{task}-{split}-tok{tokenizer.fingerprint}-len{max_length}"
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR or cache_root() / "data")
     path = cache_dir / f"{stem}.safetensors"  # the sidecar is {stem}.json beside it
@@ -203,7 +211,7 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
 def _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key):
     """A generation split: tokenized by data.sft (prompt ++ response, response-only loss mask), cached."""
     questions, responses, answers = read_examples(spec.name, split, data_dir)
-    prompts, ids, type_ids, kept, stats = sft.tokenize_sft(tokenizer, questions, responses, max_length)
+    prompts, ids, type_ids, kept, stats = sft.tokenize_sft(tokenizer, questions, responses, max_length, spec.prompt)
     tensors = sft.flatten_sft(prompts, ids, type_ids, kept)
     meta = key | stats | {
         "num_examples": len(questions),
@@ -357,8 +365,9 @@ def main(argv=None):
     parser.add_argument("--data-dir", "--glue-dir", dest="data_dir", default=defaults.data_dir,
                         help="the task's data directory: for GLUE the one holding CoLA/train.tsv, "
                              "SST-2/dev.tsv, ... (missing files are downloaded into it); for gsm8k, "
-                             "metamathqa and competition-math the one holding train.jsonl, test.jsonl, ... "
-                             "(--glue-dir is its old name)")
+                             "metamathqa and competition-math the one holding train.jsonl, test.jsonl, ...; "
+                             "for codealpaca the one holding code_alpaca_20k.json; for humaneval a local copy "
+                             "(None: the packaged file); --glue-dir is its old name")
     parser.add_argument("--train-file", default=defaults.train_file,
                         help="the train split's file of gsm8k, metamathqa or competition-math (overrides --data-dir)")
     parser.add_argument("--test-file", default=defaults.test_file,
@@ -371,7 +380,7 @@ def main(argv=None):
     if spec.generates:
         tokenizer = causal_tokenizer(cfg)
         print(f"tokenizer: {cfg.tokenizer or cfg.model} (fingerprint {tokenizer.fingerprint}, "
-              f"prompt {sft.prompt_format(tokenizer)})")
+              f"prompt {sft.prompt_format(tokenizer, spec.prompt)})")
     else:
         tokenizer = Tokenizer(tokenizer_path(cfg))
         print(f"tokenizer: {tokenizer.path} (fingerprint {tokenizer.fingerprint})")

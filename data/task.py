@@ -15,7 +15,11 @@ ids, label_names[i] names class i) and "regression" (one score per example, labe
 fine-tune an encoder with a task head; "generation" (math word problems) fine-tunes a causal LM: `Examples.texts` are then the questions,
 `Examples.pairs` the worked responses (the tokens the loss covers, see data/sft.py) and
 `Examples.labels` the gold final answers as strings; `answer_format` ("gsm8k" or "math")
-names how a final answer is extracted from a response (data.sft.EXTRACTORS).
+names how a final answer is extracted from a response (data.sft.EXTRACTORS). "code" (Python functions:
+data/humaneval.py, data/code_functions.py, data/code_alpaca.py) fine-tunes a causal LM the same way, but
+its prompt is the question's text as it stands (code to continue, no chat template: Kind.prompt "text"),
+its `Examples.labels` are the tests each completion must pass (the program's tail after the completion),
+and it is scored by running them (Kind.executes: pass@k, data/humaneval.py), not by exact match.
 
     python -m data.prepare --task rotten-tomatoes   # prepares a task through this record
 """
@@ -34,12 +38,15 @@ class Kind:
     """What the kind of a task decides, for every file that asks: the rest reads these fields, never the name."""
     label_dtype: torch.dtype | None  # of the (N,) label tensor; None: gold answers are strings (data/sft.py's sidecar)
     family: str  # the model it fine-tunes, a key of models.DEFAULT_TARGETS: "encoder" (with a task head) or "decoder"
-    generates: bool  # trained on response tokens and scored by generating answers (exact match), not by one forward
+    generates: bool  # trained on response tokens and scored by generating answers, not by one forward
+    prompt: str = "chat"  # generating kinds: "chat" (data.sft.build_prompts) or "text" (the question, as it stands)
+    executes: bool = False  # scored by running each completion with its tests (pass@k), not by exact match
 
 
 KINDS = {"classification": Kind(torch.int64, "encoder", False),
          "regression": Kind(torch.float32, "encoder", False),
-         "generation": Kind(None, "decoder", True)}
+         "generation": Kind(None, "decoder", True),
+         "code": Kind(None, "decoder", True, prompt="text", executes=True)}
 
 
 class Examples(NamedTuple):
@@ -69,8 +76,9 @@ class Task:
         # a task table error is the programmer's, caught at import: fail loudly, with the fix
         if self.kind not in KINDS:
             labelled = sorted(k for k, kind in KINDS.items() if kind.label_dtype is not None)
+            generating = sorted(k for k, kind in KINDS.items() if kind.generates)
             raise ValueError(f"task {self.name!r} has kind {self.kind!r}, which is not one of {labelled} "
-                             "(label tensors) nor 'generation' (prompts and responses, data/sft.py); "
+                             f"(label tensors) nor {generating} (prompts and responses, data/sft.py); "
                              "add the kind to data.task.KINDS or use one of those.")
         if (self.kind == "classification") != (self.label_names is not None):
             raise ValueError(f"task {self.name!r} of kind {self.kind!r} has label_names={self.label_names!r}: "
@@ -98,8 +106,18 @@ class Task:
 
     @property
     def generates(self) -> bool:
-        """Whether the task is generation (a causal LM's response tokens; scored by exact match)."""
+        """Whether the task is generation (a causal LM's response tokens; scored by generating)."""
         return KINDS[self.kind].generates
+
+    @property
+    def prompt(self) -> str:
+        """How a generating task's question becomes its prompt: "chat" or "text" (data.sft.build_prompts)."""
+        return KINDS[self.kind].prompt
+
+    @property
+    def executes(self) -> bool:
+        """Whether generations are scored by running their tests (pass@k) rather than by exact match."""
+        return KINDS[self.kind].executes
 
     def extract_answer(self, text):
         """A generation task's final answer in `text` (normalized), or None when it holds none."""
