@@ -159,6 +159,13 @@ class Sampling:
             raise ValueError(f"--samples {self.samples} with --temperature 0 would draw {self.samples} identical greedy "
                              "generations: pass a temperature, e.g. --temperature 0.8 --top-p 0.95.")
 
+    def label(self) -> str:
+        """'' for greedy decoding, else '-samplesN-tT-pP-seedS': in the file names, so a sampled evaluation
+        never overwrites the greedy one."""
+        if self == Sampling():
+            return ""
+        return f"-samples{self.samples}-t{self.temperature:g}-p{self.top_p:g}-seed{self.seed}"
+
     def seeds(self, rows, questions):
         """Each generation's own seed, from --seed, the question and its sample number j: the same at any batch
         size, --limit or torchrun share."""
@@ -321,6 +328,7 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
     print(f"loaded {what} from {adapter}" + (": the head evaluated is the adapter's, replacing the one reported above"
                                              if head else ""))
     split_name = split if task.name == settings["task"] else f"{task.name}-{split}"  # another task: named in the files
+    split_name += opts.get("sampling", Sampling()).label()
     where, name = (run, f"{checkpoint or 'best'}-{split_name}") if run else (adapter.parent, f"{adapter.stem}-{split_name}")
     # the run's data directory holds its own task's files: another task reads --data-dir (None: its default)
     data_dir = data_dir or (settings["data_dir"] if task.name == settings["task"] else None)
@@ -333,7 +341,7 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
 def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=512, batch_size=None, device=None,
                   **opts):
     """Scores the base model alone (no adapter) on a generation task: out/predictions-base-SPLIT.jsonl and
-    out/eval-base-SPLIT.json."""
+    out/eval-base-SPLIT.json (SPLIT followed by Sampling.label() when sampled)."""
     if task_name not in generation_tasks():
         raise ValueError(f"--base scores a causal LM on a generation task, and --task {task_name!r} is not one of "
                          f"{generation_tasks()}; pass e.g. --task arithmetic (an encoder's head is untrained).")
@@ -346,10 +354,10 @@ def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=5
     device, why = pick_device(device)
     print(f"evaluating the base model {model_name} (no adapter) on {task.name}/{split}, device {device} ({why})")
     model, tokenizer, model_id, _, _ = models.load(model_name, task.family)
-    out = Path(out)
+    out, name = Path(out), split + opts.get("sampling", Sampling()).label()
     metrics, n = score_split(model, tokenizer, task, split, max_length, data_dir, dict(opts, batch_size=batch_size),
-                             device, out / f"predictions-base-{split}.jsonl")
-    return write_scores(out / f"eval-base-{split}.json", task, split, metrics, adapter=None, model_id=model_id,
+                             device, out / f"predictions-base-{name}.jsonl")
+    return write_scores(out / f"eval-base-{name}.json", task, split, metrics, adapter=None, model_id=model_id,
                         num_examples=n, sampling=asdict(opts.get("sampling", Sampling())))
 
 

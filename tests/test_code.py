@@ -197,7 +197,9 @@ def test_samples_give_pass_at_k_and_the_same_samples_at_any_batch_size(tiny_code
         metrics = evaluate.main(["--base", "--model", str(model_dir), "--task", "tiny-code", "--split", "test", "--limit",
                                  "3", "--samples", "2", "--temperature", "1.0", "--top-p", "0.9", "--seed", "5",
                                  "--max-new-tokens", "6", "--batch-size", str(batch), "--out", str(out)])
-        records = [json.loads(line) for line in (out / "predictions-base-test.jsonl").read_text().splitlines()]
+        # a sampled evaluation's files are named after its settings: it never overwrites the greedy one
+        records = [json.loads(line) for line in
+                   (out / "predictions-base-test-samples2-t1-p0.9-seed5.jsonl").read_text().splitlines()]
         assert set(metrics) == {"pass@1"} and len(records) == 3 and all(r["n"] == 2 for r in records)
         assert metrics["pass@1"] == sum(r["passed"] for r in records) / 6
         runs[batch] = [r["completions"] for r in records]
