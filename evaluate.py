@@ -4,8 +4,8 @@ the evaluation of a run's adapter on the original base model, and the paper-styl
 Classification and regression (encoders): one forward pass per batch, then the task's metrics
 (data/metrics.py: accuracy, f1, matthews, pearson, spearman; `data.prepare.TASKS` says which, and the
 first picks the best epoch). Generation (causal LMs): every prompt of the split (data/sft.py: the chat
-template or the Alpaca prompt, exactly the prefix the model was trained on) is continued greedily by
-models.decoder.generate, a batch at a time, left-padded, with the KV cache. A row stops at EOS, after
+template or the Alpaca prompt, exactly the prefix the model was trained on) is continued greedily (or
+sampled, --temperature) by models.decoder.generate, a batch at a time, left-padded, with the KV cache. A row stops at EOS, after
 max_new_tokens, or once its answer line is complete:
 
     gsm8k format   a line that starts with '####' followed by a newline ("#### 42\\n")
@@ -23,6 +23,14 @@ the log-probability of each answer letter as the next token, the likeliest is th
     macro_accuracy = (1/S) sum_s accuracy over the questions of subject s
 
 The task's kind says which scorer runs (data.task.KINDS `scored_by`; SCORERS below), never its name.
+Code tasks (data.task kind "code": humaneval, code-functions) are scored by execution instead: each
+prompt (a function's signature and docstring) is continued, greedily by default or by sampling
+(--samples N --temperature T --top-p P --seed S: N generations per prompt, each with its own seeded
+generator, so the same seed gives the same samples at any batch size), stopped at HumanEval's stop
+sequences, cut there (data.humaneval.truncate_completion), and run with the example's tests in the
+sandbox, --exec-workers at a time (lib/sandbox.py). With c of n passing for a problem,
+
+    pass@k = (1/N) sum_i [1 - C(n_i - c_i, k) / C(n_i, k)]       (Chen et al., 2021, eq. 1; k <= n)
 
 From the command line, evaluate a run directory's best (or last) adapter on the original base model
 (a generation task's generations go beside the run as predictions-CHECKPOINT-SPLIT.jsonl), score a base
@@ -35,11 +43,16 @@ dev score x100 as mean ± std over seeds (std with n - 1; '-' for one seed):
     python evaluate.py --base --model smollm2 --task arithmetic --split test --out runs/base-smollm2-arithmetic
     python evaluate.py --base --model smollm2 --task arithmetic-mc --split test --out runs/base-smollm2-arithmetic-mc
     python evaluate.py runs/sharegpt-run --task mmlu --split test --data-dir path/to/mmlu/data
+    python evaluate.py --base --model smollm2 --task humaneval --split test --out runs/base-smollm2-humaneval
+    python evaluate.py --base --model smollm2 --task humaneval --split test --samples 10 --temperature 0.8 \
+        --top-p 0.95 --limit 20 --out runs/base-smollm2-humaneval-pass10
 """
 import argparse
+import hashlib
 import json
 import math
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +61,8 @@ from tqdm import tqdm
 
 import inilora
 import models
+from data.humaneval import join, mean_pass_at_k, score_programs, truncate_completion
+from data.humaneval import stop_rule as code_stop_rule
 from data.metrics import METRICS
 from data.mmlu import LETTERS, SHOTS, choice_ids
 from data.prepare import TASKS, load_split, pad_batch, subset
@@ -135,33 +150,94 @@ def stop_rule(tokenizer, answer_format):
     return stop
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How score_generation draws: one greedy generation per prompt (the default), or `samples` sampled ones."""
+    samples: int = 1  # generations per prompt (pass@k needs at least k)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus mass (1: the whole distribution)
+    seed: int = 0
+
+    def check(self, task):
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"--samples {self.samples!r} must be a whole number of at least 1.")
+        if self.samples > 1 and not task.executes:
+            raise ValueError(f"--samples {self.samples}: several generations per prompt are scored by pass@k, which "
+                             f"needs a code task ({sorted(n for n, t in TASKS.items() if t.executes)}), and "
+                             f"{task.name!r} is scored by exact match; leave --samples out.")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"--samples {self.samples} with --temperature 0 would draw {self.samples} identical greedy "
+                             "generations: pass a temperature, e.g. --temperature 0.8 --top-p 0.95.")
+
+    def label(self) -> str:
+        """'' for greedy decoding, else '-samplesN-tT-pP-seedS': in the file names, so a sampled evaluation
+        never overwrites the greedy one."""
+        if self == Sampling():
+            return ""
+        return f"-samples{self.samples}-t{self.temperature:g}-p{self.top_p:g}-seed{self.seed}"
+
+    def seeds(self, rows, questions):
+        """Each generation's own seed, from --seed, the question and its sample number j: the same at any batch
+        size, --limit or torchrun share."""
+        return [int.from_bytes(hashlib.sha256(f"{self.seed}|{j}|{questions[i]}".encode()).digest()[:8], "little")
+                for i, j in rows]
+
+
+PASS_KS = (1, 10, 100)  # the pass@k reported, for each k <= samples
+
+
 @torch.no_grad()
-def score_generation(model, tokenizer, split, task, batch_size=16, max_new_tokens=256, limit=None, device="cpu", desc=None):
-    """({"exact_match": value}, records) of `model` on the first `limit` examples (None: all) of a
-    generation split from data.prepare.load_split; records[i] = {question, generation, extracted,
-    gold, correct}. The model must be on `device`; it is left in eval mode."""
+def score_generation(model, tokenizer, split, task, batch_size=16, max_new_tokens=256, limit=None, device="cpu", desc=None,
+                     sampling=Sampling(), exec_workers=None):
+    """(metrics, records) of `model` on the first `limit` examples (None: all) of a generation split from
+    data.prepare.load_split. Exact match: records[i] = {question, generation, extracted, gold, correct}.
+    Code tasks (task.executes): records[i] = {question, completions, statuses, n, passed}, metrics pass@k,
+    the programs run `exec_workers` at a time (None: the CPU count). The model must be on `device`; it is
+    left in eval mode."""
     n_all = len(split["prompt_ids"])
     n = n_all if limit is None else min(limit, n_all)
     if n == 0 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"cannot score {n} examples in batches of {batch_size} with max_new_tokens="
                          f"{max_new_tokens}: pass a non-empty split, a batch size and max_new_tokens of at least 1.")
+    sampling.check(task)
     model.eval()
-    stop = stop_rule(tokenizer, task.answer_format)
-    records = []
-    for i in tqdm(range(0, n, batch_size), desc=desc or f"generating {task.name}", unit="batch", leave=False):
-        prompts = [p.tolist() for p in split["prompt_ids"][i:min(i + batch_size, n)]]  # B lists of ids, never past n
-        outputs = generate(model, prompts, max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id, stop=stop)
-        for j, ids in enumerate(outputs):
-            text = tokenizer.decode(ids)  # special tokens (EOS) left out
-            gold = split["answers"][i + j]
-            records.append({"question": split["questions"][i + j], "generation": text,
-                            "extracted": task.extract_answer(text), "gold": gold,
-                            "correct": exact_match(text, gold, task.answer_format)})
-    return exact_match_of(records), records
+    stop = code_stop_rule(tokenizer.decode) if task.executes else stop_rule(tokenizer, task.answer_format)
+    rows = [(i, j) for i in range(n) for j in range(sampling.samples)]  # generation j of example i, never past n
+    texts = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc or f"generating {task.name}", unit="batch",
+                      leave=False):
+        batch = rows[start:start + batch_size]
+        prompts = [split["prompt_ids"][i].tolist() for i, _ in batch]  # B lists of ids
+        seeds = sampling.seeds(batch, split["questions"]) if sampling.temperature > 0 else None
+        outputs = generate(model, prompts, max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id, stop=stop,
+                           temperature=sampling.temperature, top_p=sampling.top_p, seeds=seeds)
+        texts += [tokenizer.decode(ids) for ids in outputs]  # special tokens (EOS) left out
+    if task.executes:
+        records = run_completions(split, texts, n, sampling.samples, exec_workers)
+    else:
+        records = [{"question": split["questions"][i], "generation": text, "extracted": task.extract_answer(text),
+                    "gold": split["answers"][i], "correct": exact_match(text, split["answers"][i], task.answer_format)}
+                   for i, text in enumerate(texts)]
+    return metrics_of(task, records), records
 
 
-def exact_match_of(records):
-    """{"exact_match": ...} of scored records (score_generation's, or several ranks' gathered under torchrun)."""
+def run_completions(split, texts, n, samples, workers):
+    """Records of a code task: each generation cut at the stop sequences and run with its example's checks."""
+    completions = [truncate_completion(t) for t in texts]  # row i * samples + j: generation j of example i
+    programs = {str(i): [join(split["questions"][i], c, split["answers"][i])
+                         for c in completions[i * samples:(i + 1) * samples]] for i in range(n)}
+    result = score_programs(programs, (), workers, progress="running completions")
+    return [{"question": split["questions"][i], "completions": completions[i * samples:(i + 1) * samples],
+             "statuses": [o.status for o in r.outcomes], "n": r.n, "passed": r.c} for i, r in enumerate(result.results)]
+
+
+def metrics_of(task, records):
+    """The metrics of scored records (score_generation's, or several ranks' gathered under torchrun)."""
+    if task.executes:
+        # pass@k = (1/N) sum_i [1 - C(n_i - c_i, k) / C(n_i, k)], for each k up to the fewest samples
+        fewest = min(r["n"] for r in records)
+        ks = [k for k in PASS_KS if k <= fewest]
+        return {f"pass@{k}": v for k, v in mean_pass_at_k([(r["n"], r["passed"]) for r in records], ks).items()}
     # exact_match = (1/N) sum_i [extract(generation_i) == gold_i]
     return {"exact_match": sum(r["correct"] for r in records) / len(records)}
 
@@ -173,10 +249,10 @@ def exact_match_of(records):
 
 @torch.inference_mode()
 def score_choices(model, tokenizer, split, task, batch_size=16, max_new_tokens=None, limit=None, device="cpu",
-                  desc=None):
+                  desc=None, sampling=None, exec_workers=None):
     """(metrics, records) of `model` on the first `limit` examples (None: all) of a multiple-choice split from
     data.prepare.load_split; records[i] = {subject, question, log_probs (of A, B, C, D), predicted, gold,
-    correct}. Nothing is generated (max_new_tokens is not used). The model must be on `device`; it is left
+    correct}. Nothing is generated (max_new_tokens, sampling and exec_workers are not used). The model must be on `device`; it is left
     in eval mode."""
     n_all = len(split["prompt_ids"])
     n = n_all if limit is None else min(limit, n_all)
@@ -224,7 +300,10 @@ def choice_accuracy(records):
 
 
 # Task.scored_by -> (the scorer of a causal-LM split, the metrics of its records); "forward" is predict/evaluate
-SCORERS = {"generation": (score_generation, exact_match_of), "log-likelihood": (score_choices, choice_accuracy)}
+# a kind's scored_by -> (scorer, metrics(task, records)): generation is scored by exact match or, for code, by
+# running the tests (metrics_of); multiple choice by the answer letters' log-likelihood
+SCORERS = {"generation": (score_generation, metrics_of),
+           "log-likelihood": (score_choices, lambda task, records: choice_accuracy(records))}
 
 
 def write_predictions(path, records):
@@ -256,7 +335,7 @@ def dev_scores(cfg, task, run, device):
     mine = score(run.model, run.tokenizer, subset(dev, mine), task, batch, cfg.max_new_tokens, None, device,
                  desc="scoring dev")[1] if mine else []
     records = [r for part in distributed.gather(mine, world) for r in part]  # every rank's, in order
-    return metrics_of(records), "dev" if limit == n else f"dev subset {limit} of {n}"
+    return metrics_of(task, records), "dev" if limit == n else f"dev subset {limit} of {n}"
 
 
 # -----------------------------------------------------------------------------
@@ -285,9 +364,10 @@ def score_split(model, tokenizer, task, split, max_length, data_dir, opts, devic
     n_all, limit = len(data["prompt_ids"]), opts.get("limit")
     if limit is not None and limit < n_all:
         print(f"--limit {limit}: scoring the first {limit} of the {n_all} examples of {task.name}/{split}")
-    score, _ = SCORERS[task.scored_by]  # generation, or the log-likelihood of the answer letters
+    score, _ = SCORERS[task.scored_by]  # generation (exact match or execution), or the answer letters' likelihood
     metrics, records = score(model.to(device), tokenizer, data, task, opts.get("batch_size") or GENERATE_BATCH,
-                             opts.get("max_new_tokens", 256), limit, device)
+                             opts.get("max_new_tokens", 256), limit, device,
+                             sampling=opts.get("sampling", Sampling()), exec_workers=opts.get("exec_workers"))
     print(f"wrote {write_predictions(predictions, records)}")
     if "subject" not in records[0]:
         return metrics, len(records), {}
@@ -315,7 +395,8 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
     """Loads the base model, puts the adapter on it, evaluates it on `split` of its task, or of `task_name`
     (a causal LM's adapter on another causal-LM task: MetaMathQA-trained, GSM8K-tested, or ShareGPT-trained,
     MMLU-tested, as in the paper); writes and returns the metrics. opts (causal-LM tasks): max_new_tokens,
-    limit (the first N examples), shots (multiple choice; None: the run's --shots, else 5)."""
+    limit (the first N examples), shots (multiple choice; None: the run's --shots, else 5), sampling (a
+    Sampling), exec_workers (code tasks: programs run at once)."""
     adapter, run = find_adapter(path, checkpoint)
     settings = adapter_settings(adapter, run)
     if settings["task"] not in TASKS:
@@ -328,6 +409,7 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
                              f"task, one of {causal_tasks()}; this one was trained on {task.name!r}. Leave --task out.")
         task = TASKS[task_name]
     check_split(task, split)
+    opts.get("sampling", Sampling()).check(task)
     device, why = pick_device(device)
     print(f"evaluating {adapter} on {task.name}/{split}: base model {model_name or settings['model']}, "
           f"max_length {settings['max_length']}, batch_size {batch_size or 'default'}, device {device} ({why})")
@@ -338,35 +420,40 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
     print(f"loaded {what} from {adapter}" + (": the head evaluated is the adapter's, replacing the one reported above"
                                              if head else ""))
     split_name = split if task.name == settings["task"] else f"{task.name}-{split}"  # another task: named in the files
+    split_name += opts.get("sampling", Sampling()).label()
     where, name = (run, f"{checkpoint or 'best'}-{split_name}") if run else (adapter.parent, f"{adapter.stem}-{split_name}")
     shots = settings.get("shots") if opts.get("shots") is None else opts["shots"]  # None: the default, 5
     opts = dict(opts, batch_size=batch_size, shots=shots)
-    metrics, n, more = score_split(model, tokenizer, task, split, settings["max_length"],
-                                   data_dir or settings["data_dir"], opts, device, where / f"predictions-{name}.jsonl")
+    # the run's data directory holds its own task's files: another task reads --data-dir (None: its default)
+    data_dir = data_dir or (settings["data_dir"] if task.name == settings["task"] else None)
+    metrics, n, more = score_split(model, tokenizer, task, split, settings["max_length"], data_dir, opts, device,
+                                   where / f"predictions-{name}.jsonl")
     return write_scores(where / f"eval-{name}.json", task, split, metrics, adapter=str(adapter), model_id=model_id,
-                        num_examples=n, **more)
+                        num_examples=n, sampling=asdict(opts.get("sampling", Sampling())), **more)
 
 
 def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=512, batch_size=None, device=None,
                   **opts):
-    """Scores the base model alone (no adapter) on a causal-LM task (generation or multiple choice):
-    out/predictions-base-SPLIT.jsonl and out/eval-base-SPLIT.json."""
+    """Scores the base model alone (no adapter) on a causal-LM task (generation, code or multiple choice):
+    out/predictions-base-SPLIT.jsonl and out/eval-base-SPLIT.json (SPLIT followed by Sampling.label() when sampled)."""
     if task_name not in causal_tasks():
-        raise ValueError(f"--base scores a causal LM on a generation or multiple-choice task, and --task {task_name!r} "
-                         f"is not one of {causal_tasks()}; pass e.g. --task arithmetic (an encoder's head is untrained).")
+        raise ValueError(f"--base scores a causal LM on a generation, code or multiple-choice task, and --task "
+                         f"{task_name!r} is not one of {causal_tasks()}; pass e.g. --task arithmetic (an encoder's "
+                         "head is untrained).")
     if out is None:
         raise ValueError("--base needs --out DIR, the directory for its predictions and score "
                          "(e.g. --out runs/base-smollm2-arithmetic).")
     task = TASKS[task_name]
     check_split(task, split)
+    opts.get("sampling", Sampling()).check(task)
     device, why = pick_device(device)
     print(f"evaluating the base model {model_name} (no adapter) on {task.name}/{split}, device {device} ({why})")
     model, tokenizer, model_id, _, _ = models.load(model_name, task.family)
-    out = Path(out)
-    metrics, n, more = score_split(model, tokenizer, task, split, max_length, data_dir,
-                                   dict(opts, batch_size=batch_size), device, out / f"predictions-base-{split}.jsonl")
-    return write_scores(out / f"eval-base-{split}.json", task, split, metrics, adapter=None, model_id=model_id,
-                        num_examples=n, **more)
+    out, name = Path(out), split + opts.get("sampling", Sampling()).label()
+    metrics, n, more = score_split(model, tokenizer, task, split, max_length, data_dir, dict(opts, batch_size=batch_size),
+                                   device, out / f"predictions-base-{name}.jsonl")
+    return write_scores(out / f"eval-base-{name}.json", task, split, metrics, adapter=None, model_id=model_id,
+                        num_examples=n, sampling=asdict(opts.get("sampling", Sampling())), **more)
 
 
 # -----------------------------------------------------------------------------
@@ -549,14 +636,15 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", nargs="?", help="run directory written by train.py, or an adapter .safetensors file")
     p.add_argument("--split", default="dev", choices=("dev", "test", "test-in-template"),
-                   help="split to evaluate on (test: rotten-tomatoes and the causal-LM tasks; test-in-template: "
+                   help="split to evaluate on (test: rotten-tomatoes and the causal-LM tasks, humaneval's only; test-in-template: "
                         "gsm-symbolic's held-out problems of training templates)")
     p.add_argument("--checkpoint", default=None, choices=("best", "last"),
                    help="for a run directory: the best epoch's adapter or the last checkpoint; None: best")
     p.add_argument("--model", default=None, help="base model to load instead of the one the adapter records; None: that one")
     p.add_argument("--data-dir", "--glue-dir", dest="data_dir", default=None,
-                   help="the task's data: the directory with the GLUE TSV files, the paper's math files or MMLU's "
-                   "dev/, val/, test/; None: the run's (--glue-dir is its old name)")
+                   help="the task's data: the directory with the GLUE TSV files, the paper's math files, MMLU's "
+                   "dev/, val/, test/ or a HumanEval copy; None: the run's (humaneval: the packaged file; --glue-dir "
+                   "is its old name)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="examples per forward pass (causal-LM tasks: prompts per batch); None: 128, causal-LM tasks 16")
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
@@ -571,6 +659,15 @@ def main(argv=None):
                    "causal-LM task than the adapter's (gsm8k for a metamathqa run, mmlu for a sharegpt one); None: its own")
     p.add_argument("--out", default=None, help="with --base: directory for the predictions and the score")
     p.add_argument("--max-length", type=int, default=512, help="with --base: the data cache's max_length (prompts are whole)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="code tasks: generations per prompt, for pass@k up to k = samples (e.g. 10 for pass@10)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="generation tasks: 0 decodes greedily; above 0 samples from softmax(logits / T)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="with --temperature: sample from the most probable tokens holding this much mass (1: all)")
+    p.add_argument("--seed", type=int, default=0, help="with --temperature: the seed of every generation's generator")
+    p.add_argument("--exec-workers", type=int, default=None,
+                   help="code tasks: programs run at once in the sandbox; None: the number of CPU cores")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print the comparison table of these run directories")
     p.add_argument("--markdown", action="store_true", help="with --compare: print the table as Markdown")
     p.add_argument("--best-lr", action="store_true",
@@ -581,13 +678,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if sum((args.path is not None, args.compare is not None, args.base)) != 1:
         p.error("pass exactly one of: a PATH to evaluate, --base (with --model and --task), or --compare RUN_DIR ...")
-    for name in ("batch_size", "max_new_tokens", "limit"):
+    for name in ("batch_size", "max_new_tokens", "limit", "samples", "exec_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1.")
     if args.shots is not None and args.shots < 0:
         raise ValueError(f"--shots {args.shots} is negative; pass 0 (zero-shot) or more (the standard protocol: {SHOTS}).")
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1):
+        raise ValueError(f"--temperature {args.temperature} --top-p {args.top_p}: expected a temperature of at least 0 "
+                         "(0: greedy) and 0 < top-p <= 1, e.g. --temperature 0.8 --top-p 0.95.")
+    sampling = Sampling(args.samples, args.temperature, args.top_p, args.seed)
     opts = dict(batch_size=args.batch_size, device=args.device, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                shots=args.shots)
+                shots=args.shots, sampling=sampling, exec_workers=args.exec_workers)
     if args.compare is None:
         threads, why = choose_threads(args.threads)
         print(f"CPU threads: {threads} ({why})")

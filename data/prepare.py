@@ -19,6 +19,11 @@ Tasks (`TASKS`, one `data.task.Task` record each, defined in the task's own file
                    MMLU's form, four subjects; train/dev/test.
   sharegpt         multi-turn conversations (data/sharegpt.py) from --data-dir, the loss on every
                    assistant turn; train only (the paper scores its adapters on MMLU).
+  humaneval        (offline; data/humaneval.py) the 164 HumanEval problems, test only, scored by
+                   running their tests; the packaged file, or --data-dir's copy.
+  code-functions   (offline; data/code_functions.py) templated small Python functions with
+                   their own tests, train/dev/test by function; scored like HumanEval.
+  codealpaca       the paper's HumanEval training data (data/code_alpaca.py), from --data-dir.
 Adding a task is one new file defining a Task and one entry in TASKS below; nothing here
 knows any task by name.
 
@@ -57,10 +62,13 @@ from lib.common import run_cli
 from data import sft
 from data.arithmetic import ARITHMETIC
 from data.arithmetic_mc import ARITHMETIC_MC
+from data.code_alpaca import CODE_ALPACA
+from data.code_functions import CODE_FUNCTIONS
 from data.competition_math import COMPETITION_MATH
 from data.glue import GLUE_TASKS
 from data.gsm8k import GSM8K
 from data.gsm_symbolic import GSM_SYMBOLIC
+from data.humaneval import HUMANEVAL
 from data.metamathqa import METAMATHQA
 from data.mmlu import MMLU, SHOTS
 from data.rotten_tomatoes import ROTTEN_TOMATOES
@@ -75,7 +83,8 @@ from models.tokenizer import ChatTokenizer, Tokenizer
 # the task registry: adding a task = one file defining its Task + one entry here
 
 TASKS: dict[str, Task] = {t.name: t for t in (ROTTEN_TOMATOES, *GLUE_TASKS, ARITHMETIC, GSM_SYMBOLIC, GSM8K,
-                                               METAMATHQA, COMPETITION_MATH, MMLU, ARITHMETIC_MC, SHAREGPT)}
+                                               METAMATHQA, COMPETITION_MATH, MMLU, ARITHMETIC_MC, SHAREGPT,
+                                               HUMANEVAL, CODE_FUNCTIONS, CODE_ALPACA)}
 
 
 def task_spec(task) -> Task:
@@ -171,7 +180,7 @@ def source_key(source: Path) -> dict:
 
 def prompt_form(spec, tokenizer, shots) -> str:
     """A causal-LM task's prompt in a few words (part of the cache key): its own, else data.sft's."""
-    return sft.prompt_format(tokenizer) if spec.prompt_format is None else spec.prompt_format(tokenizer, shots)
+    return sft.prompt_format(tokenizer, spec.prompt) if spec.prompt_format is None else spec.prompt_format(tokenizer, shots)
 
 
 def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None, shots=SHOTS):
@@ -230,13 +239,13 @@ def load_split(task, split, tokenizer, max_length, data_dir=None, cache_dir=None
 
 def _prepare_sft(spec, split, tokenizer, max_length, data_dir, path, key, shots):
     """A causal-LM split, cached: tokenized by the task's own `tokenize` (multiple choice, conversations), else
-    by data.sft (prompt ++ response, response-only loss mask)."""
+    by data.sft (prompt ++ response, response-only loss mask; a code task's prompt is its text as it stands)."""
     if spec.tokenize is not None:
         prompts, ids, type_ids, kept, stats, questions, answers, fields = spec.tokenize(
             tokenizer, split, data_dir, max_length, shots)
     else:
         questions, responses, answers = read_examples(spec.name, split, data_dir)
-        prompts, ids, type_ids, kept, stats = sft.tokenize_sft(tokenizer, questions, responses, max_length)
+        prompts, ids, type_ids, kept, stats = sft.tokenize_sft(tokenizer, questions, responses, max_length, spec.prompt)
         fields = {}
     tensors = sft.flatten_sft(prompts, ids, type_ids, kept)
     meta = key | stats | {
@@ -394,8 +403,9 @@ def main(argv=None):
                         help="the task's data directory: for GLUE the one holding CoLA/train.tsv, "
                              "SST-2/dev.tsv, ... (missing files are downloaded into it); for gsm8k, "
                              "metamathqa and competition-math the one holding train.jsonl, test.jsonl, ...; for "
-                             "mmlu the one holding dev/, val/, test/; for sharegpt the JSON file or its directory "
-                             "(--glue-dir is its old name)")
+                             "mmlu the one holding dev/, val/, test/; for sharegpt the JSON file or its directory; "
+                             "for codealpaca the one holding code_alpaca_20k.json; for humaneval a local copy "
+                             "(None: the packaged file); --glue-dir is its old name")
     parser.add_argument("--train-file", default=defaults.train_file,
                         help="the train split's file of gsm8k, metamathqa or competition-math (overrides --data-dir)")
     parser.add_argument("--test-file", default=defaults.test_file,

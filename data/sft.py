@@ -11,7 +11,8 @@ so the loss covers response tokens only (paper Section 4.2.2: "the loss is on th
 
 The prompt is the model's chat template with the question as the one user message when the
 tokenizer has a template, else the Alpaca prompt of the authors' code (ALPACA below, as in
-MetaMath's train_math.py, which the IniLoRA scripts reuse). Prompt and response are tokenized
+MetaMath's train_math.py, which the IniLoRA scripts reuse); a code task's prompt is its question's
+text as it stands (a function's signature and docstring to continue: data.task kind "code"). Prompt and response are tokenized
 separately, so the boundary is a token boundary and the evaluation prompt is, token for token,
 the prefix the model was trained on. A sequence longer than max_length loses the end of its
 response (counted as truncated); an example whose prompt alone fills max_length has no response
@@ -48,17 +49,24 @@ IGNORE_INDEX = -100  # a label that the cross-entropy skips (torch's and transfo
 # prompts and tokenization
 
 
-def prompt_format(tokenizer) -> str:
-    """'chat-template <sha256[:16]>' or 'alpaca': which prompt a tokenizer gets (part of the cache key)."""
+def prompt_format(tokenizer, style="chat") -> str:
+    """'chat-template <sha256[:16]>', 'alpaca' or 'text': which prompt a tokenizer gets (part of the cache key)."""
+    if style == "text":
+        return "text"
     template = getattr(tokenizer, "chat_template", None)
     if template:
         return f"chat-template {hashlib.sha256(template.encode()).hexdigest()[:16]}"
     return "alpaca"
 
 
-def build_prompts(tokenizer, questions) -> list[list[int]]:
-    """Token ids of each question's prompt: the chat template (its text holds its own special tokens)
-    with the question as the user message, else the Alpaca prompt with the tokenizer's own BOS."""
+def build_prompts(tokenizer, questions, style="chat") -> list[list[int]]:
+    """Token ids of each question's prompt. style "chat": the chat template (its text holds its own special
+    tokens) with the question as the user message, else the Alpaca prompt with the tokenizer's own BOS.
+    style "text" (code to continue, data.task kind "code"): the question itself, with the tokenizer's own BOS."""
+    if style not in ("chat", "text"):
+        raise ValueError(f"prompt style {style!r} is not one of ['chat', 'text'].")
+    if style == "text":
+        return tokenizer.encode(list(questions), add_special_tokens=True)
     if getattr(tokenizer, "chat_template", None):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
                  for q in questions]
@@ -75,8 +83,8 @@ def eos_id(tokenizer) -> int:
     return int(ids[0])
 
 
-def tokenize_sft(tokenizer, questions, responses, max_length):
-    """Prompt and training sequences of one split, with the truncation counts.
+def tokenize_sft(tokenizer, questions, responses, max_length, style="chat"):
+    """Prompt and training sequences of one split, with the truncation counts; `style` is build_prompts'.
 
     Returns (prompts, ids, type_ids, kept, stats): prompts N lists (full, for generation); ids and
     type_ids K lists (prompt ++ response ++ EOS cut at max_length; type 1 marks the loss tokens);
@@ -85,7 +93,7 @@ def tokenize_sft(tokenizer, questions, responses, max_length):
     if not hasattr(tokenizer, "apply_chat_template") or not hasattr(tokenizer, "eos_ids"):
         raise ValueError(f"tokenizer {getattr(tokenizer, 'path', tokenizer)!r} is an encoder's tokenizer; "
                          "generation tasks need a causal LM's (models.tokenizer.ChatTokenizer), e.g. --model smollm2.")
-    prompts = build_prompts(tokenizer, questions)
+    prompts = build_prompts(tokenizer, questions, style)
     eos = eos_id(tokenizer)
     answers = [r + [eos] for r in tokenizer.encode(list(responses), add_special_tokens=False)]
     ids, type_ids, kept = [], [], []

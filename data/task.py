@@ -15,9 +15,13 @@ ids, label_names[i] names class i) and "regression" (one score per example, labe
 fine-tune an encoder with a task head; "generation" (math word problems) fine-tunes a causal LM: `Examples.texts` are then the questions,
 `Examples.pairs` the worked responses (the tokens the loss covers, see data/sft.py) and
 `Examples.labels` the gold final answers as strings; `answer_format` ("gsm8k" or "math")
-names how a final answer is extracted from a response (data.sft.EXTRACTORS). Two more decoder kinds
-have sequences other than prompt ++ response, so their task names its own `tokenize` (the same
-(ids, loss mask) layout, data/sft.py): "multiple-choice" (data/mmlu.py: `Examples.texts` the question
+names how a final answer is extracted from a response (data.sft.EXTRACTORS). "code" (Python functions:
+data/humaneval.py, data/code_functions.py, data/code_alpaca.py) fine-tunes a causal LM the same way, but
+its prompt is the question's text as it stands (code to continue, no chat template: Kind.prompt "text"),
+its `Examples.labels` are the tests each completion must pass (the program's tail after the completion),
+and it is scored by running them (Kind.executes: pass@k, data/humaneval.py), not by exact match. Two more
+decoder kinds have sequences other than prompt ++ response, so their task names its own `tokenize` (the
+same (ids, loss mask) layout, data/sft.py): "multiple-choice" (data/mmlu.py: `Examples.texts` the question
 blocks, `pairs` their subjects, `labels` the answer letters; scored by the log-likelihood of the
 answer letters, not by generating) and "conversation" (data/sharegpt.py: multi-turn chats, the loss
 on every assistant turn; trained on, never scored itself).
@@ -41,13 +45,17 @@ class Kind:
     family: str  # the model it fine-tunes, a key of models.DEFAULT_TARGETS: "encoder" (with a task head) or "decoder"
     generates: bool  # a causal LM trained on token sequences with a loss mask (data/sft.py), not one label per forward
     # how a split is scored (evaluate.py): "forward" (one forward, the metrics of data/metrics.py), "generation"
-    # (greedy answers, exact match), "log-likelihood" (the answer letter the model finds likeliest); None: never
+    # (answers generated: exact match, or running the tests where `executes`), "log-likelihood" (the answer letter
+    # the model finds likeliest); None: never
     scored_by: str | None
+    prompt: str = "chat"  # generating kinds: "chat" (data.sft.build_prompts) or "text" (the question, as it stands)
+    executes: bool = False  # scored by running each completion with its tests (pass@k), not by exact match
 
 
 KINDS = {"classification": Kind(torch.int64, "encoder", False, "forward"),
          "regression": Kind(torch.float32, "encoder", False, "forward"),
          "generation": Kind(None, "decoder", True, "generation"),
+         "code": Kind(None, "decoder", True, "generation", prompt="text", executes=True),
          "multiple-choice": Kind(None, "decoder", True, "log-likelihood"),
          "conversation": Kind(None, "decoder", True, None)}
 
@@ -121,7 +129,7 @@ class Task:
 
     @property
     def generates(self) -> bool:
-        """Whether a causal LM trains on the task's token sequences (data/sft.py's layout: generation,
+        """Whether a causal LM trains on the task's token sequences (data/sft.py's layout: generation, code,
         multiple choice, conversations); False: an encoder with a head, one label per example."""
         return KINDS[self.kind].generates
 
@@ -129,6 +137,16 @@ class Task:
     def scored_by(self) -> str | None:
         """"forward", "generation", "log-likelihood" or None (trained on, never scored): data.task.KINDS."""
         return KINDS[self.kind].scored_by
+
+    @property
+    def prompt(self) -> str:
+        """How a generating task's question becomes its prompt: "chat" or "text" (data.sft.build_prompts)."""
+        return KINDS[self.kind].prompt
+
+    @property
+    def executes(self) -> bool:
+        """Whether generations are scored by running their tests (pass@k) rather than by exact match."""
+        return KINDS[self.kind].executes
 
     def extract_answer(self, text):
         """A generation task's final answer in `text` (normalized), or None when it holds none."""

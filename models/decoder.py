@@ -11,11 +11,15 @@ the angle p * f_j at position p, f_j = theta^(-2j / hs); LLaMA-3 divides the low
 and interpolates between (rope_type "llama3"). Qwen2 adds biases to q/k/v_proj.
 IniLoRA adapts q_proj and v_proj, as in the paper's LLM experiments (Section 4.2): models.DEFAULT_TARGETS.
 
-A KVCache preallocates every layer's keys and values for generation; `generate` is batched greedy
-decoding of left-padded prompts that stops each row at EOS (or when `stop` says so) or after
-max_new_tokens. Checkpoints (a Hugging Face directory, single or sharded safetensors, or a GGUF such as
-the packaged SmolLM2, whose names checkpoint.py translates) load through one visible name map, with a
-shape check per copy and a final leftover/missing check; `load_causal_lm` is the one entry point.
+A KVCache preallocates every layer's keys and values for generation; `generate` decodes a batch of
+left-padded prompts, greedily (the default) or by sampling (temperature tau, nucleus top_p, one seeded
+generator per row), and stops each row at EOS (or when `stop` says so) or after max_new_tokens:
+    greedy   x_t = argmax_v z_v
+    sampled  x_t ~ p restricted to the nucleus and renormalised,  p = softmax(z / tau),  nucleus = the most
+             probable tokens whose mass before them is < top_p (Holtzman et al., 2020)
+Checkpoints (a Hugging Face directory, single or sharded safetensors, or a GGUF such as the packaged
+SmolLM2, whose names checkpoint.py translates) load through one visible name map, with a shape check per
+copy and a final leftover/missing check; `load_causal_lm` is the one entry point.
 
     python -m models.decoder --model smollm2 --prompt "What is 12 + 30?"
 """
@@ -315,18 +319,47 @@ class DecoderLM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# greedy generation
+# generation: greedy or sampled
+
+
+def sample_next(logits, temperature: float, top_p: float, generators: Sequence[torch.Generator]):
+    """(B,) tokens drawn from logits (B, V): softmax(logits / temperature) cut to the nucleus top_p, renormalised.
+    Row b draws one uniform u_b from generators[b] (a CPU generator), so its draws do not depend on the other
+    rows of the batch: the same seed gives the same sample alone or in any batch."""
+    # p = softmax(z / tau), in float32 whatever the model's dtype
+    p = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    p_sorted, order = p.sort(dim=-1, descending=True)  # (B, V), most probable first
+    # nucleus: keep token i when the mass of the tokens before it is < top_p (the first is always kept)
+    p_sorted = p_sorted.masked_fill(p_sorted.cumsum(-1) - p_sorted >= top_p, 0.0)  # (B, V)
+    # inverse CDF: the first token whose cumulative kept mass exceeds u_b * (kept mass), u_b ~ U[0, 1)
+    cdf = p_sorted.cumsum(-1)  # (B, V)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)  # (B,)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    return order.gather(-1, pick)[:, 0]  # (B,) token ids
+
+
+def check_sampling(temperature, top_p, seeds, B):
+    if not (isinstance(temperature, (int, float)) and temperature >= 0 and 0 < top_p <= 1):
+        raise ValueError(f"temperature={temperature!r}, top_p={top_p!r}: expected temperature >= 0 (0: greedy) and "
+                         "0 < top_p <= 1 (1: the whole distribution), e.g. --temperature 0.8 --top-p 0.95.")
+    if temperature > 0 and (seeds is None or len(seeds) != B):
+        raise ValueError(f"sampling (temperature {temperature}) needs one seed per prompt, got "
+                         f"{'none' if seeds is None else len(seeds)} for {B} prompts: pass seeds=[...].")
 
 
 @torch.no_grad()
 def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Iterable[int],
-             pad_id: int, stop: Callable[[list[int]], bool] | None = None, use_cache: bool = True) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts (lists of token ids), left-padded into one batch.
+             pad_id: int, stop: Callable[[list[int]], bool] | None = None, use_cache: bool = True,
+             temperature: float = 0.0, top_p: float = 1.0, seeds: Sequence[int] | None = None) -> list[list[int]]:
+    """Continuations of a batch of prompts (lists of token ids), left-padded into one batch: greedy when
+    temperature is 0 (the default), else sampled (sample_next) with row b's generator seeded by seeds[b].
     A row ends after its first EOS (kept in the output), when stop(its new ids) is true, or after
     max_new_tokens. use_cache=False recomputes every position each step (the reference for the cache)."""
     if max_new_tokens < 1 or not prompts or min(map(len, prompts)) < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1 and every prompt non-empty "
                          f"(prompt lengths {sorted(map(len, prompts))[:3]}...).")
+    check_sampling(temperature, top_p, seeds, len(prompts))
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds] if temperature > 0 else None
     device = next(model.parameters()).device
     B, T0 = len(prompts), max(map(len, prompts))
     ids = torch.full((B, T0 + max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T0 + n)
@@ -342,7 +375,10 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens:
     texts = [[] for _ in range(B)] if stop is not None else None
     n = 0
     while True:
-        nxt = torch.where(done, pad_id, logits[:, -1].argmax(-1))  # (B,): finished rows get padding
+        # every row draws each step, finished or not, so a row's n-th draw is the same in any batch
+        chosen = logits[:, -1].argmax(-1) if generators is None else sample_next(logits[:, -1], temperature, top_p,
+                                                                                  generators)  # (B,)
+        nxt = torch.where(done, pad_id, chosen)  # (B,): finished rows get padding
         ids[:, T0 + n] = nxt
         if mask is not None:
             mask[:, T0 + n] = 1

@@ -137,6 +137,10 @@ def test_task_table_matches_metrics_and_labels():
             assert spec.metrics == ("exact_match",) and spec.label_names is None, name
             assert spec.answer_format in ("gsm8k", "math"), name
             continue
+        if spec.kind == "code":
+            # scored by running each completion with its tests: pass@1 (evaluate.metrics_of), no answer to extract
+            assert spec.metrics == ("pass@1",) and spec.label_names is None and spec.answer_format is None, name
+            continue
         if spec.generates:  # multiple choice (and ShareGPT, whose adapters are scored on MMLU): the answer letters'
             # log-likelihood scorer's metrics, in its order (the first picks the best epoch)
             scored = evaluate.choice_accuracy([{"subject": "s", "correct": True}])

@@ -225,7 +225,7 @@ def test_bfloat16_autocast_trains_on_the_cpu(sft):
     assert state["step"] == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def fake_generate(model, prompts, max_new_tokens, eos_ids, pad_id, stop=None):
+def fake_generate(model, prompts, max_new_tokens, eos_ids, pad_id, stop=None, **sampling):
     """Row b of the batch answers its own sum right when b is even, and 0 (wrong) when it is odd."""
     tokenizer = FAKE["tokenizer"]
     out = []
