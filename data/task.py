@@ -106,9 +106,10 @@ class Task:
         if (self.tokenize is not None or self.prompt_format is not None) and not self.generates:
             raise ValueError(f"task {self.name!r} of kind {self.kind!r} names a tokenize or prompt_format function, "
                              "but only a causal LM's kinds have those; an encoder task passes None.")
-        if self.generates and self.answer_format is None and self.tokenize is None:
-            raise ValueError(f"task {self.name!r} of kind {self.kind!r} needs its own tokenize function: only "
-                             "generation (prompt ++ response, data.sft.tokenize_sft) has a default.")
+        if self.generates and self.tokenize is None and KINDS[self.kind].scored_by != "generation":
+            raise ValueError(f"task {self.name!r} of kind {self.kind!r} needs its own tokenize function: only the "
+                             "generated kinds (generation, code: prompt ++ response, data.sft.tokenize_sft) have a "
+                             "default.")
         if not self.metrics or not self.splits:
             raise ValueError(f"task {self.name!r} needs at least one metric and one split, "
                              f"got metrics={self.metrics!r}, splits={self.splits!r}.")
