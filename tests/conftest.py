@@ -190,14 +190,24 @@ def smollm2_gguf() -> Path:
 BYTE_SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]  # ids 256, 257, 258; <|im_end|> ends a response
 
 
+def save_chat_decoder(model, tok, path: Path) -> Path:
+    """A tiny decoder's directory as a Hub one holds it: the model, tokenizer.json, and a tokenizer_config.json
+    with the ChatML template, eos <|im_end|> and pad <|pad|>."""
+    import json
+
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "chat_template": DECODER_TEMPLATE}))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_byte_decoder(tmp_path_factory) -> Path:
     """A tiny random LlamaForCausalLM (hidden 32, 2 layers, 4 query / 2 key-value heads, MLP width 37,
     tied embeddings off) saved by save_pretrained, with a byte-level tokenizer.json of the 256 bytes
     and no merges (one token per byte, so any question and number can be encoded) plus 3 special tokens,
     and a ChatML template in tokenizer_config.json (eos <|im_end|>, pad <|pad|>). vocab_size = 259."""
-    import json
-
     import transformers
     from tokenizers import AddedToken, decoders
 
@@ -216,11 +226,7 @@ def tiny_byte_decoder(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny-byte-llama")
-    model.save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "chat_template": DECODER_TEMPLATE}))
-    return path
+    return save_chat_decoder(model, tok, path)
 
 
 @pytest.fixture(scope="session")
@@ -228,8 +234,6 @@ def tiny_letter_decoder(tmp_path_factory) -> Path:
     """tiny_byte_decoder's model (a tiny random LlamaForCausalLM, ChatML template, eos <|im_end|>, pad <|pad|>)
     with a byte-level BPE trained here instead, whose merges keep ' A', ' B', ' C', ' D' one token each, as
     multiple-choice scoring needs (data/mmlu.py). vocab_size = the tokenizer's."""
-    import json
-
     import transformers
     from tokenizers import AddedToken, decoders, trainers
 
@@ -252,11 +256,7 @@ def tiny_letter_decoder(tmp_path_factory) -> Path:
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("tiny-letter-llama")
-    model.save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "chat_template": DECODER_TEMPLATE}))
-    return path
+    return save_chat_decoder(model, tok, path)
 
 
 # -----------------------------------------------------------------------------
