@@ -32,6 +32,11 @@ import torch
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"  # PEFT's names of A' (r', d_in) and B' (d_out, r')
 
 
+def peft_scale(config):
+    """PEFT's scale of an adapter_config.json: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+
+
 def parse_rank(text, exact_rank):
     """--rank as (K, None) for an integer or (None, e) for a fraction; anything else is a ValueError."""
     remedy = (f"Pass an integer K with 1 <= K <= {exact_rank} (the exact export's rank), or an energy "
@@ -77,9 +82,7 @@ def kept_rank(S, e):
 def compress(tensors, config, text):
     """(tensors, adapter_config.json, report) of the PEFT adapter `tensors` / `config` compressed to the rank
     that --rank `text` asks for; the report holds K and each layer's relative error and discarded energy."""
-    # PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r) for a --rslora adapter (use_rslora)
-    exact_rank = config["r"]
-    scale = config["lora_alpha"] / (math.sqrt(exact_rank) if config.get("use_rslora") else exact_rank)
+    exact_rank, scale = config["r"], peft_scale(config)
     K, e = parse_rank(text, exact_rank)
     names = layer_names(tensors)
     # ΔW = U S V^T per layer (float64); U (d_out, r'), S (r',), Vh (r', d_in) after dropping the null space

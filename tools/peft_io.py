@@ -171,9 +171,6 @@ def plain(x):
     return int(x) if float(x).is_integer() else x  # lora_alpha 16, not 16.0, as PEFT's own configs write it
 
 
-def peft_scale(config):
-    """PEFT's scale of an adapter_config.json: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
-    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
 
 
 def serving_rank(rank):
@@ -194,7 +191,7 @@ def pad_rank(tensors, config, rank):
         elif key.endswith(".lora_B.weight"):
             t = torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1)  # (d_out, r') | (d_out, extra) -> (d_out, rank)
         out[key] = t
-    alpha = peft_scale(config) * (math.sqrt(rank) if config.get("use_rslora") else rank)
+    alpha = compress.peft_scale(config) * (math.sqrt(rank) if config.get("use_rslora") else rank)
     return out, config | {"r": rank, "lora_alpha": plain(alpha)}
 
 
