@@ -67,7 +67,7 @@ import datainit
 import inilora
 import models
 from data.mmlu import SHOTS
-from data.prepare import TASKS, load_split, loss_units, training_batch
+from data.prepare import TASKS, draw_training, load_split, loss_units, training_batch
 from data.sft import IGNORE_INDEX
 from evaluate import dev_scores
 from lib import distributed, runs
@@ -103,6 +103,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False          # torch.compile the model (opt-in: minutes of compiling, then faster steps)
     eval_batch_size: int | None = None  # dev examples per forward pass; None: 128, generation --batch-size
+    train_limit: int = 0           # train on N examples drawn once from the training split, same for every seed (0: all)
     eval_limit: int = 0            # generation: score the first N dev examples after each epoch (0: all)
     max_new_tokens: int = 256      # generation: tokens generated per dev example at most
     shots: int = SHOTS             # multiple choice: solved examples before each question (data/mmlu.py)
@@ -134,6 +135,9 @@ class TrainConfig:
         if self.shots < 0:
             raise ValueError(f"shots={self.shots} is negative; pass 0 (zero-shot) or more (the standard protocol: "
                              f"{SHOTS}).")
+        if self.train_limit < 0:
+            raise ValueError(f"train_limit={self.train_limit} is negative; pass 0 (the whole training split) or a "
+                             "count.")
         if self.eval_limit < 0:
             raise ValueError(f"eval_limit={self.eval_limit} is negative; pass 0 (the whole dev split) or a count.")
         if self.grad_checkpointing and not TASKS[self.task].generates:
@@ -274,6 +278,9 @@ def build(cfg, lora_cfg, run_dir, device, ckpt=None, cache_dir=None, world=distr
     model, tokenizer, model_id, _, _ = models.load(cfg.model, task.family, task.num_labels, cfg.seed, DTYPES[cfg.dtype])
     splits = {s: load_split(cfg.task, s, tokenizer, cfg.max_length, cfg.data_dir, shots=cfg.shots)
               for s in ("train", "dev") if s in task.splits or s == "train"}
+    if cfg.train_limit:  # a smaller run: the same drawn examples for every seed, so seeds differ in order and init only
+        splits["train"] = draw_training(splits["train"], cfg.train_limit)
+        print(f"--train-limit {cfg.train_limit}: training on {cfg.train_limit} drawn examples")
     if task.generates and not splits["train"]["input_ids"]:
         n = len(splits["train"]["prompt_ids"])
         raise ValueError(f"--max-length {cfg.max_length} leaves no response token in any of the {n} training "
@@ -564,6 +571,9 @@ def build_parser():
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
                    help="dev examples per forward pass (no gradients: larger than training's fits); "
                    "None: 128, generation tasks --batch-size")
+    p.add_argument("--train-limit", type=int, default=d.train_limit,
+                   help="train on N examples drawn once from the training split by a fixed generator, the same N "
+                   "for every --seed (0: all)")
     p.add_argument("--eval-limit", type=int, default=d.eval_limit,
                    help="generation tasks: score the first N dev examples after each epoch (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,

@@ -320,6 +320,23 @@ def subset(split, idx):
             for k, v in split.items()}
 
 
+TRAIN_DRAW_SEED = 0  # --train-limit draws its examples with this generator: the same examples for every --seed
+
+
+def draw_training(split, n):
+    """--train-limit: `n` examples of a prepared training split, drawn once without replacement by a fixed
+    generator (from a file sorted by label, both labels still come) and kept in the split's order.
+    A generation split draws among its training sequences (K, those with a loss token); its prompts stay."""
+    per_sequence = ("input_ids", "token_type_ids", "labels") if "labels" in split else \
+        ("input_ids", "token_type_ids", "example_index")
+    total = len(split["input_ids"])
+    if not 1 <= n <= total:
+        raise ValueError(f"--train-limit {n} is not between 1 and the {total} training examples; pass a count in "
+                         "that range, or 0 for all of them.")
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(TRAIN_DRAW_SEED))[:n].sort().values
+    return split | subset({k: split[k] for k in per_sequence}, idx.tolist())
+
+
 def describe(task, split, data, max_length):
     """One line: size, label balance and token-length statistics of a prepared split."""
     if task_spec(task).generates:  # counts of truncated and dropped examples

@@ -22,7 +22,7 @@ import torch
 
 import evaluate
 from data import glue, prepare, rotten_tomatoes
-from data.prepare import TASKS, load_split, pad_batch, read_examples
+from data.prepare import TASKS, draw_training, load_split, pad_batch, read_examples
 from data.task import Examples, Task
 from models.tokenizer import Tokenizer
 
@@ -338,6 +338,21 @@ def test_rotten_tomatoes_load_split(rt_splits, tokenizer, tmp_path):
     texts, labels, _ = rt_splits["dev"]
     assert data["labels"].tolist() == labels
     assert data["input_ids"][0].tolist() == tokenizer.encode(texts[:1], max_length=128)[0][0]
+
+
+def test_train_limit_draws_the_same_examples_whatever_the_seed(rt_splits, tokenizer, tmp_path):
+    data = load_split("rotten-tomatoes", "dev", tokenizer, 128, cache_dir=tmp_path)
+    drawn = draw_training(data, 300)
+    assert len(drawn["input_ids"]) == len(drawn["token_type_ids"]) == len(drawn["labels"]) == 300
+    idx = torch.randperm(1399, generator=torch.Generator().manual_seed(0))[:300].sort().values.tolist()
+    assert drawn["labels"].tolist() == data["labels"][idx].tolist()  # the split's order, a fixed draw
+    assert all(torch.equal(drawn["input_ids"][j], data["input_ids"][i]) for j, i in enumerate(idx))
+    assert set(drawn["labels"].tolist()) == {0, 1}
+    sorted_by_label = data | {"labels": data["labels"].sort().values}  # a file sorted by label still gives both
+    assert set(draw_training(sorted_by_label, 300)["labels"].tolist()) == {0, 1}
+    for n in (0, 1400):
+        with pytest.raises(ValueError, match=f"--train-limit {n} is not between 1 and the 1399"):
+            draw_training(data, n)
 
 
 # -----------------------------------------------------------------------------
