@@ -200,6 +200,16 @@ def test_load_split_caches_generation(bpe, tmp_path):
     assert "truncated" in line and "dropped" in line
 
 
+def test_train_limit_draws_training_sequences_and_keeps_the_prompts(bpe, tmp_path):
+    data = load_split("arithmetic", "dev", chat_tokenizer(bpe), 64, cache_dir=tmp_path)
+    drawn = prepare.draw_training(data, 30)
+    assert len(drawn["input_ids"]) == len(drawn["token_type_ids"]) == len(drawn["example_index"]) == 30
+    idx = torch.randperm(len(data["input_ids"]), generator=torch.Generator().manual_seed(0))[:30].sort().values
+    assert drawn["example_index"].tolist() == data["example_index"][idx].tolist()  # which examples they are
+    assert all(torch.equal(drawn["input_ids"][j], data["input_ids"][i]) for j, i in enumerate(idx.tolist()))
+    assert drawn["prompt_ids"] is data["prompt_ids"] and drawn["answers"] is data["answers"]  # N lists kept
+
+
 # -----------------------------------------------------------------------------
 # the paper's files
 

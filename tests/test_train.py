@@ -203,6 +203,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeyp
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+def test_train_limit_trains_on_the_drawn_examples_only(setup, capsys):
+    tmp_path, _ = setup
+    state = train.main(args(setup, "limited", "--init", "lora", "--train-limit", "10"))
+    assert state["step"] == 2  # 10 of the 24 examples at batch 8
+    assert "--train-limit 10: training on 10 drawn examples" in capsys.readouterr().out
+    assert json.loads((tmp_path / "limited" / "config.json").read_text())["train"]["train_limit"] == 10  # stored
+    with pytest.raises(ValueError, match="--train-limit 25 is not between 1 and the 24 training examples"):
+        train.main(args(setup, "too-many", "--train-limit", "25"))
+    with pytest.raises(ValueError, match="train_limit=-1 is negative"):
+        train.main(args(setup, "negative", "--train-limit", "-1"))
+
+
 def test_bad_input_is_refused_with_a_sentence(setup):
     tmp_path, _ = setup
     with pytest.raises(ValueError, match=r"task 'mnli' is not one of \["):
