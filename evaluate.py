@@ -65,7 +65,7 @@ from data.humaneval import join, mean_pass_at_k, score_programs, truncate_comple
 from data.humaneval import stop_rule as code_stop_rule
 from data.metrics import METRICS
 from data.mmlu import LETTERS, SHOTS, choice_ids
-from data.prepare import TASKS, load_split, pad_batch, subset
+from data.prepare import TASKS, examples_of, load_split, pad_batch, subset
 from data.sft import ANSWER_IS, exact_match
 from lib import distributed
 from lib.common import choose_threads, pick_device, run_cli, write_atomic, write_json
@@ -332,7 +332,7 @@ def dev_scores(cfg, task, run, device):
     mine = distributed.share(list(range(limit)), world)
     batch = cfg.eval_batch_size or cfg.batch_size
     score, metrics_of = SCORERS[task.scored_by]  # generation, or the log-likelihood of the answer letters
-    mine = score(run.model, run.tokenizer, subset(dev, mine), task, batch, cfg.max_new_tokens, None, device,
+    mine = score(run.model, run.tokenizer, examples_of(dev, mine), task, batch, cfg.max_new_tokens, None, device,
                  desc="scoring dev")[1] if mine else []
     records = [r for part in distributed.gather(mine, world) for r in part]  # every rank's, in order
     return metrics_of(task, records), "dev" if limit == n else f"dev subset {limit} of {n}"

@@ -320,6 +320,16 @@ def subset(split, idx):
             for k, v in split.items()}
 
 
+PER_SEQUENCE = ("input_ids", "token_type_ids", "example_index")  # a generation split's K training sequences
+
+
+def examples_of(split, idx):
+    """The examples `idx` (of N) of a generation split as its scorers read them: prompts, questions, answers and
+    a task's own fields. Its training sequences are left out: there are K of them, fewer than N where examples
+    were dropped, so an example's index is not a sequence's."""
+    return subset({k: v for k, v in split.items() if k not in PER_SEQUENCE}, idx)
+
+
 TRAIN_DRAW_SEED = 0  # --train-limit draws its examples with this generator: the same examples for every --seed
 
 
@@ -327,8 +337,7 @@ def draw_training(split, n):
     """--train-limit: `n` examples of a prepared training split, drawn once without replacement by a fixed
     generator (from a file sorted by label, both labels still come) and kept in the split's order.
     A generation split draws among its training sequences (K, those with a loss token); its prompts stay."""
-    per_sequence = ("input_ids", "token_type_ids", "labels") if "labels" in split else \
-        ("input_ids", "token_type_ids", "example_index")
+    per_sequence = ("input_ids", "token_type_ids", "labels") if "labels" in split else PER_SEQUENCE
     total = len(split["input_ids"])
     if not 1 <= n <= total:
         raise ValueError(f"--train-limit {n} is not between 1 and the {total} training examples; pass a count in "

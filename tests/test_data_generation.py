@@ -200,6 +200,17 @@ def test_load_split_caches_generation(bpe, tmp_path):
     assert "truncated" in line and "dropped" in line
 
 
+def test_examples_of_a_split_with_dropped_examples_are_its_prompts(bpe, tmp_path):
+    data = load_split("arithmetic", "dev", chat_tokenizer(bpe), 24, cache_dir=tmp_path)  # short: some dropped
+    assert 0 < data["stats"]["num_dropped"] and len(data["input_ids"]) < len(data["prompt_ids"]) == 100
+    with pytest.raises(IndexError):  # what dev scoring did: example indices applied to the fewer sequences
+        prepare.subset(data, list(range(100)))
+    last = prepare.examples_of(data, [98, 99])
+    assert last["questions"] == data["questions"][98:] and last["answers"] == data["answers"][98:]
+    assert all(torch.equal(a, b) for a, b in zip(last["prompt_ids"], data["prompt_ids"][98:]))
+    assert not set(prepare.PER_SEQUENCE) & set(last)
+
+
 def test_train_limit_draws_training_sequences_and_keeps_the_prompts(bpe, tmp_path):
     data = load_split("arithmetic", "dev", chat_tokenizer(bpe), 64, cache_dir=tmp_path)
     drawn = prepare.draw_training(data, 30)
