@@ -19,11 +19,9 @@ generator per row), and stops each row at EOS (or when `stop` says so) or after 
              probable tokens whose mass before them is < top_p (Holtzman et al., 2020)
 Checkpoints (a Hugging Face directory, single or sharded safetensors, or a GGUF such as the packaged
 SmolLM2, whose names checkpoint.py translates) load through one visible name map, with a shape check per
-copy and a final leftover/missing check; `load_causal_lm` is the one entry point.
-
-    python -m models.decoder --model smollm2 --prompt "What is 12 + 30?"
+copy and a final leftover/missing check; `load_causal_lm` is the one entry point. One chat turn from the
+command line: models/chat.py.
 """
-import argparse
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -33,7 +31,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lib.common import parse_dtype, run_cli
 from models.checkpoint import SMOLLM2, iter_checkpoint, load_weights, read_json, resolve_model
 from models.gguf_file import gguf_config, iter_gguf_as_hf, open_gguf
 from models.tokenizer import ChatTokenizer
@@ -463,26 +460,3 @@ def load_causal_lm(name: str = SMOLLM2, dtype=torch.float32, device="cpu") -> tu
     print(f"loaded {model_id} ({config.family}, {config.num_layers} layers, C={config.hidden_size}, "
           f"{config.num_heads}/{config.num_kv_heads} q/kv heads, {dtype})")
     return model.eval(), tokenizer, model_id
-
-
-# -----------------------------------------------------------------------------
-# command line: one chat turn
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=SMOLLM2, help="smollm2, a .gguf file, a model directory or a Hub id")
-    p.add_argument("--prompt", default="What is 12 + 30?", help="the user's message")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generate at most this many tokens")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    args = p.parse_args(argv)
-    model, tokenizer, _ = load_causal_lm(args.model, parse_dtype(args.dtype))
-    prompt = tokenizer.chat_prompt(args.prompt)
-    [ids] = tokenizer.encode([prompt], add_special_tokens=False)
-    [out] = generate(model, [ids], args.max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id)
-    print(tokenizer.decode(out))
-
-
-if __name__ == "__main__":
-    run_cli(main)

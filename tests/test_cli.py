@@ -69,3 +69,6 @@ def test_module_commands_name_themselves_and_figures_lists_its_figures():
     assert bare.returncode == 2 and "Traceback" not in bare.stderr
     assert "name a figure, e.g. `python -m tools.figures approx`" in bare.stderr
     assert all(f"  {name} " in bare.stderr for name in ("approx", "subspace", "alpha-std", "init-hist", "curves"))
+    chat = subprocess.run([sys.executable, "-m", "models.chat", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # the README's chat command: its module is imported once, without a warning
+    assert chat.stdout.startswith("usage: python -m models.chat ") and not chat.stderr, chat.stderr
