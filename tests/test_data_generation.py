@@ -259,6 +259,12 @@ def test_metamathqa_reader_keeps_the_first_records(tmp_path, monkeypatch):
     monkeypatch.setattr(metamathqa, "LIMIT", 3)
     texts, responses, answers = read_examples("metamathqa", "train", tmp_path)
     assert texts == ["q0", "q1", "q2"] and answers == ["0", "1", "2"]
+    records[3]["response"] = "no answer here"  # dev: the records after the training ones that have an answer
+    path.write_text(json.dumps(records), encoding="utf-8")
+    assert read_examples("metamathqa", "dev", tmp_path)[0] == ["q4"]
+    monkeypatch.setattr(metamathqa, "LIMIT", 5)
+    with pytest.raises(ValueError, match="no record with an answer after the first 5 .* has no dev split"):
+        read_examples("metamathqa", "dev", tmp_path)
     path.write_text(json.dumps(records[:2] + [{"query": "q"}]), encoding="utf-8")
     with pytest.raises(ValueError, match=r"MetaMathQA-395K.json, record 2: .*no 'response' field.*MetaMathQA JSON"):
         read_examples("metamathqa", "train", path)
