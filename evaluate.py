@@ -538,9 +538,10 @@ def compare(run_dirs):
 # every method at its own best learning rate: the rate chosen on dev, the score reported on test
 
 
-def test_scores(row, metric):
-    """The test `metric` x100 of each of the row's runs that evaluate.py has scored on test (eval-best-test.json)."""
-    paths = [Path(run) / "eval-best-test.json" for run in row["runs"]]
+def test_scores(row, metric, scored="test"):
+    """The test `metric` x100 of each of the row's runs that evaluate.py has scored on test: eval-best-test.json,
+    or eval-best-TASK-test.json for another task (scored="TASK-test")."""
+    paths = [Path(run) / f"eval-best-{scored}.json" for run in row["runs"]]
     return [100 * read_json(path, "test score")["metrics"][metric] for path in paths if path.is_file()]
 
 
@@ -552,12 +553,19 @@ def mean_std(x):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)) if len(x) > 1 else None
 
 
-def best_rates(task, rows, one_rate=None):
+def best_rates(task, rows, one_rate=None, test_task=None):
     """(best, one, one_rate, notes). best: per method, the row (learning rate) with the highest mean dev score over
     its seeds, ties to the lower rate, with its test scores: the rate is chosen on dev, so the test column does not
     flatter anyone. one: every method's row at the one rate `one_rate` (None: the rate most methods were run at,
-    ties to the lower), the paper's single-rate comparison, for contrast."""
+    ties to the lower), the paper's single-rate comparison, for contrast. test_task: the test column holds the runs'
+    scores on another task's test split (MetaMathQA-trained runs on GSM8K), its first metric."""
     metric, notes, by_method = task.metrics[0], [], {}
+    other = test_task not in (None, task.name)
+    if other and test_task not in TASKS:
+        raise ValueError(f"--task {test_task!r} is not one of {sorted(TASKS)}; pass the task the runs were scored on "
+                         "with evaluate.py RUN --task T --split test, or leave --task out (their own task).")
+    test_metric, scored = (TASKS[test_task].metrics[0], f"{test_task}-test") if other else (metric, "test")
+    command = f"python evaluate.py RUN --split test{f' --task {test_task}' if other else ''}"
     for row in rows:
         if set(row["setting"]) - {"lr"}:
             raise ValueError(f"the {row['method']} runs differ in {sorted(set(row['setting']) - {'lr'})}, not only in "
@@ -566,7 +574,7 @@ def best_rates(task, rows, one_rate=None):
     for row in rows:
         row["lr"] = row["setting"]["lr"] if "lr" in row["setting"] else \
             read_json(config_file(Path(row["runs"][0])), "run configuration")["train"]["lr"]  # one rate for all
-        scores = test_scores(row, metric)
+        scores = test_scores(row, test_metric, scored)
         row["test"], row["tested"] = mean_std(scores), len(scores)
     best = []
     for method, candidates in by_method.items():
@@ -574,7 +582,7 @@ def best_rates(task, rows, one_rate=None):
         best.append({**chosen, "tried": sorted(r["lr"] for r in candidates)})
         if chosen["tested"] < chosen["seeds"]:
             notes.append(f"{method} at lr {chosen['lr']:g}: {chosen['tested']} of its {chosen['seeds']} runs scored on "
-                         f"test; run `python evaluate.py RUN --split test` on the others: {', '.join(chosen['runs'])}")
+                         f"test; run `{command}` on the others: {', '.join(chosen['runs'])}")
     if one_rate is None:
         counts = {}
         for row in rows:
@@ -584,15 +592,16 @@ def best_rates(task, rows, one_rate=None):
     return best, one, one_rate, notes
 
 
-def format_rates(task, best, one, one_rate, markdown=False):
-    """The best-rate table and the one-rate table, as text or Markdown."""
+def format_rates(task, best, one, one_rate, markdown=False, test_task=None):
+    """The best-rate table and the one-rate table, as text or Markdown (test_task: the test column's task)."""
     metric = task.metrics[0]
+    tested = f"test {metric}" if test_task in (None, task.name) else f"{test_task} test {TASKS[test_task].metrics[0]}"
 
     def cell(pair, n=None):
         mean, std = pair
         return "-" if mean is None else f"{mean:.2f} ± {'-' if std is None else f'{std:.2f}'}" + \
             ("" if n is None else f" ({n})")
-    head = ["method", "chosen lr", "#seeds", f"dev {metric}", f"test {metric} (runs)", "rates tried"]
+    head = ["method", "chosen lr", "#seeds", f"dev {metric}", f"{tested} (runs)", "rates tried"]
     body = [[r["method"], f"{r['lr']:g}", str(r["seeds"]), cell(r[metric]), cell(r["test"], r["tested"]),
              f"{len(r['tried'])}: {r['tried'][0]:g}-{r['tried'][-1]:g}"] for r in best]
     one_body = [[r["method"], f"{r['lr']:g}", str(r["seeds"]), cell(r[metric]), cell(r["test"], r["tested"])]
@@ -656,7 +665,9 @@ def main(argv=None):
                    f"examples before each question; None: the run's --shots, else {SHOTS}")
     p.add_argument("--base", action="store_true", help="score the base --model on --task without an adapter (causal LMs)")
     p.add_argument("--task", default=None, help="with --base: the causal-LM task to score; with a PATH: another "
-                   "causal-LM task than the adapter's (gsm8k for a metamathqa run, mmlu for a sharegpt one); None: its own")
+                   "causal-LM task than the adapter's (gsm8k for a metamathqa run, mmlu for a sharegpt one); with --compare "
+                   "--best-lr: the task whose test scores (evaluate.py RUN --task T --split test) fill the test column; "
+                   "None: its own")
     p.add_argument("--out", default=None, help="with --base: directory for the predictions and the score")
     p.add_argument("--max-length", type=int, default=512, help="with --base: the data cache's max_length (prompts are whole)")
     p.add_argument("--samples", type=int, default=1,
@@ -706,10 +717,10 @@ def main(argv=None):
     if not rows:
         raise ValueError(f"none of the {len(args.compare)} runs has finished an epoch: there is nothing to compare yet.")
     if args.best_lr:
-        best, one, one_rate, more = best_rates(task, rows, args.one_rate)
+        best, one, one_rate, more = best_rates(task, rows, args.one_rate, args.task)
         for note in more:
             print(f"note: {note}", file=sys.stderr)
-        table = format_rates(task, best, one, one_rate, args.markdown)
+        table = format_rates(task, best, one, one_rate, args.markdown, args.task)
     else:
         table = format_table(task, rows, args.markdown)
     print(table)

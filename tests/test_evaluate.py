@@ -206,6 +206,14 @@ def test_best_learning_rate_is_chosen_on_dev_and_reported_on_test(tmp_path, caps
     out = capsys.readouterr().out
     assert "| lora | 0.001 | 2 | 79.00 ± 1.41 | 72.00 ± 1.41 (2) | 3: 0.0001-0.01 |" in out
     assert "every method at one learning rate, 0.001" in out and "| alpha | 0.001 | 2 | 76.00 ± 1.41 | - |" in out
+    # runs trained on one task and tested on another (MetaMathQA -> GSM8K): the test column reads those files
+    (runs[2] / "eval-best-gsm8k-test.json").write_text(json.dumps({"metrics": {"exact_match": 0.25}}))
+    best = best_rates(task, rows, test_task="gsm8k")[0]
+    assert best[0]["test"] == (25.0, None) and best[0]["tested"] == 1 and best[1]["tested"] == 0
+    main(["--compare", *map(str, runs), "--best-lr", "--task", "gsm8k"])
+    assert "gsm8k test exact_match (runs)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--task 'gsm9k' is not one of"):
+        best_rates(task, rows, test_task="gsm9k")
 
 
 # a run that never started (config.json alone, left by an older train.py) is told apart from one in progress

@@ -130,7 +130,7 @@ def test_bad_grid_files_get_a_sentence(grid, tmp_path):
 
 # invariant: a learning-rate grid gives an init its own rates (per_init), and "select" adds, once every run has
 # finished, the missing seeds at each init's rate chosen on mean dev (evaluate.best_rates) and nothing else
-def test_a_learning_rate_grid_selects_each_inits_rate_on_dev(grid, tmp_path, capsys):
+def test_a_learning_rate_grid_selects_each_inits_rate_on_dev(grid, tmp_path, capsys, monkeypatch):
     path = grid(base={"model": "minilm", "task": "rotten-tomatoes", "epochs": 1}, inits=["lora", "full"], seeds=[0, 1],
                 axis={"flag": "lr", "values": [0.001, 0.01], "per_init": {"full": [1e-05]}},
                 select={"seeds": [0, 1, 2], "split": "test"})
@@ -155,3 +155,13 @@ def test_a_learning_rate_grid_selects_each_inits_rate_on_dev(grid, tmp_path, cap
     assert "--lr 0.01" in " ".join(extra[0].flags) and "--seed 2" in " ".join(extra[0].flags)
     commands = sweep.report_commands(spec, runs, tmp_path / "grid")
     assert len(commands) == 2 and "--best-lr" in commands[0][1]  # one --best-lr table over every rate
+    calls = []  # the chosen runs are scored on the select split, of another task where "select" names one
+    monkeypatch.setattr(sweep.subprocess, "run", lambda command, **_: calls.append(command) or
+                        subprocess.CompletedProcess(command, 0, "", ""))
+    sweep.score_selected(chosen[:1], {"seeds": [0], "split": "test", "task": "gsm8k", "data-dir": "math"}, 1)
+    assert calls[0][2:] == [str(chosen[0].dir), "--split", "test", "--task", "gsm8k", "--data-dir", "math"]
+    (chosen[0].dir / "eval-best-gsm8k-test.json").write_text("{}")  # scored already: not again
+    sweep.score_selected(chosen[:1], {"seeds": [0], "split": "test", "task": "gsm8k", "data-dir": "math"}, 1)
+    assert len(calls) == 1
+    spec["select"] = {"seeds": [0], "split": "test", "task": "gsm8k"}
+    assert sweep.report_commands(spec, runs, tmp_path / "grid")[0][1][-3:] == ["--task", "gsm8k", "--markdown"]

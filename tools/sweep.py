@@ -9,7 +9,8 @@ A grid file (grids/*.json) holds:
      "inits": ["lora", "inilora"], "seeds": [0, 1, 2],
      "axis":  {"flag": "approx-steps", "values": [0, 1000]},   optional: approx-steps | alpha-std | rank | task
                                                     | lr; "per_init": {"full": [...]} gives an init its own values
-     "select": {"seeds": [0, 1, 2], "split": "test"},   optional, with the lr axis: see below
+     "select": {"seeds": [0, 1, 2], "split": "test"},   optional, with the lr axis: see below; "task" and
+                                                    "data-dir" score another task's split (MetaMathQA runs on GSM8K)
      "figures": ["curves"]}                         figures.py figures of the grid's runs: curves, alpha-std
 
 Run OUT/INIT[-AXIS-VALUE]-seedSEED is `python train.py BASE --init INIT --seed SEED [--AXIS VALUE] --out DIR`,
@@ -23,8 +24,9 @@ RUNS --markdown` into OUT/compare.md, and each figure of the grid as OUT/FIGURE.
 
 With "select" (a learning-rate grid, grids/lr-table3.json), once every run has finished each init's rate is
 chosen on dev (the best mean dev score over the grid's seeds: evaluate.best_rates), the select seeds missing at
-that rate are run, every run at the chosen rate is scored on the select split (evaluate.py RUN --split test),
-and compare.md holds `evaluate.py --compare RUNS --best-lr`: each method at its own rate beside the one-rate table.
+that rate are run, every run at the chosen rate is scored on the select split (evaluate.py RUN --split test, plus
+--task T --data-dir D when "select" names them), and compare.md holds `evaluate.py --compare RUNS --best-lr
+[--task T]`: each method at its own rate beside the one-rate table.
 
 Run: python -m tools.sweep grids/table3.json --jobs 2 --threads-per-job 1
      python -m tools.sweep grids/table3.json --dry-run   (prints the commands, runs nothing)
@@ -144,10 +146,11 @@ def load_grid(path):
         raise ValueError(f"grid file {str(path)!r}: axis per_init {per_init!r} must map inits of the grid to "
                          "non-empty lists of axis values.")
     select = grid.get("select")
-    if select is not None and (axis["flag"] != "lr" or not isinstance(select, dict) or set(select) != {"seeds", "split"}
+    if select is not None and (axis["flag"] != "lr" or not isinstance(select, dict)
+                               or not {"seeds", "split"} <= set(select) <= {"seeds", "split", "task", "data-dir"}
                                or not isinstance(select["seeds"], list)):
-        raise ValueError(f"grid file {str(path)!r}: select {select!r} needs the lr axis and exactly "
-                         "{'seeds': [...], 'split': 'test'}.")
+        raise ValueError(f"grid file {str(path)!r}: select {select!r} needs the lr axis and "
+                         "{'seeds': [...], 'split': 'test'}, optionally with 'task' and 'data-dir'.")
     runs = []
     for value in dict.fromkeys([*axis["values"], *(v for values in per_init.values() for v in values)]):
         for init in grid["inits"]:
@@ -191,12 +194,15 @@ def selected(grid, path, runs):
     return chosen, extra
 
 
-def score_selected(chosen, split, threads):
-    """evaluate.py RUN --split SPLIT for every chosen run not yet scored on it (eval-best-SPLIT.json)."""
+def score_selected(chosen, select, threads):
+    """evaluate.py RUN --split SPLIT [--task T --data-dir D] for every chosen run not yet scored on it
+    (eval-best-SPLIT.json, or eval-best-T-SPLIT.json for another task)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    split, other = select["split"], [f for k in ("task", "data-dir") if k in select for f in (f"--{k}", select[k])]
+    scored = f"{select['task']}-{split}" if "task" in select else split
     for run in chosen:
-        if not (run.dir / f"eval-best-{split}.json").is_file():
-            command = [sys.executable, str(ROOT / "evaluate.py"), str(run.dir), "--split", split]
+        if not (run.dir / f"eval-best-{scored}.json").is_file():
+            command = [sys.executable, str(ROOT / "evaluate.py"), str(run.dir), "--split", split, *other]
             print(f"scoring {run.name} on {split}: {shown(command)}", flush=True)
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode != 0:
@@ -292,6 +298,8 @@ def report_commands(grid, runs, out, finished_only=True):
     for group in dict.fromkeys(r.group for r in runs):
         dirs = [str(r.dir) for r in done if r.group == group]
         best_lr = ["--best-lr"] if (grid.get("axis") or {}).get("flag") == "lr" else []
+        if best_lr and "task" in (grid.get("select") or {}):  # the test column: the other task's scores
+            best_lr += ["--task", grid["select"]["task"]]
         if dirs:
             commands.append((group, [sys.executable, str(ROOT / "evaluate.py"), "--compare", *dirs, *best_lr,
                                      "--markdown"], out / "compare.md"))
@@ -367,7 +375,7 @@ def main(argv=None):
         failed, signum = run_all(extra, out, args.jobs, threads, args.status_every)
         runs = runs + extra
         if signum is None and not failed:
-            score_selected(chosen, grid["select"]["split"], threads)
+            score_selected(chosen, grid["select"], threads)
     if signum is not None:
         print(f"stopped: run `python -m tools.sweep {shlex.quote(args.grid)}` again to resume the unfinished runs")
         raise SystemExit(128 + signum)
