@@ -143,6 +143,7 @@ def minilm_query_value():
     return {k: v for k, v in state.items() if k.endswith(("self.query.weight", "self.value.weight"))}
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_minilm_reaches_eckart_young_optimum_in_4000_steps():
     """About 5 s on 2 CPU cores."""
     weights = minilm_query_value()
@@ -464,6 +465,7 @@ def test_a_decoder_is_approximated_on_its_q_proj_and_v_proj(tiny_decoder, tmp_pa
 
 
 # invariant: under torchrun the ranks share the matrices, and the cache rank 0 writes holds the A, B of one process
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_a_sharded_approximation_writes_the_cache_of_a_single_process(tiny_checkpoint, tmp_path):
     from lib.artifacts import read_artifact
 

@@ -201,6 +201,7 @@ def smollm2(smollm2_gguf):
     return model, tok, ref, transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_smollm2_shape_and_logits_match_transformers_gguf(smollm2):
     model, tok, ref, _ = smollm2
     c = model.config
@@ -218,6 +219,7 @@ def test_smollm2_shape_and_logits_match_transformers_gguf(smollm2):
     torch.testing.assert_close(ours[mask.bool()], expected[mask.bool()], **TOL)
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_smollm2_tokenizer_and_chat_template_match_transformers(smollm2):
     _, tok, _, ref_tok = smollm2
     texts = ["Hello world", "x = 12345 + 678 - 0.5", "héllo wörld, 世界 🙂 naïve café", "don't  I'll\n\n\tnew line",
@@ -233,6 +235,7 @@ def test_smollm2_tokenizer_and_chat_template_match_transformers(smollm2):
     assert tok.eos_ids == (2,) and tok.decode([2], skip_special_tokens=False) == "<|im_end|>"
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_smollm2_greedy_generation_matches_transformers(smollm2):
     model, tok, ref, _ = smollm2
     prompts = tok.encode([tok.chat_prompt("What is 12 + 30?"), tok.chat_prompt("Name a colour.")],

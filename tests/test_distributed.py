@@ -67,6 +67,7 @@ def test_shares_are_contiguous_and_cover_every_example_once():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(setup):
     tmp_path, _ = setup
     one = run(command(setup, "one", 1, "--epochs", "2"))
@@ -86,9 +87,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(setup):
     assert final["world_size"] == 2 and final["peak_memory_mib"] > 0
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_an_interrupted_two_process_run_resumes_to_the_same_result(setup):
     tmp_path, _ = setup
-    cmd = command(setup, "stopped", 2, "--epochs", "30")
+    cmd = command(setup, "stopped", 2, "--epochs", "10")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group, as a terminal's foreground job
@@ -106,18 +108,19 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_result(setup):
     assert "stopped at step" in out and "continue with: torchrun --nproc_per_node 2 train.py --resume" in out, out
     assert proc.returncode != 0  # torchrun reports the workers' exit code 130 as a failure
     stopped_at = json.loads((tmp_path / "stopped" / "last.json").read_text())["step"]
-    assert 7 <= stopped_at < 150
+    assert 7 <= stopped_at < 50  # 10 epochs of 5 steps: a Ctrl-C two polls after step 7 lands well before the end
     resumed = run([*command(setup, "stopped", 2)[:6], "train.py", "--resume", "--out", str(tmp_path / "stopped")])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"at step {stopped_at}" in resumed.stdout and "note:" not in resumed.stdout
-    full = run(command(setup, "full", 2, "--epochs", "30"))
+    full = run(command(setup, "full", 2, "--epochs", "10"))
     assert full.returncode == 0, full.stdout + full.stderr
     assert [r.get("loss") for r in records(tmp_path / "full")] == [r.get("loss") for r in records(tmp_path / "stopped")]
-    x, y = adapter(tmp_path / "full", "checkpoint-150"), adapter(tmp_path / "stopped", "checkpoint-150")
+    x, y = adapter(tmp_path / "full", "checkpoint-50"), adapter(tmp_path / "stopped", "checkpoint-50")
     for key in x:
         assert_close(y[key], x[key], atol=0, rtol=0, msg=key)
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_a_two_process_run_stopped_at_any_step_resumes_to_the_same_result(setup):
     # a real SIGINT at an exact step (tests/stop_at_step.py), not wherever a timed one lands: mid-epoch, and at
     # an epoch's end (the signal comes before dev evaluation and the epoch's checkpoint)
@@ -138,6 +141,7 @@ def test_a_two_process_run_stopped_at_any_step_resumes_to_the_same_result(setup)
             assert torch.equal(y[key], x[key]), (step, key)
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_resuming_with_another_number_of_processes_says_what_it_means(setup):
     tmp_path, _ = setup
     first = run(command(setup, "run", 2, "--epochs", "1"))

@@ -282,3 +282,14 @@ def test_script_prints_error_without_traceback(tmp_path):
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+# a missing data file is said before the model loads (seconds for SmolLM2), not after
+def test_a_missing_data_file_is_said_before_the_model_loads(tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data file was checked")
+    monkeypatch.setattr(evaluate.models, "load", no_load)
+    with pytest.raises(FileNotFoundError, match="task 'mmlu', split 'test': no directory was given"):
+        evaluate.evaluate_base("smollm2", "mmlu", "test", tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="task 'gsm8k', split 'test'"):
+        evaluate.evaluate_base("smollm2", "gsm8k", "test", tmp_path / "base", data_dir=tmp_path / "nothing-here")

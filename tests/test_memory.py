@@ -93,6 +93,7 @@ def test_llama2_counts_on_the_meta_device(tmp_path, size):
     assert all(p.is_meta for p in model.parameters())
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_llama2_7b_estimate_allocates_no_weights(tmp_path):
     path = llama2_config(tmp_path, "7b")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -205,7 +206,7 @@ def one_step_peak(model, cfg, loss):
 
 # the check of issue 11: the estimate within 25% of a measured peak (tensors; the resident set adds glibc's
 # retained heap, see tools/memory.py), on the real models at the README's batch shapes
-@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+@pytest.mark.parametrize("name", ["minilm", pytest.param("smollm2", marks=pytest.mark.slow)])  # slow: over 10 s
 def test_estimate_is_within_25_percent_of_the_measured_tensor_peak(name, minilm_dir, smollm2_gguf):
     g = torch.Generator().manual_seed(0)
     if name == "minilm":

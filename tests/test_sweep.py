@@ -57,6 +57,7 @@ def test_dry_run_prints_the_commands_and_runs_nothing(grid, tmp_path, capsys):
     assert not (tmp_path / "grid").exists()
 
 
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_a_grid_runs_compares_plots_and_skips_finished_runs(grid, tmp_path, capsys):
     path = grid()
     sweep.main([str(path), "--jobs", "2", "--threads-per-job", "1", "--status-every", "0"])
@@ -77,6 +78,7 @@ def test_a_grid_runs_compares_plots_and_skips_finished_runs(grid, tmp_path, caps
 
 # invariant: Ctrl-C stops the sweep with 130 only after every running train.py saved a checkpoint,
 # and running the same command again resumes that run instead of starting it over
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_ctrl_c_stops_the_runs_at_a_checkpoint_and_the_same_command_resumes(grid, tmp_path):
     path = grid(inits=["lora"], figures=[], base={**json.loads(grid().read_text())["base"], "epochs": 60})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

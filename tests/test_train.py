@@ -354,6 +354,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup, monkeypatch):
 
 # invariant: a real SIGINT to `python train.py` exits 130, and the command it prints, run exactly as
 # printed, ends with the same metrics and adapter as the uninterrupted run
+@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_a_real_sigint_exits_130_and_the_printed_command_resumes_to_the_same_result(setup):
     tmp_path, _ = setup
     root = Path(__file__).resolve().parents[1]
