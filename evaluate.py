@@ -409,6 +409,9 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
                              f"task, one of {causal_tasks()}; this one was trained on {task.name!r}. Leave --task out.")
         task = TASKS[task_name]
     check_split(task, split)
+    # the run's data directory holds its own task's files: another task reads --data-dir (None: its default)
+    data_dir = data_dir or (settings["data_dir"] if task.name == settings["task"] else None)
+    task.source(split, data_dir)  # a missing data file is said now, not after the model has loaded
     opts.get("sampling", Sampling()).check(task)
     device, why = pick_device(device)
     print(f"evaluating {adapter} on {task.name}/{split}: base model {model_name or settings['model']}, "
@@ -424,8 +427,6 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
     where, name = (run, f"{checkpoint or 'best'}-{split_name}") if run else (adapter.parent, f"{adapter.stem}-{split_name}")
     shots = settings.get("shots") if opts.get("shots") is None else opts["shots"]  # None: the default, 5
     opts = dict(opts, batch_size=batch_size, shots=shots)
-    # the run's data directory holds its own task's files: another task reads --data-dir (None: its default)
-    data_dir = data_dir or (settings["data_dir"] if task.name == settings["task"] else None)
     metrics, n, more = score_split(model, tokenizer, task, split, settings["max_length"], data_dir, opts, device,
                                    where / f"predictions-{name}.jsonl")
     return write_scores(where / f"eval-{name}.json", task, split, metrics, adapter=str(adapter), model_id=model_id,
@@ -445,6 +446,7 @@ def evaluate_base(model_name, task_name, split, out, data_dir=None, max_length=5
                          "(e.g. --out runs/base-smollm2-arithmetic).")
     task = TASKS[task_name]
     check_split(task, split)
+    task.source(split, data_dir)  # a missing data file is said now, not after the model has loaded
     opts.get("sampling", Sampling()).check(task)
     device, why = pick_device(device)
     print(f"evaluating the base model {model_name} (no adapter) on {task.name}/{split}, device {device} ({why})")
