@@ -143,7 +143,6 @@ def minilm_query_value():
     return {k: v for k, v in state.items() if k.endswith(("self.query.weight", "self.value.weight"))}
 
 
-@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_minilm_reaches_eckart_young_optimum_in_4000_steps():
     """About 5 s on 2 CPU cores."""
     weights = minilm_query_value()

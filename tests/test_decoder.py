@@ -192,7 +192,7 @@ def test_bfloat16_loading_never_makes_a_float32_copy(tiny_decoder, tmp_path):
 # the packaged SmolLM2 (GGUF, Q4_1) against transformers' own GGUF loading
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # 32 s on an idle 2-core machine (transformers dequantises the GGUF): its tests are slow
 def smollm2(smollm2_gguf):
     model, tok, model_id = load_causal_lm("smollm2")
     assert model_id == "smollm2"

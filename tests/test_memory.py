@@ -93,7 +93,6 @@ def test_llama2_counts_on_the_meta_device(tmp_path, size):
     assert all(p.is_meta for p in model.parameters())
 
 
-@pytest.mark.slow  # over 10 s on an idle 2-core machine: python -m pytest -m slow
 def test_llama2_7b_estimate_allocates_no_weights(tmp_path):
     path = llama2_config(tmp_path, "7b")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
