@@ -594,8 +594,9 @@ def best_rates(task, rows, one_rate=None, test_task=None):
     return best, one, one_rate, notes
 
 
-def format_rates(task, best, one, one_rate, markdown=False, test_task=None):
-    """The best-rate table and the one-rate table, as text or Markdown (test_task: the test column's task)."""
+def format_rates(task, best, one, one_rate, markdown=False, test_task=None, rows=None):
+    """The best-rate table and the one-rate table, as text or Markdown (test_task: the test column's task); with
+    `rows` (compare's, each with its "lr"), a third table: every method's dev score at every rate it was run at."""
     metric = task.metrics[0]
     tested = f"test {metric}" if test_task in (None, task.name) else f"{test_task} test {TASKS[test_task].metrics[0]}"
 
@@ -608,11 +609,20 @@ def format_rates(task, best, one, one_rate, markdown=False, test_task=None):
              f"{len(r['tried'])}: {r['tried'][0]:g}-{r['tried'][-1]:g}"] for r in best]
     one_body = [[r["method"], f"{r['lr']:g}", str(r["seeds"]), cell(r[metric]), cell(r["test"], r["tested"])]
                 for r in one]
-    return "\n\n".join([
+    tables = [
         aligned(f"{task.name}: every method at its own best learning rate (chosen on mean dev {metric}, x100; "
                 "test at that rate, mean ± std over seeds)", head, body, markdown),
         aligned(f"{task.name}: every method at one learning rate, {one_rate:g} (the paper's protocol)", head[:5],
-                one_body, markdown)])
+                one_body, markdown)]
+    if rows:  # the curve each choice was made on: dev at every rate, * at the chosen one
+        rates = sorted({r["lr"] for r in rows})
+        chosen = {r["method"]: r["lr"] for r in best}
+        cells = {(r["method"], r["lr"]): cell(r[metric]) + (" *" if chosen.get(r["method"]) == r["lr"] else "")
+                 for r in rows}
+        grid = [[m, *(cells.get((m, lr), "") for lr in rates)] for m in dict.fromkeys(r["method"] for r in best)]
+        tables.append(aligned(f"{task.name}: dev {metric} x100 at every learning rate (mean ± std over seeds; "
+                              "* the chosen rate)", ["method", *(f"lr {lr:g}" for lr in rates)], grid, markdown))
+    return "\n\n".join(tables)
 
 
 def aligned(title, header, body, markdown):
@@ -722,7 +732,7 @@ def main(argv=None):
         best, one, one_rate, more = best_rates(task, rows, args.one_rate, args.task)
         for note in more:
             print(f"note: {note}", file=sys.stderr)
-        table = format_rates(task, best, one, one_rate, args.markdown, args.task)
+        table = format_rates(task, best, one, one_rate, args.markdown, args.task, rows)
     else:
         table = format_table(task, rows, args.markdown)
     print(table)

@@ -206,6 +206,8 @@ def test_best_learning_rate_is_chosen_on_dev_and_reported_on_test(tmp_path, caps
     out = capsys.readouterr().out
     assert "| lora | 0.001 | 2 | 79.00 ± 1.41 | 72.00 ± 1.41 (2) | 3: 0.0001-0.01 |" in out
     assert "every method at one learning rate, 0.001" in out and "| alpha | 0.001 | 2 | 76.00 ± 1.41 | - |" in out
+    # and the curve each choice was made on: every method's dev at every rate, the chosen one starred
+    assert "| lora | 71.00 ± 1.41 | 79.00 ± 1.41 * | 61.00 ± 1.41 |" in out and "| method | lr 0.0001 | lr 0.001 |" in out
     # runs trained on one task and tested on another (MetaMathQA -> GSM8K): the test column reads those files
     (runs[2] / "eval-best-gsm8k-test.json").write_text(json.dumps({"metrics": {"exact_match": 0.25}}))
     best = best_rates(task, rows, test_task="gsm8k")[0]
