@@ -79,6 +79,7 @@ from models.decoder import generate
 
 EVAL_BATCH = 128     # examples per forward pass: no gradients are kept, so a larger batch than training's fits
 GENERATE_BATCH = 16  # prompts per generation batch (its KV cache grows with batch x tokens)
+MAX_NEW_TOKENS = 256  # tokens generated per example at most, where neither the command nor the run says
 
 
 @torch.inference_mode()
@@ -366,7 +367,7 @@ def score_split(model, tokenizer, task, split, max_length, data_dir, opts, devic
         print(f"--limit {limit}: scoring the first {limit} of the {n_all} examples of {task.name}/{split}")
     score, _ = SCORERS[task.scored_by]  # generation (exact match or execution), or the answer letters' likelihood
     metrics, records = score(model.to(device), tokenizer, data, task, opts.get("batch_size") or GENERATE_BATCH,
-                             opts.get("max_new_tokens", 256), limit, device,
+                             opts.get("max_new_tokens") or MAX_NEW_TOKENS, limit, device,
                              sampling=opts.get("sampling", Sampling()), exec_workers=opts.get("exec_workers"))
     print(f"wrote {write_predictions(predictions, records)}")
     if "subject" not in records[0]:
@@ -426,6 +427,8 @@ def evaluate_adapter(path, split="dev", checkpoint=None, model_name=None, data_d
     split_name += opts.get("sampling", Sampling()).label()
     where, name = (run, f"{checkpoint or 'best'}-{split_name}") if run else (adapter.parent, f"{adapter.stem}-{split_name}")
     shots = settings.get("shots") if opts.get("shots") is None else opts["shots"]  # None: the default, 5
+    if opts.get("max_new_tokens") is None and task.name == settings["task"]:  # scored on test as on dev
+        opts = dict(opts, max_new_tokens=settings.get("max_new_tokens"))  # None (older runs): MAX_NEW_TOKENS
     opts = dict(opts, batch_size=batch_size, shots=shots)
     metrics, n, more = score_split(model, tokenizer, task, split, settings["max_length"], data_dir, opts, device,
                                    where / f"predictions-{name}.jsonl")
@@ -671,7 +674,9 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda, mps or cpu; None: the first available")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; None: one per core that other programs leave free at start")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: tokens generated per example at most")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation tasks: tokens generated per example at most; None: a run's own --max-new-tokens "
+                   f"(what its dev scores used) on its own task, else {MAX_NEW_TOKENS}")
     p.add_argument("--limit", type=int, default=None, help="causal-LM tasks (generation, multiple choice): score the first N examples only; None: all")
     p.add_argument("--shots", type=int, default=None, help="multiple-choice tasks (mmlu, arithmetic-mc): solved "
                    f"examples before each question; None: the run's --shots, else {SHOTS}")

@@ -298,14 +298,15 @@ def find_adapter(path, checkpoint=None):
 
 
 def adapter_settings(adapter, run):
-    """task, max_length, model, data_dir and shots (None unless recorded) to evaluate `adapter` with: from its
-    sidecar, else config.json."""
+    """task, max_length, model, data_dir, shots and max_new_tokens (None unless recorded) to evaluate `adapter`
+    with: from its sidecar, else config.json."""
     meta = read_json(adapter.with_suffix(".json"), "adapter sidecar")
     train = read_json(config_file(run), "run configuration").get("train", {}) if run else {}
     s = {"task": meta.get("task", train.get("task")), "max_length": meta.get("max_length", train.get("max_length")),
          "model": meta.get("model_id", train.get("model")),
          "data_dir": train.get("data_dir", train.get("glue_dir")),  # glue_dir: its name in runs made before 2026-12
-         "shots": train.get("shots")}  # multiple-choice tasks; runs made before 2026-12 do not record it
+         "shots": train.get("shots"),  # multiple-choice tasks; runs made before 2026-12 do not record it
+         "max_new_tokens": train.get("max_new_tokens")}  # generation tasks: what the run's dev scores used
     if None in (s["task"], s["max_length"], s["model"]):
         raise ValueError(f"{str(adapter)!r} does not record its task, max_length and base model (got {s}): it was "
                          "not saved by train.py. Pass the run directory that train.py wrote instead.")

@@ -336,3 +336,15 @@ def test_an_adapter_is_scored_on_another_generation_task(sft, monkeypatch):
     assert json.loads((tmp_path / "run" / "eval-best-other-sum-test.json").read_text())["task"] == "other-sum"
     with pytest.raises(ValueError, match="'rotten-tomatoes'.*one of .*other-sum.*Leave --task out"):
         evaluate.main([str(tmp_path / "run"), "--task", "rotten-tomatoes", "--split", "test"])
+
+
+# a run is scored on test as its dev scores were: its own --max-new-tokens unless the command gives one
+def test_evaluation_generates_as_many_tokens_as_the_run_did_on_dev(sft, monkeypatch):
+    tmp_path, _ = sft
+    train.main(args(sft, "run", "--eval-limit", "2", "--max-new-tokens", "5"))
+    seen, real = [], evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda model, prompts, n, *a, **k: seen.append(n) or
+                        real(model, prompts, n, *a, **k))
+    evaluate.main([str(tmp_path / "run"), "--split", "test"])
+    evaluate.main([str(tmp_path / "run"), "--split", "test", "--max-new-tokens", "7"])
+    assert set(seen[:1]) == {5} and seen[-1] == 7  # the run's 5 (not 256), then the command's 7
