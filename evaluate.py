@@ -550,6 +550,15 @@ def test_scores(row, metric, scored="test"):
     return [100 * read_json(path, "test score")["metrics"][metric] for path in paths if path.is_file()]
 
 
+def choice_score(row, metric, seeds=None):
+    """The mean dev `metric` x100 a rate is chosen on: over the row's runs of `seeds` (None: all of them)."""
+    if seeds is None:
+        return row[metric][0]
+    devs = [100 * best_dev(Path(run), metric)[metric] for run in row["runs"]
+            if read_json(config_file(Path(run)), "run configuration")["train"].get("seed") in seeds]
+    return mean_std(devs)[0] if devs else -math.inf
+
+
 def mean_std(x):
     # mean = sum_i x_i / n;  std = sqrt(sum_i (x_i - mean)^2 / (n - 1)), undefined for n < 2
     if not x:
@@ -558,12 +567,13 @@ def mean_std(x):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)) if len(x) > 1 else None
 
 
-def best_rates(task, rows, one_rate=None, test_task=None):
+def best_rates(task, rows, one_rate=None, test_task=None, choose_seeds=None):
     """(best, one, one_rate, notes). best: per method, the row (learning rate) with the highest mean dev score over
     its seeds, ties to the lower rate, with its test scores: the rate is chosen on dev, so the test column does not
     flatter anyone. one: every method's row at the one rate `one_rate` (None: the rate most methods were run at,
     ties to the lower), the paper's single-rate comparison, for contrast. test_task: the test column holds the runs'
-    scores on another task's test split (MetaMathQA-trained runs on GSM8K), its first metric."""
+    scores on another task's test split (MetaMathQA-trained runs on GSM8K), its first metric. choose_seeds: the rate
+    is chosen on these seeds' runs only (a grid's), so seeds added at the chosen rate afterwards cannot move it."""
     metric, notes, by_method = task.metrics[0], [], {}
     other = test_task not in (None, task.name)
     if other and test_task not in TASKS:
@@ -583,7 +593,7 @@ def best_rates(task, rows, one_rate=None, test_task=None):
         row["test"], row["tested"] = mean_std(scores), len(scores)
     best = []
     for method, candidates in by_method.items():
-        chosen = max(candidates, key=lambda r: (r[metric][0], -r["lr"]))
+        chosen = max(candidates, key=lambda r: (choice_score(r, metric, choose_seeds), -r["lr"]))
         best.append({**chosen, "tried": sorted(r["lr"] for r in candidates)})
         if chosen["tested"] < chosen["seeds"]:
             notes.append(f"{method} at lr {chosen['lr']:g}: {chosen['tested']} of its {chosen['seeds']} runs scored on "
@@ -701,6 +711,9 @@ def main(argv=None):
     p.add_argument("--best-lr", action="store_true",
                    help="with --compare over a grid of learning rates: each method at the rate with its best mean dev "
                    "score, and its test score there (evaluate.py RUN --split test first), beside a one-rate table")
+    p.add_argument("--choose-on-seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="with --best-lr: choose each rate on these seeds' runs only, e.g. 0,1 (a grid's seeds; the "
+                   "seeds run later at the chosen rate then cannot move the choice); None: every run")
     p.add_argument("--one-rate", type=float, default=None,
                    help="with --best-lr: the rate of the one-rate table; None: the rate most methods were run at")
     args = p.parse_args(argv)
@@ -734,7 +747,7 @@ def main(argv=None):
     if not rows:
         raise ValueError(f"none of the {len(args.compare)} runs has finished an epoch: there is nothing to compare yet.")
     if args.best_lr:
-        best, one, one_rate, more = best_rates(task, rows, args.one_rate, args.task)
+        best, one, one_rate, more = best_rates(task, rows, args.one_rate, args.task, args.choose_on_seeds)
         for note in more:
             print(f"note: {note}", file=sys.stderr)
         table = format_rates(task, best, one, one_rate, args.markdown, args.task, rows)

@@ -208,6 +208,12 @@ def test_best_learning_rate_is_chosen_on_dev_and_reported_on_test(tmp_path, caps
     assert "every method at one learning rate, 0.001" in out and "| alpha | 0.001 | 2 | 76.00 ± 1.41 | - |" in out
     # and the curve each choice was made on: every method's dev at every rate, the chosen one starred
     assert "| lora | 71.00 ± 1.41 | 79.00 ± 1.41 * | 61.00 ± 1.41 |" in out and "| method | lr 0.0001 | lr 0.001 |" in out
+    # a seed run later at the chosen rate does not move the choice when it is made on the grid's seeds
+    late = make_run(tmp_path, "lora-0.001-2", "lora", 2, [{"f1": 0.40, "accuracy": 0.40}], lr=1e-3)
+    task, rows_late, _, _ = compare([*runs, late])
+    assert [r["lr"] for r in best_rates(task, rows_late)[0]][:1] == [1e-4]  # all seeds: 1e-3 falls to 66.0
+    kept = best_rates(task, rows_late, choose_seeds=[0, 1])[0][0]
+    assert kept["lr"] == 1e-3 and kept["seeds"] == 3 and kept["accuracy" if "accuracy" in kept else "f1"][0] == pytest.approx(66.0)
     # runs trained on one task and tested on another (MetaMathQA -> GSM8K): the test column reads those files
     (runs[2] / "eval-best-gsm8k-test.json").write_text(json.dumps({"metrics": {"exact_match": 0.25}}))
     best = best_rates(task, rows, test_task="gsm8k")[0]

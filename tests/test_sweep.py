@@ -166,4 +166,5 @@ def test_a_learning_rate_grid_selects_each_inits_rate_on_dev(grid, tmp_path, cap
     sweep.score_selected(chosen[:1], {"seeds": [0], "split": "test", "task": "gsm8k", "data-dir": "math"}, 1)
     assert len(calls) == 1
     spec["select"] = {"seeds": [0], "split": "test", "task": "gsm8k"}
-    assert sweep.report_commands(spec, runs, tmp_path / "grid")[0][1][-3:] == ["--task", "gsm8k", "--markdown"]
+    command = sweep.report_commands(spec, runs, tmp_path / "grid")[0][1]
+    assert command[-5:] == ["--task", "gsm8k", "--choose-on-seeds", "0,1", "--markdown"]  # chosen as selected() did

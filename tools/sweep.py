@@ -182,7 +182,7 @@ def selected(grid, path, runs):
     if not grid.get("select") or any(r.state() != "finished" for r in runs):
         return None
     task, rows, _, _ = evaluate.compare([r.dir for r in runs])
-    best, *_ = evaluate.best_rates(task, rows)
+    best, *_ = evaluate.best_rates(task, rows, choose_seeds=grid["seeds"])  # the seeds added later cannot move it
     chosen, extra = [], []
     for row in best:
         rate = next(r.value for r in runs if r.init == row["method"] and math.isclose(float(r.value), row["lr"]))
@@ -300,6 +300,8 @@ def report_commands(grid, runs, out, finished_only=True):
         best_lr = ["--best-lr"] if (grid.get("axis") or {}).get("flag") == "lr" else []
         if best_lr and "task" in (grid.get("select") or {}):  # the test column: the other task's scores
             best_lr += ["--task", grid["select"]["task"]]
+        if best_lr and grid.get("select"):  # chosen on the grid's seeds, as selected() chose
+            best_lr += ["--choose-on-seeds", ",".join(map(str, grid["seeds"]))]
         if dirs:
             commands.append((group, [sys.executable, str(ROOT / "evaluate.py"), "--compare", *dirs, *best_lr,
                                      "--markdown"], out / "compare.md"))
