@@ -535,6 +535,7 @@ def compare(run_dirs):
                 seen[seed] = str(run)
                 kept.append((run, config, dev, params))
             rows.append({**row_of(label, kept, task), "method": init, "runs": [str(r) for r, *_ in kept],
+                         "dev_by_seed": {c.get("train", {}).get("seed"): d for _, c, d, _ in kept},
                          "setting": {k.split(".", 1)[1]: json.loads(v) if v else None for k, v in zip(differ, values)}})
     return task, rows, skipped, notes
 
@@ -554,8 +555,7 @@ def choice_score(row, metric, seeds=None):
     """The mean dev `metric` x100 a rate is chosen on: over the row's runs of `seeds` (None: all of them)."""
     if seeds is None:
         return row[metric][0]
-    devs = [100 * best_dev(Path(run), metric)[metric] for run in row["runs"]
-            if read_json(config_file(Path(run)), "run configuration")["train"].get("seed") in seeds]
+    devs = [100 * dev[metric] for seed, dev in row["dev_by_seed"].items() if seed in seeds]
     return mean_std(devs)[0] if devs else -math.inf
 
 
